@@ -1,0 +1,142 @@
+"""Configuration: the TOML file of the contract, validated at start-up.
+
+Every key has a default, so the daemon starts without a file. An unknown key
+or a bad value stops start-up with a message naming the key
+(``daemon.socket_mode: ...``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .names import check_name
+
+DEFAULT_CONFIG_PATH = Path("/etc/blockbackupd/blockbackupd.toml")
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonSection(_Section):
+    socket: Path = Path("/run/blockbackupd/blockbackupd.sock")
+    socket_mode: str = "0660"
+    state_dir: Path = Path("/var/lib/blockbackupd")
+    scratch_dir: Path = Path("/var/lib/blockbackupd/scratch")
+    run_dir: Path = Path("/run/blockbackupd")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Added to the contract's keys: how long one QMP command may take before the
+    # request fails with operation-failed, so a hung QEMU cannot hold a request.
+    qmp_timeout: float = Field(default=30.0, gt=0, le=3600)
+    # Added: the cap of the exponential backoff between reconnection attempts.
+    reconnect_max_delay: float = Field(default=2.0, gt=0, le=300)
+
+    @field_validator("socket", "state_dir", "scratch_dir", "run_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _octal_mode(cls, value: str) -> str:
+        if not (3 <= len(value) <= 4) or any(c not in "01234567" for c in value):
+            raise ValueError("must be an octal file mode such as \"0660\"")
+        return value
+
+    @property
+    def socket_mode_bits(self) -> int:
+        return int(self.socket_mode, 8)
+
+
+class DomainSection(_Section):
+    name: str
+    qmp_socket: Path
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value, "domain name")
+
+    @field_validator("qmp_socket")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
+class Config(_Section):
+    daemon: DaemonSection = DaemonSection()
+    domain: list[DomainSection] = []
+
+    @field_validator("domain")
+    @classmethod
+    def _unique(cls, value: list[DomainSection]) -> list[DomainSection]:
+        names: set[str] = set()
+        sockets: set[Path] = set()
+        for d in value:
+            if d.name in names:
+                raise ValueError(f"domain {d.name!r} is defined twice")
+            if d.qmp_socket in sockets:
+                raise ValueError(f"qmp_socket {str(d.qmp_socket)!r} is used by two domains")
+            names.add(d.name)
+            sockets.add(d.qmp_socket)
+        return value
+
+    def to_toml(self) -> str:
+        """The effective configuration, as a TOML document that loads back to itself."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        if not data["domain"]:
+            del data["domain"]
+        return tomli_w.dumps(data)
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate TOML text.
+
+    :raise ConfigError: on a TOML syntax error, an unknown key or a bad value.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from err
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from err
+
+
+def load_config(path: Path | None) -> Config:
+    """Load the configuration; with no path, the default file if it exists, else defaults.
+
+    :raise ConfigError: when the file cannot be read or is invalid.
+    """
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from err
+    return parse_config(text, str(path))

@@ -1,0 +1,56 @@
+"""Wiring: start the daemon's parts in order, stop them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+
+from . import __version__
+from .config import Config
+from .rpc.methods import build_methods
+from .rpc.server import RpcServer
+from .runtime import Lock, bind_unix_socket, make_dirs, sd_notify
+from .services.domains import DomainService, DomainSettings
+from .services.events import EventBus
+from .store import Store
+
+log = logging.getLogger("blockbackupd")
+
+
+async def run(config: Config) -> None:
+    """Run until SIGTERM or SIGINT.
+
+    :raise StartupError: a directory, lock or socket cannot be had.
+    :raise StoreError: the store cannot be opened.
+    """
+    d = config.daemon
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with AsyncExitStack() as stack:
+        make_dirs(d.state_dir, d.scratch_dir, d.run_dir, d.socket.parent)
+        stack.callback(Lock(d.state_dir / "blockbackupd.lock", f"state_dir {d.state_dir}").release)
+        stack.callback(Lock(d.socket.with_name(d.socket.name + ".lock"),
+                            f"socket {d.socket}").release)
+        store = Store.open(d.state_dir)
+        stack.callback(store.close)
+
+        events = EventBus()
+        domains = DomainService(store, events, DomainSettings(
+            qmp_timeout=d.qmp_timeout, reconnect_max_delay=d.reconnect_max_delay))
+        domains.start((c.name, str(c.qmp_socket)) for c in config.domain)
+        stack.push_async_callback(domains.close)
+
+        server = RpcServer(d.socket, d.socket_mode_bits, build_methods(domains, events))
+        await server.start(bind_unix_socket(d.socket, d.socket_mode_bits))
+        stack.push_async_callback(server.close)
+
+        log.info("blockbackupd %s listening on %s", __version__, d.socket)
+        sd_notify("READY=1")
+        await stop.wait()
+        log.info("stopping")
+        sd_notify("STOPPING=1")

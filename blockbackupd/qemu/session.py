@@ -1,0 +1,204 @@
+"""One QMP session per domain: connect, reconnect with backoff, run state, events.
+
+A :class:`DomainSession` owns a supervisor task that keeps a ``qemu.qmp``
+client connected to the domain's QMP socket. While QEMU is away the session
+is ``disconnected`` and retries with exponential backoff (capped); when a
+QEMU answers on the socket again it reconnects by itself. The run state
+follows QEMU's ``STOP``/``RESUME`` events after one ``query-status`` at
+connect time, so no polling is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    Message,
+    QMPClient,
+)
+from qemu.qmp.protocol import Runstate
+
+from ..errors import DomainNotConnected, OperationFailed
+from ..model import DomainState
+
+log = logging.getLogger("blockbackupd.qemu")
+
+StateCallback = Callable[["DomainSession", DomainState, DomainState], None]
+
+# QEMU run states in which guest vCPUs execute; every other status (prelaunch,
+# paused, inmigrate, suspended, ...) is reported as "paused" by the contract.
+_RUNNING_STATUSES = frozenset({"running"})
+_FIRST_RETRY_DELAY = 0.1
+
+
+def _accept_none(event: Message) -> bool:
+    return False
+
+
+class _Listener(EventListener):
+    """An EventListener without the history log: a session may live for months."""
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            await self._queue.put(event)
+
+
+class DomainSession:
+    """A self-reconnecting QMP session to one domain's QEMU."""
+
+    def __init__(
+        self,
+        domain: str,
+        qmp_socket: str,
+        *,
+        command_timeout: float,
+        reconnect_max_delay: float,
+        on_state_change: StateCallback | None = None,
+    ) -> None:
+        self.domain = domain
+        self.qmp_socket = qmp_socket
+        self.command_timeout = command_timeout
+        self.reconnect_max_delay = reconnect_max_delay
+        self._on_state_change = on_state_change
+        self._state = DomainState.DISCONNECTED
+        #: QEMU's own run status (``running``, ``prelaunch``, ``paused``, ...).
+        self.qemu_status: str | None = None
+        self._qmp: QMPClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.log = log.getChild(domain)
+
+    @property
+    def state(self) -> DomainState:
+        return self._state
+
+    def start(self) -> None:
+        """Start the supervisor task (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._supervise(), name=f"qmp-{self.domain}")
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the QMP connection."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._set_state(DomainState.DISCONNECTED)
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run one QMP command and return its ``return`` value.
+
+        :raise DomainNotConnected: QEMU is not reachable, or went away before answering.
+        :raise OperationFailed: QEMU refused the command (its error text is in
+            the message) or did not answer within ``command_timeout``.
+        """
+        qmp = self._qmp
+        if qmp is None or self._state is DomainState.DISCONNECTED:
+            raise DomainNotConnected(self.domain)
+        try:
+            return await asyncio.wait_for(qmp.execute(command, arguments), self.command_timeout)
+        except ExecuteError as err:
+            raise OperationFailed(f"QEMU refused {command}: {err}") from err
+        except TimeoutError as err:
+            raise OperationFailed(
+                f"QEMU did not answer {command} within {self.command_timeout:g} s"
+            ) from err
+        except (ExecInterruptedError, ConnectionError, EOFError) as err:
+            raise DomainNotConnected(self.domain, f"connection lost during {command}") from err
+        except Exception as err:
+            # qemu.qmp raises StateError when the session dropped between our
+            # check and the call; treat any other library failure the same way.
+            if qmp.runstate is not Runstate.RUNNING:
+                raise DomainNotConnected(self.domain, f"connection lost during {command}") from err
+            raise
+
+    # -- supervisor ---------------------------------------------------------
+
+    def _set_state(self, state: DomainState) -> None:
+        old, self._state = self._state, state
+        if old is state:
+            return
+        self.log.info("domain %s: %s -> %s", self.domain, old.value, state.value)
+        if self._on_state_change is not None:
+            self._on_state_change(self, old, state)
+
+    def _set_status(self, status: str) -> None:
+        self.qemu_status = status
+        running = status in _RUNNING_STATUSES
+        self._set_state(DomainState.RUNNING if running else DomainState.PAUSED)
+
+    async def _supervise(self) -> None:
+        delay = _FIRST_RETRY_DELAY
+        while True:
+            qmp = QMPClient(self.domain)
+            # The default catch-all listener would queue every event forever.
+            qmp.events.event_filter = _accept_none
+            listener = _Listener(("STOP", "RESUME"))
+            qmp.register_listener(listener)
+            try:
+                try:
+                    # A socket that accepts but never greets must not hold us.
+                    await asyncio.wait_for(qmp.connect(self.qmp_socket), self.command_timeout)
+                    status = await asyncio.wait_for(
+                        qmp.execute("query-status"), self.command_timeout
+                    )
+                except (ConnectError, OSError, TimeoutError, ExecuteError,
+                        ExecInterruptedError, EOFError) as err:
+                    self.log.debug("domain %s: connect to %s failed: %s",
+                                   self.domain, self.qmp_socket, err)
+                    await self._close_client(qmp)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.reconnect_max_delay)
+                    continue
+                delay = _FIRST_RETRY_DELAY
+                self._qmp = qmp
+                self.log.info("domain %s: connected to %s", self.domain, self.qmp_socket)
+                self._set_status(str(status["status"]))  # type: ignore[index]
+                await self._follow(qmp, listener)
+                self.log.warning("domain %s: QMP connection to %s lost", self.domain,
+                                 self.qmp_socket)
+            finally:
+                self._qmp = None
+                self.qemu_status = None
+                self._set_state(DomainState.DISCONNECTED)
+                await asyncio.shield(self._close_client(qmp))
+
+    async def _follow(self, qmp: QMPClient, listener: EventListener) -> None:
+        """Apply run-state events until the connection drops."""
+        events = asyncio.create_task(self._apply_events(listener))
+        try:
+            while qmp.runstate is Runstate.RUNNING:
+                await qmp.runstate_changed()
+        finally:
+            events.cancel()
+            try:
+                await events
+            except asyncio.CancelledError:
+                pass
+
+    async def _apply_events(self, listener: EventListener) -> None:
+        async for event in listener:
+            name = event["event"]
+            if name == "RESUME":
+                self._set_status("running")
+            elif name == "STOP":
+                self._set_status("paused")
+
+    @staticmethod
+    async def _close_client(qmp: QMPClient) -> None:
+        if qmp.runstate is Runstate.IDLE:
+            return
+        try:
+            await qmp.disconnect()
+        except Exception:  # noqa: BLE001 - the bottom half's cause is already logged
+            pass
+

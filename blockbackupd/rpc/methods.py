@@ -1,0 +1,116 @@
+"""The method table: validate params, call a service, shape the result.
+
+This is the one place where daemon errors become JSON-RPC error objects
+(``code``, ``message``, ``data.kind``) and pydantic failures become -32602
+with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from jsonrpcserver import Error, Result, Success
+from pydantic import ValidationError
+
+from .. import __version__
+from ..errors import BlockbackupError
+from ..services.domains import DomainService
+from ..services.events import EventBus, Subscription
+from . import params as p
+
+log = logging.getLogger("blockbackupd.rpc")
+
+P = TypeVar("P", bound=p.Params)
+
+# jsonrpcserver's InvalidParams keeps a fixed message; the contract wants the
+# field named in the message itself.
+INVALID_PARAMS = -32602
+
+
+class Peer(Protocol):
+    """What a method may ask of the connection that called it."""
+
+    name: str
+
+    def add_subscription(self, subscription: Subscription) -> None: ...
+
+    def notify(self, method: str, params: dict[str, Any]) -> None: ...
+
+
+Handler = Callable[[Peer, Any], Awaitable[Any]]
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "params"
+        msg = "unknown parameter" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{field}: {msg}")
+    return "invalid params: " + "; ".join(parts)
+
+
+def _wrap(name: str, model: type[P], handler: Callable[[Peer, P], Awaitable[Any]]
+          ) -> Callable[..., Awaitable[Result]]:
+    # No functools.wraps: jsonrpcserver binds params against this signature.
+    async def method(peer: Peer, *positional: Any, **raw: Any) -> Result:
+        if positional:
+            return Error(INVALID_PARAMS, "invalid params: params must be an object (named params)")
+        try:
+            params = model.model_validate(raw)
+        except ValidationError as err:
+            return Error(INVALID_PARAMS, describe_validation_error(err))
+        try:
+            return Success(await handler(peer, params))
+        except BlockbackupError as err:
+            log.info("%s from %s failed: %s (%s)", name, peer.name, err.message, err.kind)
+            return Error(err.code, err.message, {"kind": err.kind})
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            log.exception("%s from %s: internal error", name, peer.name)
+            return Error(-32603, f"internal error: {err}")
+    return method
+
+
+def build_methods(domains: DomainService, events: EventBus) -> dict[str, Callable[..., Any]]:
+    """The jsonrpcserver method table for the daemon's services."""
+
+    async def daemon_info(peer: Peer, _: p.NoParams) -> dict[str, Any]:
+        return {"version": __version__, "domains": len(domains)}
+
+    async def domain_define(peer: Peer, a: p.DomainDefine) -> dict[str, Any]:
+        domain = await domains.define(a.name, a.qmp_socket)
+        return {"name": domain.name}
+
+    async def domain_undefine(peer: Peer, a: p.DomainUndefine) -> dict[str, Any]:
+        await domains.undefine(a.name, a.force)
+        return {}
+
+    async def domain_list(peer: Peer, _: p.NoParams) -> list[dict[str, Any]]:
+        return [{"name": d.name, "qmp_socket": d.qmp_socket, "state": d.state.value}
+                for d in domains.list()]
+
+    async def domain_get_xml(peer: Peer, a: p.DomainRef) -> str:
+        return await domains.get_xml(a.domain)
+
+    async def events_subscribe(peer: Peer, a: p.EventsSubscribe) -> dict[str, Any]:
+        if a.domains is not None:
+            for name in a.domains:
+                domains.get(name)
+        peer.add_subscription(
+            events.subscribe(a.domains, lambda event: peer.notify("event", event))
+        )
+        return {}
+
+    table: dict[str, tuple[type[p.Params], Callable[[Peer, Any], Awaitable[Any]]]] = {
+        "daemon.info": (p.NoParams, daemon_info),
+        "domain.define": (p.DomainDefine, domain_define),
+        "domain.undefine": (p.DomainUndefine, domain_undefine),
+        "domain.list": (p.NoParams, domain_list),
+        "domain.get_xml": (p.DomainRef, domain_get_xml),
+        "events.subscribe": (p.EventsSubscribe, events_subscribe),
+    }
+    return {name: _wrap(name, model, handler) for name, (model, handler) in table.items()}

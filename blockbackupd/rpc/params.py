@@ -1,0 +1,35 @@
+"""Pydantic models of each method's params (named params only).
+
+Types are strict: ``"force": "yes"`` is an invalid-params error, not True.
+Unknown params are refused, so a misspelt optional param never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class NoParams(Params):
+    pass
+
+
+class DomainDefine(Params):
+    name: str
+    qmp_socket: str
+
+
+class DomainUndefine(Params):
+    name: str
+    force: bool = False
+
+
+class DomainRef(Params):
+    domain: str
+
+
+class EventsSubscribe(Params):
+    domains: list[str] | None = None

@@ -1,0 +1,214 @@
+"""The RPC socket: framing, per-connection concurrency, notifications.
+
+Each connection reads newline-delimited JSON texts. Every complete line is
+dispatched in its own task, so a slow request (a domain whose QEMU hangs)
+never delays the answers to later requests on the same connection or on
+others; answers are written as they finish (match them by ``id``).
+
+A line longer than :data:`MAX_LINE` is answered with -32600 and skipped up
+to its newline; the connection stays usable. A client that goes away
+mid-request does not cancel the request: the operation finishes (or rolls
+back) as it would have, and only the answer is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jsonrpcserver import async_dispatch
+
+from ..services.events import Subscription
+
+log = logging.getLogger("blockbackupd.rpc")
+
+MAX_LINE = 1024 * 1024
+#: Requests one connection may have in flight before we stop reading from it.
+MAX_IN_FLIGHT = 64
+#: Answers and notifications queued for a client that does not read them.
+MAX_QUEUED = 1024
+_READ_CHUNK = 64 * 1024
+
+
+def _error_line(code: int, message: str) -> bytes:
+    return (json.dumps({"jsonrpc": "2.0", "error": {"code": code, "message": message},
+                        "id": None}) + "\n").encode()
+
+
+class Connection:
+    """One client connection; also the ``Peer`` the methods see."""
+
+    _counter = 0
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 methods: dict[str, Callable[..., Any]]) -> None:
+        Connection._counter += 1
+        self.name = f"client#{Connection._counter}"
+        self._reader = reader
+        self._writer = writer
+        self._methods = methods
+        self._out: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED)
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[Subscription] = []
+        self._closed = False
+        cred = writer.get_extra_info("socket").getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        #: (pid, uid, gid) of the peer, from the kernel.
+        self.credentials: tuple[int, int, int] = struct.unpack("3i", cred)
+
+    # -- Peer -----------------------------------------------------------------
+
+    def add_subscription(self, subscription: Subscription) -> None:
+        self._subscriptions.append(subscription)
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        line = json.dumps({"jsonrpc": "2.0", "method": method, "params": params})
+        self._send(line.encode() + b"\n")
+
+    # -- machinery --------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            self._out.put_nowait(data)
+        except asyncio.QueueFull:
+            log.warning("%s does not read its answers; closing the connection", self.name)
+            self._abort()
+
+    def _abort(self) -> None:
+        self._closed = True
+        self._writer.transport.abort()
+
+    async def serve(self) -> None:
+        log.debug("%s connected (pid=%d uid=%d gid=%d)", self.name, *self.credentials)
+        writer_task = asyncio.create_task(self._write_loop())
+        try:
+            try:
+                await self._read_loop()
+            except (ConnectionError, OSError) as err:
+                log.debug("%s: read failed: %s", self.name, err)
+            # End of input: requests already running finish and their answers
+            # are still sent, since a client may have only shut its write side.
+            if self._tasks:
+                await asyncio.wait(self._tasks)
+            await self._out.put(None)
+            await writer_task
+        finally:
+            # Reached early only when the daemon stops: cancel what still runs.
+            for sub in self._subscriptions:
+                sub.close()
+            for task in self._tasks:
+                task.cancel()
+            writer_task.cancel()
+            self._closed = True
+            self._writer.close()
+            log.debug("%s disconnected", self.name)
+
+    async def _read_loop(self) -> None:
+        buf = bytearray()
+        skipping = False  # inside an oversized line, dropping bytes up to its newline
+        while True:
+            chunk = await self._reader.read(_READ_CHUNK)
+            if not chunk:
+                return
+            buf += chunk
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    if not skipping and len(buf) > MAX_LINE:
+                        self._send(_error_line(-32600, f"request larger than {MAX_LINE} bytes"))
+                        skipping = True
+                    if skipping:
+                        buf.clear()
+                    break
+                line = bytes(buf[:nl])
+                del buf[:nl + 1]
+                if skipping:
+                    skipping = False
+                    continue
+                if len(line) > MAX_LINE:
+                    self._send(_error_line(-32600, f"request larger than {MAX_LINE} bytes"))
+                    continue
+                if line.strip():
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._handle(line))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, line: bytes) -> None:
+        try:
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                self._send(_error_line(-32700, "parse error: request is not valid UTF-8"))
+                return
+            answer = await async_dispatch(text, methods=self._methods, context=self)
+            if answer:
+                self._send(answer.encode() + b"\n")
+        except Exception:
+            log.exception("%s: dispatch failed", self.name)
+            self._send(_error_line(-32603, "internal error"))
+        finally:
+            self._slots.release()
+
+    async def _write_loop(self) -> None:
+        while True:
+            data = await self._out.get()
+            if data is None:
+                return
+            if self._closed:
+                continue
+            try:
+                self._writer.write(data)
+                await self._writer.drain()
+            except (ConnectionError, OSError):
+                # The client left; keep consuming so producers never block.
+                self._closed = True
+
+
+class RpcServer:
+    """Listens on the UNIX socket and serves every connection concurrently."""
+
+    def __init__(self, path: Path, mode: int, methods: dict[str, Callable[..., Any]]) -> None:
+        self.path = path
+        self.mode = mode
+        self._methods = methods
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on an already bound socket (see :mod:`blockbackupd.runtime`)."""
+        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await Connection(reader, writer, self._methods).serve()
+        finally:
+            self._connections.discard(task)
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection, and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            if self._connections:
+                await asyncio.wait(self._connections)
+            await self._server.wait_closed()
+            self._server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,178 @@
+"""Domains: definitions (persisted), their QMP sessions and their live view."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AlreadyExists, DomainNotConnected, InvalidArgument, NoSuchDomain
+from ..model import DomainState
+from ..names import check_name
+from ..qemu.blockgraph import query_disks
+from ..qemu.session import DomainSession
+from ..store import Store
+from ..xml.domain import render_domain
+from .events import EventBus
+
+log = logging.getLogger("blockbackupd.domains")
+
+ORIGIN_CONFIG = "config"
+ORIGIN_RPC = "rpc"
+
+
+@dataclass
+class Domain:
+    name: str
+    qmp_socket: str
+    origin: str
+    session: DomainSession
+
+    @property
+    def state(self) -> DomainState:
+        return self.session.state
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    qmp_timeout: float
+    reconnect_max_delay: float
+
+
+class DomainService:
+    """Owns every defined domain and its QMP session."""
+
+    def __init__(self, store: Store, events: EventBus, settings: DomainSettings) -> None:
+        self._store = store
+        self._events = events
+        self._settings = settings
+        self._domains: dict[str, Domain] = {}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self, configured: Iterable[tuple[str, str]]) -> None:
+        """Load definitions from the store, apply the config file's, start sessions.
+
+        A domain in the config file wins over a stored definition with the same
+        name or QMP socket: the file is the administrator's statement.
+        """
+        for name, qmp_socket in configured:
+            stored = {r.name: r for r in self._store.domains()}
+            known = stored.get(name)
+            if known is None or known.qmp_socket != qmp_socket or known.origin != ORIGIN_CONFIG:
+                if known is not None and known.qmp_socket != qmp_socket:
+                    log.warning("domain %s: config file moves it from %s to %s",
+                                name, known.qmp_socket, qmp_socket)
+                self._store.put_domain(name, qmp_socket, ORIGIN_CONFIG)
+        for record in self._store.domains():
+            self._add(record.name, record.qmp_socket, record.origin)
+        log.info("%d domain(s) defined", len(self._domains))
+
+    async def close(self) -> None:
+        """Close every QMP session (the definitions stay in the store)."""
+        domains, self._domains = list(self._domains.values()), {}
+        await asyncio.gather(*(d.session.close() for d in domains))
+
+    def _add(self, name: str, qmp_socket: str, origin: str) -> Domain:
+        session = DomainSession(
+            name, qmp_socket,
+            command_timeout=self._settings.qmp_timeout,
+            reconnect_max_delay=self._settings.reconnect_max_delay,
+            on_state_change=self._state_changed,
+        )
+        domain = Domain(name, qmp_socket, origin, session)
+        self._domains[name] = domain
+        session.start()
+        return domain
+
+    def _state_changed(self, session: DomainSession, old: DomainState, new: DomainState) -> None:
+        if old is DomainState.DISCONNECTED:
+            self._events.publish(session.domain, "domain-connected", state=new.value)
+        elif new is DomainState.DISCONNECTED:
+            self._events.publish(session.domain, "domain-disconnected")
+
+    # -- queries ------------------------------------------------------------
+
+    def get(self, name: str) -> Domain:
+        """:raise NoSuchDomain: no domain with that name."""
+        try:
+            return self._domains[name]
+        except KeyError:
+            raise NoSuchDomain(name) from None
+
+    def connected(self, name: str) -> Domain:
+        """The domain, when its QEMU is reachable.
+
+        :raise NoSuchDomain: no domain with that name.
+        :raise DomainNotConnected: its QEMU is not reachable.
+        """
+        domain = self.get(name)
+        if domain.state is DomainState.DISCONNECTED:
+            raise DomainNotConnected(name)
+        return domain
+
+    def __len__(self) -> int:
+        return len(self._domains)
+
+    def list(self) -> list[Domain]:
+        return sorted(self._domains.values(), key=lambda d: d.name)
+
+    async def get_xml(self, name: str) -> str:
+        """The live ``<domain>`` document.
+
+        :raise NoSuchDomain: unknown name.
+        :raise DomainNotConnected: QEMU is not reachable.
+        :raise OperationFailed: QEMU refused or did not answer in time.
+        """
+        domain = self.connected(name)
+        disks = await query_disks(domain.session)
+        return render_domain(domain.name, domain.state, disks)
+
+    # -- definitions --------------------------------------------------------
+
+    async def define(self, name: str, qmp_socket: str) -> Domain:
+        """Define a domain (persisted); the same definition again is a no-op.
+
+        :raise InvalidArgument: bad name or a QMP socket path that is not absolute.
+        :raise AlreadyExists: the name, or the QMP socket, belongs to another definition.
+        """
+        try:
+            check_name(name, "domain name")
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+        if "\0" in qmp_socket or not os.path.isabs(qmp_socket):
+            raise InvalidArgument(f"qmp_socket {qmp_socket[:200]!r} must be an absolute path")
+        qmp_socket = os.path.normpath(qmp_socket)
+        if len(os.fsencode(qmp_socket)) >= 108:
+            raise InvalidArgument(f"qmp_socket {qmp_socket[:200]!r} is too long for a UNIX socket")
+        existing = self._domains.get(name)
+        if existing is not None:
+            if Path(existing.qmp_socket) == Path(qmp_socket):
+                return existing
+            raise AlreadyExists(
+                f"domain {name!r} is already defined with qmp_socket {existing.qmp_socket!r}"
+            )
+        for other in self._domains.values():
+            if other.qmp_socket == qmp_socket:
+                raise AlreadyExists(
+                    f"qmp_socket {qmp_socket!r} already belongs to domain {other.name!r}"
+                )
+        self._store.put_domain(name, qmp_socket, ORIGIN_RPC)
+        log.info("domain %s: defined on %s", name, qmp_socket)
+        return self._add(name, qmp_socket, ORIGIN_RPC)
+
+    async def undefine(self, name: str, force: bool = False) -> None:
+        """Forget a domain and close its session.
+
+        :raise NoSuchDomain: unknown name.
+        """
+        domain = self.get(name)
+        # Snapshots, exports and checkpoints do not exist yet in this release;
+        # their refusals (busy / invalid-argument unless force) join here.
+        self._store.delete_domain(name)
+        del self._domains[name]
+        log.info("domain %s: undefined", name)
+        await domain.session.close()

@@ -1,0 +1,1 @@
+"""The contract's XML documents: parsing, validation (RelaxNG) and writing."""

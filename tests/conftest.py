@@ -1,0 +1,125 @@
+"""Fixtures: real QEMU processes and a real blockbackupd process on temporary directories.
+
+Every factory stops what it started, by PID, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools.daemon import Daemon
+from tools.vm import Vm
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             what: str = "condition") -> Any:
+    """Poll predicate until it returns a true value; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def domain_state(daemon: Daemon, name: str) -> str | None:
+    with daemon.client() as c:
+        for d in c.domain_list():
+            if d["name"] == name:
+                return str(d["state"])
+    return None
+
+
+class RawConnection:
+    """Bytes in, JSON lines out: for tests of the framing itself."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, obj: Any) -> None:
+        self.send(json.dumps(obj).encode() + b"\n")
+
+    def read(self) -> Any:
+        line = self.file.readline()
+        assert line, "daemon closed the connection"
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Short paths: UNIX socket names are limited to 107 bytes.
+    path = Path(tempfile.mkdtemp(prefix="bb-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_vm(workdir: Path) -> Iterator[Callable[..., Vm]]:
+    vms: list[Vm] = []
+
+    def make(name: str = "vm1", **kwargs: Any) -> Vm:
+        vm = Vm(workdir, name, **kwargs)
+        vms.append(vm)
+        return vm.start()
+
+    yield make
+    for vm in vms:
+        vm.stop()
+
+
+@pytest.fixture
+def make_daemon(workdir: Path) -> Iterator[Callable[..., Daemon]]:
+    daemons: list[Daemon] = []
+
+    def make(**kwargs: Any) -> Daemon:
+        daemon = Daemon(workdir, **kwargs)
+        daemons.append(daemon)
+        return daemon.start()
+
+    yield make
+    for daemon in daemons:
+        if daemon.proc is not None:
+            try:
+                daemon.stop()
+            except Exception:
+                daemon.kill()
+
+
+@pytest.fixture
+def vm(make_vm: Callable[..., Vm]) -> Vm:
+    return make_vm()
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
+    return make_daemon()
+
+
+@pytest.fixture
+def defined(daemon: Daemon, vm: Vm) -> tuple[Daemon, Vm]:
+    """A daemon with vm1 defined and connected."""
+    with daemon.client() as c:
+        c.domain_define("vm1", str(vm.daemon_qmp))
+    wait_for(lambda: domain_state(daemon, "vm1") == "running", what="vm1 running")
+    return daemon, vm

@@ -1,0 +1,88 @@
+"""Configuration: defaults, validation errors naming the key, --show-config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from blockbackupd.config import Config, ConfigError, parse_config
+
+
+def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blockbackupd", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_defaults_are_the_contracts() -> None:
+    c = Config()
+    assert str(c.daemon.socket) == "/run/blockbackupd/blockbackupd.sock"
+    assert c.daemon.socket_mode == "0660" and c.daemon.socket_mode_bits == 0o660
+    assert str(c.daemon.state_dir) == "/var/lib/blockbackupd"
+    assert str(c.daemon.scratch_dir) == "/var/lib/blockbackupd/scratch"
+    assert str(c.daemon.run_dir) == "/run/blockbackupd"
+    assert c.daemon.log_level == "info"
+    assert c.domain == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[daemon]\nsockett = "/x"\n', "daemon.sockett: unknown key"),
+    ('[deamon]\n', "deamon: unknown key"),
+    ('[daemon]\nsocket_mode = "0999"\n', "daemon.socket_mode: Value error, must be an octal"),
+    ('[daemon]\nsocket_mode = 432\n', "daemon.socket_mode: Input should be a valid string"),
+    ('[daemon]\nstate_dir = "relative"\n', "daemon.state_dir: Value error, must be an absolute"),
+    ('[daemon]\nlog_level = "loud"\n', "daemon.log_level: Input should be 'debug'"),
+    ('[daemon]\nqmp_timeout = 0\n', "daemon.qmp_timeout: Input should be greater than 0"),
+    ('[[domain]]\nname = "vm1"\n', "domain.0.qmp_socket: Field required"),
+    ('[[domain]]\nname = "a/b"\nqmp_socket = "/q"\n', "domain.0.name: Value error, domain name"),
+    ('[[domain]]\nname = "vm1"\nqmp_socket = "/q"\ncolour = 1\n', "domain.0.colour: unknown key"),
+    ('[[domain]]\nname = "a"\nqmp_socket = "/q"\n[[domain]]\nname = "a"\nqmp_socket = "/r"\n',
+     "domain: Value error, domain 'a' is defined twice"),
+    ('[daemon\n', "not valid TOML"),
+])
+def test_bad_config_names_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "test.toml")
+    assert str(err.value).startswith("test.toml: ")
+    assert message in str(err.value)
+
+
+def test_bad_config_file_stops_the_daemon_with_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[daemon]\nsocket = "/tmp/x.sock"\nsocket_mod = "0600"\n')
+    result = run_daemon("--config", str(cfg))
+    assert result.returncode == 2
+    assert f"{cfg}: daemon.socket_mod: unknown key" in result.stderr
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    result = run_daemon("--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "cannot read" in result.stderr
+
+
+def test_show_config_prints_the_effective_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[daemon]\nsocket_mode = "0600"\nlog_level = "debug"\n'
+                   '[[domain]]\nname = "vm1"\nqmp_socket = "/run/vms/vm1.qmp"\n')
+    result = run_daemon("--config", str(cfg), "--show-config")
+    assert result.returncode == 0, result.stderr
+    shown = tomllib.loads(result.stdout)
+    assert shown["daemon"]["socket_mode"] == "0600"
+    assert shown["daemon"]["log_level"] == "debug"
+    assert shown["daemon"]["socket"] == "/run/blockbackupd/blockbackupd.sock"  # default filled in
+    assert shown["domain"] == [{"name": "vm1", "qmp_socket": "/run/vms/vm1.qmp"}]
+    # What it prints is itself a valid configuration that means the same.
+    assert parse_config(result.stdout) == parse_config(cfg.read_text())
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    example = Path(__file__).parent.parent / "etc" / "blockbackupd.toml"
+    text = example.read_text()
+    parse_config(text, str(example))
+    # Every key of the daemon section appears, commented, in the example.
+    for key in Config().daemon.model_dump():
+        assert f"{key} " in text or f"{key}=" in text, key

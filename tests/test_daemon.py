@@ -1,0 +1,112 @@
+"""The daemon process: directories, socket mode, single instance, stale socket, signals."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from blockbackupd import __version__
+from tools.daemon import Daemon
+
+
+def test_creates_directories_and_socket_with_mode(make_daemon: Callable[..., Daemon],
+                                                  workdir: Path) -> None:
+    d = make_daemon(socket_mode="0600", socket=str(workdir / "sub" / "dir" / "bb.sock"))
+    for key in ("state_dir", "scratch_dir", "run_dir"):
+        assert Path(d.daemon_keys[key]).is_dir(), key
+    st = (workdir / "sub" / "dir" / "bb.sock").stat()
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert (Path(d.daemon_keys["state_dir"]) / "blockbackupd.db").is_file()
+
+
+def test_default_socket_mode_is_0660(daemon: Daemon) -> None:
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o660
+
+
+def test_daemon_info(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        assert c.daemon_info() == {"version": __version__, "domains": 0}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_exits_0_and_removes_socket(daemon: Daemon, sig: int) -> None:
+    conn = daemon.client()  # an open client connection must not hold the exit
+    assert daemon.stop(sig) == 0
+    assert not daemon.socket.exists()
+    conn.close()
+    assert "stopping" in daemon.log()
+
+
+def test_second_daemon_on_same_socket_is_refused(daemon: Daemon, workdir: Path) -> None:
+    other = workdir / "other"
+    other.mkdir()
+    second = Daemon(other, socket=str(daemon.socket))  # same socket, other state
+    second.write_config()
+    result = subprocess.run([sys.executable, "-m", "blockbackupd", "--config",
+                             str(second.config_path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"cannot start: another blockbackupd (pid {daemon.pid}) already uses socket" \
+        in result.stderr
+    with daemon.client() as c:  # the first one is untouched
+        assert c.daemon_info()["domains"] == 0
+
+
+def test_second_daemon_on_same_state_dir_is_refused(daemon: Daemon, workdir: Path) -> None:
+    other = workdir / "other"
+    other.mkdir()
+    second = Daemon(other, state_dir=daemon.daemon_keys["state_dir"])
+    second.write_config()
+    result = subprocess.run([sys.executable, "-m", "blockbackupd", "--config",
+                             str(second.config_path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "already uses state_dir" in result.stderr
+
+
+def test_live_foreign_socket_is_not_replaced(make_daemon: Callable[..., Daemon],
+                                             workdir: Path) -> None:
+    path = workdir / "bb.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    try:
+        with pytest.raises(RuntimeError, match="another daemon is serving on"):
+            make_daemon()
+        assert path.exists()
+    finally:
+        listener.close()
+
+
+def test_stale_socket_is_replaced(make_daemon: Callable[..., Daemon], workdir: Path) -> None:
+    path = workdir / "bb.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: what a SIGKILLed daemon leaves
+    d = make_daemon()
+    with d.client() as c:
+        assert c.daemon_info()["version"] == __version__
+    assert "replacing stale socket" in d.log()
+
+
+def test_killed_daemon_restarts_on_its_leftovers(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon()
+    d.stop(signal.SIGKILL)
+    assert d.socket.exists()  # SIGKILL leaves the socket behind
+    d.start()
+    with d.client() as c:
+        assert c.daemon_info()["domains"] == 0
+
+
+def test_regular_file_at_socket_path_is_refused(make_daemon: Callable[..., Daemon],
+                                                workdir: Path) -> None:
+    (workdir / "bb.sock").write_text("precious")
+    with pytest.raises(RuntimeError, match="exists and is not a socket"):
+        make_daemon()
+    assert (workdir / "bb.sock").read_text() == "precious"

@@ -1,0 +1,1 @@
+"""Helpers for tests and the demo (not installed with the daemon)."""

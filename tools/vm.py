@@ -1,0 +1,178 @@
+"""Throwaway QEMU VMs for tests and the demo: qcow2 disks, no guest OS.
+
+Each VM has two QMP monitors: ``daemon_qmp`` for blockbackupd, ``test_qmp``
+for the VM manager's role (the test). Guest writes are made with qemu-io on
+the test monitor, as the guest would make them through the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+QEMU = "qemu-system-x86_64"
+MiB = 1024 * 1024
+
+
+class Monitor:
+    """A minimal blocking QMP client for the test's own monitor.
+
+    Deliberately independent of asyncio so that tests of any style can drive
+    the VM while the daemon under test owns the other monitor.
+    """
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        self._read()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise EOFError("QEMU closed the monitor")
+        return dict(json.loads(line))
+
+    def cmd(self, command: str, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                raise RuntimeError(f"{command}: {reply['error']['desc']}")
+            return reply["return"]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class Vm:
+    """One QEMU process with qcow2 disks attached as scsi-hd devices."""
+
+    def __init__(self, workdir: Path, name: str = "vm1",
+                 disks: dict[str, int] | None = None, paused: bool = False,
+                 extra_args: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.disks = disks if disks is not None else {"sda": 64 * MiB, "sdb": 64 * MiB}
+        self.paused = paused
+        self.extra_args = extra_args or []
+        self.daemon_qmp = workdir / f"{name}.qmp"
+        self.test_qmp = workdir / f"{name}-test.qmp"
+        self.stdout_path = workdir / f"{name}.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.monitor: Monitor | None = None
+
+    def image(self, disk: str) -> Path:
+        return self.workdir / f"{self.name}-{disk}.qcow2"
+
+    def create_images(self) -> None:
+        for disk, size in self.disks.items():
+            if not self.image(disk).exists():
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                                str(self.image(disk)), str(size)], check=True)
+
+    def command_line(self) -> list[str]:
+        args = [QEMU, "-machine", "q35", "-nodefaults", "-display", "none",
+                "-name", self.name,
+                "-qmp", f"unix:{self.daemon_qmp},server=on,wait=off",
+                "-qmp", f"unix:{self.test_qmp},server=on,wait=off",
+                "-device", "virtio-scsi-pci,id=scsi0"]
+        if self.paused:
+            args.append("-S")
+        for disk in self.disks:
+            args += ["-blockdev", f"driver=file,filename={self.image(disk)},node-name={disk}-file",
+                     "-blockdev", f"driver=qcow2,file={disk}-file,node-name={disk}-fmt",
+                     "-device", f"scsi-hd,drive={disk}-fmt,id={disk}"]
+        return args + self.extra_args
+
+    def start(self, timeout: float = 30.0) -> Vm:
+        self.create_images()
+        for path in (self.daemon_qmp, self.test_qmp):
+            path.unlink(missing_ok=True)
+        with open(self.stdout_path, "ab") as out:
+            self.proc = subprocess.Popen(self.command_line(), stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not (self.daemon_qmp.exists() and self.test_qmp.exists()):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited with {self.proc.returncode}: "
+                                   f"{self.stdout_path.read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError("QEMU did not create its monitors")
+            time.sleep(0.02)
+        self.monitor = Monitor(self.test_qmp)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        assert self.monitor is not None
+        return self.monitor.cmd(command, **arguments)
+
+    def qemu_io(self, disk: str, command: str) -> str:
+        """Run a qemu-io command on a disk as a guest write/read; returns what it printed."""
+        before = self.stdout_path.stat().st_size
+        self.qmp("human-monitor-command", **{"command-line": f'qemu-io -d {disk} "{command}"'})
+        # QEMU 7.2 prints qemu-io's output on its own stdout, not in the reply.
+        with open(self.stdout_path, "rb") as f:
+            f.seek(before)
+            return f.read().decode(errors="replace")
+
+    def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
+        out = self.qemu_io(disk, f"write -P {pattern:#x} {offset} {length}")
+        if "wrote" not in out:
+            raise RuntimeError(f"guest write failed on {disk}: {out}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Quit QEMU cleanly (images closed properly), killing it if it will not go."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                if self.monitor is not None:
+                    self.monitor.cmd("quit")
+            except (OSError, EOFError, RuntimeError):
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL QEMU (an unclean stop: images are not closed)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)  # in case a test stopped it
+            self.proc.kill()
+            self.proc.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        self.proc = None
