@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml | system-deps
 
 deps: system-deps $(STAMP)
 
-test: deps
+test: lint
 	$(PYTHON) -m pytest
 
 demo: deps

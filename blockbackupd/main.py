@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         level=config.daemon.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # qemu.qmp logs every QMP message at debug level: far too much for an operator.
-    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+    # qemu.qmp logs every QMP message at debug level and every failed connect
+    # attempt as an error; the session logs connection trouble once per reason.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     from .daemon import run  # after logging is set up; keeps --show-config light
 
     try:

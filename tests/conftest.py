@@ -104,6 +104,8 @@ def make_daemon(workdir: Path) -> Iterator[Callable[..., Daemon]]:
                 daemon.stop()
             except Exception:
                 daemon.kill()
+        # Captured output: pytest shows it for failed tests only.
+        print(f"--- blockbackupd log ({daemon.log_path}) ---\n{daemon.log()[-30000:]}")
 
 
 @pytest.fixture

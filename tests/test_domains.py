@@ -237,6 +237,22 @@ class SilentSocket:
             conn.close()
 
 
+def test_undefine_stops_reconnecting(daemon: Daemon, workdir: Path) -> None:
+    path = workdir / "later.qmp"
+    with daemon.client(timeout=10) as c:
+        # Undefine lands at any point of the retry loop (connect failing, backoff).
+        for i in range(30):
+            c.domain_define(f"d{i}", str(path))
+            time.sleep(i * 0.001)
+            c.domain_undefine(f"d{i}")
+    listener = SilentSocket(path)
+    try:
+        time.sleep(1.5)  # three times the backoff cap of this daemon
+        assert listener.accepted == []  # nobody still tries this socket
+    finally:
+        listener.close()
+
+
 def test_silent_qmp_socket_does_not_affect_others(defined: tuple[Daemon, Vm],
                                                   workdir: Path) -> None:
     daemon, vm = defined

@@ -70,8 +70,15 @@ class DomainSession:
         self._state = DomainState.DISCONNECTED
         #: QEMU's own run status (``running``, ``prelaunch``, ``paused``, ...).
         self.qemu_status: str | None = None
+        #: Why the last connection attempt failed, None once connected.
+        self.last_error: str | None = None
         self._qmp: QMPClient | None = None
         self._task: asyncio.Task[None] | None = None
+        # Checked by the supervisor loop as well as delivered by cancel():
+        # Python 3.11's wait_for can lose a cancellation that races with the
+        # inner call failing, and a session that keeps reconnecting after
+        # close() would hold its QMP socket forever.
+        self._closing = asyncio.Event()
         self.log = log.getChild(domain)
 
     @property
@@ -85,6 +92,7 @@ class DomainSession:
 
     async def close(self) -> None:
         """Stop reconnecting and close the QMP connection."""
+        self._closing.set()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -105,7 +113,8 @@ class DomainSession:
         if qmp is None or self._state is DomainState.DISCONNECTED:
             raise DomainNotConnected(self.domain)
         try:
-            return await asyncio.wait_for(qmp.execute(command, arguments), self.command_timeout)
+            async with asyncio.timeout(self.command_timeout):
+                return await qmp.execute(command, arguments)
         except ExecuteError as err:
             raise OperationFailed(f"QEMU refused {command}: {err}") from err
         except TimeoutError as err:
@@ -138,7 +147,7 @@ class DomainSession:
 
     async def _supervise(self) -> None:
         delay = _FIRST_RETRY_DELAY
-        while True:
+        while not self._closing.is_set():
             qmp = QMPClient(self.domain)
             # The default catch-all listener would queue every event forever.
             qmp.events.event_filter = _accept_none
@@ -147,19 +156,27 @@ class DomainSession:
             try:
                 try:
                     # A socket that accepts but never greets must not hold us.
-                    await asyncio.wait_for(qmp.connect(self.qmp_socket), self.command_timeout)
-                    status = await asyncio.wait_for(
-                        qmp.execute("query-status"), self.command_timeout
-                    )
+                    async with asyncio.timeout(self.command_timeout):
+                        await qmp.connect(self.qmp_socket)
+                        status = await qmp.execute("query-status")
                 except (ConnectError, OSError, TimeoutError, ExecuteError,
                         ExecInterruptedError, EOFError) as err:
-                    self.log.debug("domain %s: connect to %s failed: %s",
-                                   self.domain, self.qmp_socket, err)
+                    reason = (f"no answer within {self.command_timeout:g} s"
+                              if isinstance(err, TimeoutError) else str(err))
+                    # Say it once per new reason, not at every retry.
+                    level = logging.DEBUG if reason == self.last_error else logging.WARNING
+                    self.log.log(level, "domain %s: cannot reach QEMU on %s: %s; retrying",
+                                 self.domain, self.qmp_socket, reason)
+                    self.last_error = reason
                     await self._close_client(qmp)
-                    await asyncio.sleep(delay)
+                    try:
+                        await asyncio.wait_for(self._closing.wait(), delay)
+                    except TimeoutError:
+                        pass
                     delay = min(delay * 2, self.reconnect_max_delay)
                     continue
                 delay = _FIRST_RETRY_DELAY
+                self.last_error = None
                 self._qmp = qmp
                 self.log.info("domain %s: connected to %s", self.domain, self.qmp_socket)
                 self._set_status(str(status["status"]))  # type: ignore[index]

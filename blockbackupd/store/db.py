@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import OperationFailed
+
 log = logging.getLogger("blockbackupd.store")
 
 DB_NAME = "blockbackupd.db"
@@ -34,8 +36,8 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class StoreError(Exception):
-    """The store cannot be opened or is from a newer release."""
+class StoreError(OperationFailed):
+    """The store cannot be opened, read or written, or is from a newer release."""
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,17 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One transaction; sqlite errors become :class:`StoreError`."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise StoreError(f"store {self.path}: {err}") from err
 
     def _migrate(self) -> None:
         current = self.version
@@ -113,9 +119,10 @@ class Store:
     # -- domains ------------------------------------------------------------
 
     def domains(self) -> list[DomainRecord]:
-        rows = self._db.execute(
-            "SELECT name, qmp_socket, origin, defined_at FROM domain ORDER BY name"
-        ).fetchall()
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT name, qmp_socket, origin, defined_at FROM domain ORDER BY name"
+            ).fetchall()
         return [DomainRecord(**dict(r)) for r in rows]
 
     def put_domain(self, name: str, qmp_socket: str, origin: str) -> DomainRecord:

@@ -9,8 +9,8 @@ line and what is wrong.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
 from importlib.resources import files
+from typing import Any
 
 from lxml import etree
 
