@@ -93,35 +93,28 @@ def test_subscribe_to_unknown_domain(daemon: Daemon) -> None:
         c.events_subscribe(["nope"])
 
 
-def test_async_client_and_events(defined: tuple[Daemon, Vm]) -> None:
+async def test_async_client_and_events(defined: tuple[Daemon, Vm]) -> None:
     daemon, vm = defined
-
-    async def main() -> list[dict[str, object]]:
-        async with AsyncClient(str(daemon.socket)) as c:
-            await c.events_subscribe()
-            xmls = await asyncio.gather(*(c.domain_get_xml("vm1") for _ in range(10)))
-            assert len(set(xmls)) == 1
-            await asyncio.to_thread(vm.stop)
-            seen = []
-            async for event in c.events():
-                seen.append(event)
-                break
-            with pytest.raises(NoSuchDomain):
-                await c.domain_undefine("nope")
-            return seen
-
-    assert asyncio.run(main()) == [{"domain": "vm1", "type": "domain-disconnected"}]
+    async with AsyncClient(str(daemon.socket)) as c:
+        await c.events_subscribe()
+        xmls = await asyncio.gather(*(c.domain_get_xml("vm1") for _ in range(10)))
+        assert len(set(xmls)) == 1
+        await asyncio.to_thread(vm.stop)
+        seen = []
+        async for event in c.events():
+            seen.append(event)
+            break
+        with pytest.raises(NoSuchDomain):
+            await c.domain_undefine("nope")
+    assert seen == [{"domain": "vm1", "type": "domain-disconnected"}]
 
 
-def test_async_client_sees_daemon_go_away(daemon: Daemon) -> None:
-    async def main() -> None:
-        async with AsyncClient(str(daemon.socket)) as c:
+async def test_async_client_sees_daemon_go_away(daemon: Daemon) -> None:
+    async with AsyncClient(str(daemon.socket)) as c:
+        await c.daemon_info()
+        await asyncio.to_thread(daemon.stop)
+        with pytest.raises(ConnectionLost):
             await c.daemon_info()
-            await asyncio.to_thread(daemon.stop)
-            with pytest.raises(ConnectionLost):
-                await c.daemon_info()
-
-    asyncio.run(main())
 
 
 def bbctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:

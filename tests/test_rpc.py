@@ -194,7 +194,7 @@ def test_answers_out_of_order_are_matched_by_id(daemon: Daemon) -> None:
         conn.close()
 
 
-def test_50_concurrent_clients_20_requests_each(daemon: Daemon) -> None:
+async def test_50_concurrent_clients_20_requests_each(daemon: Daemon) -> None:
     async def one_client(n: int) -> list[tuple[int, int]]:
         async with AsyncClient(str(daemon.socket)) as c:
             results = []
@@ -210,11 +210,8 @@ def test_50_concurrent_clients_20_requests_each(daemon: Daemon) -> None:
                     results.append((n, (await c.daemon_info())["domains"]))
             return results
 
-    async def main() -> list[list[tuple[int, int]]]:
-        return await asyncio.gather(*(one_client(n) for n in range(50)))
-
     start = time.monotonic()
-    all_results = asyncio.run(main())
+    all_results = await asyncio.gather(*(one_client(n) for n in range(50)))
     elapsed = time.monotonic() - start
     assert len(all_results) == 50
     for n, results in enumerate(all_results):
