@@ -23,6 +23,18 @@ class ConfigError(Exception):
     """The configuration file is unreadable or invalid; the message names the key."""
 
 
+def _absolute_path(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError("must be an absolute path")
+    return value
+
+
+def _octal(value: str) -> str:
+    if not (3 <= len(value) <= 4) or any(c not in "01234567" for c in value):
+        raise ValueError("must be an octal file mode such as \"0660\"")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,19 +51,63 @@ class DaemonSection(_Section):
     qmp_timeout: float = Field(default=30.0, gt=0, le=3600)
     # Added: the cap of the exponential backoff between reconnection attempts.
     reconnect_max_delay: float = Field(default=2.0, gt=0, le=300)
+    # Added: directories besides scratch_dir where a client may place scratch images.
+    extra_scratch_dirs: list[Path] = []
+    # Added: the longest a guest write may wait for its old data to reach the
+    # scratch image; past it the snapshot breaks instead of the guest stalling.
+    cbw_timeout: int = Field(default=10, ge=1, le=600)
+    # Added: how often each snapshot's view is read to find out whether it broke
+    # (QEMU 7.2 reports no event for that).
+    snapshot_probe_interval: float = Field(default=5.0, gt=0, le=15)
 
     @field_validator("socket", "state_dir", "scratch_dir", "run_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
-        if not value.is_absolute():
-            raise ValueError("must be an absolute path")
-        return value
+        return _absolute_path(value)
+
+    @field_validator("extra_scratch_dirs")
+    @classmethod
+    def _absolute_list(cls, value: list[Path]) -> list[Path]:
+        return [_absolute_path(v) for v in value]
+
+    @property
+    def scratch_dirs(self) -> list[Path]:
+        """Every directory where scratch images may be placed, scratch_dir first."""
+        return [self.scratch_dir, *self.extra_scratch_dirs]
 
     @field_validator("socket_mode")
     @classmethod
     def _octal_mode(cls, value: str) -> str:
-        if not (3 <= len(value) <= 4) or any(c not in "01234567" for c in value):
-            raise ValueError("must be an octal file mode such as \"0660\"")
+        return _octal(value)
+
+    @property
+    def socket_mode_bits(self) -> int:
+        return int(self.socket_mode, 8)
+
+
+class NbdSection(_Section):
+    """The NBD servers QEMU runs for exports (added to the contract's keys)."""
+
+    # Mode of the default UNIX socket of a domain's NBD server in run_dir.
+    socket_mode: str = "0660"
+    # Directory with ca-cert.pem, server-cert.pem and server-key.pem for TCP
+    # exports with TLS (QEMU's tls-creds-x509 layout). Empty: no TLS available.
+    tls_dir: str = ""
+    # Whether NBD clients must present a certificate signed by that CA.
+    tls_verify_peer: bool = True
+    # TCP exports without TLS: refused unless this is true.
+    allow_plain_tcp: bool = False
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _octal_mode(cls, value: str) -> str:
+        return _octal(value)
+
+    @field_validator("tls_dir")
+    @classmethod
+    def _tls_dir(cls, value: str) -> str:
+        if value and not Path(value).is_absolute():
+            raise ValueError("must be an absolute path")
         return value
 
     @property
@@ -71,13 +127,12 @@ class DomainSection(_Section):
     @field_validator("qmp_socket")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
-        if not value.is_absolute():
-            raise ValueError("must be an absolute path")
-        return value
+        return _absolute_path(value)
 
 
 class Config(_Section):
     daemon: DaemonSection = DaemonSection()
+    nbd: NbdSection = NbdSection()
     domain: list[DomainSection] = []
 
     @field_validator("domain")

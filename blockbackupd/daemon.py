@@ -14,6 +14,8 @@ from .rpc.server import RpcServer
 from .runtime import Lock, bind_unix_socket, make_dirs, sd_notify
 from .services.domains import DomainService, DomainSettings
 from .services.events import EventBus
+from .services.exports import ExportService, ExportSettings
+from .services.snapshots import SnapshotService, SnapshotSettings
 from .store import Store
 
 log = logging.getLogger("blockbackupd")
@@ -45,7 +47,17 @@ async def run(config: Config) -> None:
         domains.start((c.name, str(c.qmp_socket)) for c in config.domain)
         stack.push_async_callback(domains.close)
 
-        server = RpcServer(d.socket, d.socket_mode_bits, build_methods(domains, events))
+        snapshots = SnapshotService(domains, events, SnapshotSettings(
+            scratch_dirs=d.scratch_dirs, cbw_timeout=d.cbw_timeout,
+            probe_interval=d.snapshot_probe_interval, probe_timeout=d.qmp_timeout))
+        stack.push_async_callback(snapshots.close)
+        exports = ExportService(domains, snapshots, events, ExportSettings(
+            run_dir=d.run_dir, socket_mode=config.nbd.socket_mode_bits,
+            tls_dir=config.nbd.tls_dir, tls_verify_peer=config.nbd.tls_verify_peer,
+            allow_plain_tcp=config.nbd.allow_plain_tcp, timeout=d.qmp_timeout))
+
+        server = RpcServer(d.socket, d.socket_mode_bits,
+                           build_methods(domains, snapshots, exports, events))
         await server.start(bind_unix_socket(d.socket, d.socket_mode_bits))
         stack.push_async_callback(server.close)
 

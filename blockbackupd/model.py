@@ -18,9 +18,9 @@ class DomainState(enum.StrEnum):
 class Disk:
     """One guest disk as QEMU shows it right now.
 
-    ``name`` is the qdev id, the disk's identity. ``node`` is the node that
-    currently sits at the top of the device's I/O path; it changes across VM
-    restarts and is never used as identity.
+    ``name`` is the qdev id, the disk's identity. ``node`` is the disk's own
+    top node (below any filter a snapshot put in the device's I/O path); it
+    changes across VM restarts and is never used as identity.
     """
 
     name: str
@@ -30,3 +30,75 @@ class Disk:
     format: str
     size: int
     read_only: bool
+
+
+class SnapshotState(enum.StrEnum):
+    ACTIVE = "active"
+    BROKEN = "broken"
+
+
+@dataclass(frozen=True)
+class SnapshotDiskSpec:
+    """One ``<disk>`` of a ``<domainblocksnapshot>`` request."""
+
+    name: str
+    scratch: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """A parsed ``<domainblocksnapshot>``; ``disks`` None means every disk."""
+
+    name: str | None
+    disks: tuple[SnapshotDiskSpec, ...] | None
+
+
+@dataclass(frozen=True)
+class SnapshotDiskView:
+    """What a snapshot document says of one disk."""
+
+    name: str
+    scratch: str
+
+
+@dataclass(frozen=True)
+class SnapshotView:
+    """A snapshot as the ``<domainblocksnapshot>`` document shows it."""
+
+    name: str
+    created: int
+    state: SnapshotState
+    held_io_window: float
+    disks: tuple[SnapshotDiskView, ...]
+
+
+@dataclass(frozen=True)
+class NbdAddress:
+    """Where a domain's NBD server listens: a UNIX socket, or TCP (host, port, tls)."""
+
+    transport: str  # "unix" or "tcp"
+    socket: str | None = None
+    host: str | None = None
+    port: int | None = None
+    tls: bool = False
+
+    def as_result(self) -> dict[str, object]:
+        if self.transport == "unix":
+            return {"transport": "unix", "socket": self.socket}
+        return {"transport": "tcp", "host": self.host, "port": self.port, "tls": self.tls}
+
+
+@dataclass(frozen=True)
+class ExportDiskSpec:
+    """One ``<disk>`` of a ``<domainblockexport>``."""
+
+    disk: str
+    snapshot: str
+    checkpoint: str | None = None
+    exportname: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    address: NbdAddress | None
+    disks: tuple[ExportDiskSpec, ...]

@@ -8,6 +8,7 @@ and while snapshots are active.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ..model import Disk
@@ -29,31 +30,46 @@ def disk_name(qdev: str) -> str | None:
     return None  # /machine/peripheral-anon/...: a device the VM manager gave no id
 
 
-def parse_disks(query_block: list[dict[str, Any]]) -> list[Disk]:
-    """Disks with a medium and a qdev id, in QEMU's order."""
+def parse_disks(query_block: list[dict[str, Any]],
+                nodes: Mapping[str, dict[str, Any]] | None = None,
+                below: Mapping[str, str] | None = None) -> list[Disk]:
+    """Disks with a medium and a qdev id, in QEMU's order.
+
+    ``below`` maps a filter node we put at the top of a device to the node it
+    sits on; such disks are described by that node (from ``nodes``, the flat
+    query-named-block-nodes), so a snapshot never changes how a disk looks.
+    """
     disks = []
     for dev in query_block:
         inserted = dev.get("inserted")
         name = disk_name(dev.get("qdev", ""))
         if inserted is None or name is None:
             continue
+        if below and nodes and inserted["node-name"] in below:
+            inserted = nodes.get(below[inserted["node-name"]], inserted)
         image = inserted.get("image", {})
         disks.append(Disk(
             name=name,
             qdev=dev["qdev"],
             node=inserted["node-name"],
             file=image.get("filename", inserted.get("file", "")),
-            format=image.get("format", inserted.get("drv", "")),
+            format=inserted.get("drv", image.get("format", "")),
             size=int(image.get("virtual-size", 0)),
             read_only=bool(inserted.get("ro", False)),
         ))
     return disks
 
 
-async def query_disks(session: DomainSession) -> list[Disk]:
-    """The domain's disks as QEMU shows them now.
+async def query_disks(session: DomainSession,
+                      below: Mapping[str, str] | None = None) -> list[Disk]:
+    """The domain's disks as QEMU shows them now (see :func:`parse_disks`).
 
     :raise DomainNotConnected: QEMU is not reachable.
     :raise OperationFailed: QEMU refused or did not answer in time.
     """
-    return parse_disks(await session.execute("query-block"))
+    devices = await session.execute("query-block")
+    nodes = None
+    if below:
+        flat = await session.execute("query-named-block-nodes", {"flat": True})
+        nodes = {n["node-name"]: n for n in flat}
+    return parse_disks(devices, nodes, below)

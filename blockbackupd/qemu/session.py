@@ -11,8 +11,9 @@ connect time, so no polling is needed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from qemu.qmp import (
@@ -129,6 +130,19 @@ class DomainSession:
             if qmp.runstate is not Runstate.RUNNING:
                 raise DomainNotConnected(self.domain, f"connection lost during {command}") from err
             raise
+
+    @contextlib.contextmanager
+    def listen(self, *names: str) -> Iterator[EventListener]:
+        """A scoped listener for QEMU events on the current connection.
+
+        :raise DomainNotConnected: QEMU is not reachable.
+        """
+        qmp = self._qmp
+        if qmp is None:
+            raise DomainNotConnected(self.domain)
+        listener = _Listener(names)
+        with qmp.listen(listener):
+            yield listener
 
     # -- supervisor ---------------------------------------------------------
 

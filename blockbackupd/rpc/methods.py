@@ -16,9 +16,13 @@ from jsonrpcserver import Error, Result, Success
 from pydantic import ValidationError
 
 from .. import __version__
-from ..errors import BlockbackupError
+from ..errors import BlockbackupError, Unsupported
 from ..services.domains import DomainService
 from ..services.events import EventBus, Subscription
+from ..services.exports import ExportService
+from ..services.snapshots import SnapshotService, lookup_result
+from ..xml.export import parse_export
+from ..xml.snapshot import parse_snapshot, render_snapshot
 from . import params as p
 
 log = logging.getLogger("blockbackupd.rpc")
@@ -75,7 +79,8 @@ def _wrap(name: str, model: type[P], handler: Callable[[Peer, P], Awaitable[Any]
     return method
 
 
-def build_methods(domains: DomainService, events: EventBus) -> dict[str, Callable[..., Any]]:
+def build_methods(domains: DomainService, snapshots: SnapshotService, exports: ExportService,
+                  events: EventBus) -> dict[str, Callable[..., Any]]:
     """The jsonrpcserver method table for the daemon's services."""
 
     async def daemon_info(peer: Peer, _: p.NoParams) -> dict[str, Any]:
@@ -91,10 +96,51 @@ def build_methods(domains: DomainService, events: EventBus) -> dict[str, Callabl
 
     async def domain_list(peer: Peer, _: p.NoParams) -> list[dict[str, Any]]:
         return [{"name": d.name, "qmp_socket": d.qmp_socket, "state": d.state.value}
-                for d in domains.list()]
+                for d in domains.all()]
 
     async def domain_get_xml(peer: Peer, a: p.DomainRef) -> str:
         return await domains.get_xml(a.domain)
+
+    async def snapshot_create(peer: Peer, a: p.SnapshotCreate) -> dict[str, Any]:
+        domains.get(a.domain)
+        if a.checkpoint:
+            raise Unsupported("checkpoints are not available in this release yet")
+        spec = parse_snapshot(a.xml) if a.xml is not None else None
+        disks = None
+        if spec is not None and spec.disks is not None:
+            disks = [(d.name, d.scratch) for d in spec.disks]
+        snapshot = await snapshots.create(a.domain, spec.name if spec else None, disks)
+        return {"name": snapshot.name, "xml": render_snapshot(snapshot.view())}
+
+    async def snapshot_delete(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:
+        await snapshots.delete(a.domain, a.name)
+        return {}
+
+    async def snapshot_list(peer: Peer, a: p.DomainRef) -> list[str]:
+        return snapshots.names(a.domain)
+
+    async def snapshot_lookup(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:
+        return lookup_result(snapshots.get(a.domain, a.name))
+
+    async def snapshot_get_xml(peer: Peer, a: p.SnapshotRef) -> str:
+        return render_snapshot(snapshots.get(a.domain, a.name).view())
+
+    async def export_start(peer: Peer, a: p.DomainXml) -> dict[str, Any]:
+        domains.get(a.domain)
+        address, made = await exports.start(a.domain, parse_export(a.xml))
+        return {"server": address.as_result(), "exports": [e.as_result() for e in made]}
+
+    async def export_stop(peer: Peer, a: p.DomainXml) -> dict[str, Any]:
+        domains.get(a.domain)
+        await exports.stop(a.domain, parse_export(a.xml).disks)
+        return {}
+
+    async def export_server(peer: Peer, a: p.DomainRef) -> dict[str, Any] | None:
+        address = exports.server(a.domain)
+        return None if address is None else address.as_result()
+
+    async def export_list(peer: Peer, a: p.DomainRef) -> list[dict[str, Any]]:
+        return [e.as_result() for e in exports.exports(a.domain)]
 
     async def events_subscribe(peer: Peer, a: p.EventsSubscribe) -> dict[str, Any]:
         if a.domains is not None:
@@ -111,6 +157,15 @@ def build_methods(domains: DomainService, events: EventBus) -> dict[str, Callabl
         "domain.undefine": (p.DomainUndefine, domain_undefine),
         "domain.list": (p.NoParams, domain_list),
         "domain.get_xml": (p.DomainRef, domain_get_xml),
+        "snapshot.create": (p.SnapshotCreate, snapshot_create),
+        "snapshot.delete": (p.SnapshotRef, snapshot_delete),
+        "snapshot.list": (p.DomainRef, snapshot_list),
+        "snapshot.lookup": (p.SnapshotRef, snapshot_lookup),
+        "snapshot.get_xml": (p.SnapshotRef, snapshot_get_xml),
+        "export.start": (p.DomainXml, export_start),
+        "export.stop": (p.DomainXml, export_stop),
+        "export.server": (p.DomainRef, export_server),
+        "export.list": (p.DomainRef, export_list),
         "events.subscribe": (p.EventsSubscribe, events_subscribe),
     }
     return {name: _wrap(name, model, handler) for name, (model, handler) in table.items()}

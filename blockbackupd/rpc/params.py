@@ -31,5 +31,21 @@ class DomainRef(Params):
     domain: str
 
 
+class SnapshotCreate(Params):
+    domain: str
+    xml: str | None = None
+    checkpoint: bool = False
+
+
+class SnapshotRef(Params):
+    domain: str
+    name: str
+
+
+class DomainXml(Params):
+    domain: str
+    xml: str
+
+
 class EventsSubscribe(Params):
     domains: list[str] | None = None

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import AlreadyExists, DomainNotConnected, InvalidArgument, NoSuchDomain
-from ..model import DomainState
+from ..errors import AlreadyExists, Busy, DomainNotConnected, InvalidArgument, NoSuchDomain
+from ..model import DomainState, ExportDiskSpec
 from ..names import check_name
 from ..qemu.blockgraph import query_disks
 from ..qemu.session import DomainSession
@@ -30,6 +30,9 @@ class Domain:
     qmp_socket: str
     origin: str
     session: DomainSession
+    #: Held by every operation that changes the domain's block graph
+    #: (snapshots, exports, probes), so they never interleave.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def state(self) -> DomainState:
@@ -50,6 +53,15 @@ class DomainService:
         self._events = events
         self._settings = settings
         self._domains: dict[str, Domain] = {}
+        self._usage_checks: list[Callable[[str], str | None]] = []
+        #: Set by the snapshot service: our filter nodes -> the disk node below.
+        self.filters_below: Callable[[str], Mapping[str, str]] = lambda domain: {}
+        #: Set by the export service: the domain's exports.
+        self.exports_of: Callable[[str], Iterable[ExportDiskSpec]] = lambda domain: ()
+
+    def add_usage_check(self, check: Callable[[str], str | None]) -> None:
+        """check(domain) says why the domain cannot be undefined now, or None."""
+        self._usage_checks.append(check)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -117,7 +129,7 @@ class DomainService:
     def __len__(self) -> int:
         return len(self._domains)
 
-    def list(self) -> list[Domain]:
+    def all(self) -> list[Domain]:
         return sorted(self._domains.values(), key=lambda d: d.name)
 
     async def get_xml(self, name: str) -> str:
@@ -128,8 +140,8 @@ class DomainService:
         :raise OperationFailed: QEMU refused or did not answer in time.
         """
         domain = self.connected(name)
-        disks = await query_disks(domain.session)
-        return render_domain(domain.name, domain.state, disks)
+        disks = await query_disks(domain.session, self.filters_below(name))
+        return render_domain(domain.name, domain.state, disks, self.exports_of(name))
 
     # -- definitions --------------------------------------------------------
 
@@ -168,10 +180,13 @@ class DomainService:
         """Forget a domain and close its session.
 
         :raise NoSuchDomain: unknown name.
+        :raise Busy: it has snapshots or exports.
         """
         domain = self.get(name)
-        # Snapshots, exports and checkpoints do not exist yet in this release;
-        # their refusals (busy / invalid-argument unless force) join here.
+        for check in self._usage_checks:
+            reason = check(name)
+            if reason is not None:
+                raise Busy(f"domain {name!r} cannot be undefined: {reason}")
         self._store.delete_domain(name)
         del self._domains[name]
         log.info("domain %s: undefined", name)

@@ -51,9 +51,17 @@ def parse(text: str, document: str) -> etree._Element:
         raise InvalidXml(f"{document}: line 1: a DOCTYPE is not allowed")
     rng = schema(document)
     if not rng.validate(root):
-        e = rng.error_log.last_error
-        raise InvalidXml(f"{document}: line {e.line}: {e.message}")
+        e = _most_specific(rng.error_log)
+        where = f" (at {e.path})" if getattr(e, "path", None) else ""
+        raise InvalidXml(f"{document}: line {e.line}: {e.message}{where}")
     return root
+
+
+def _most_specific(log: Any) -> Any:
+    """libxml2 logs the inner cause first and then each enclosing element's
+    generic "failed to validate content"; the first entry with a line says most."""
+    entries = [e for e in log if e.line > 0]
+    return entries[0] if entries else log.last_error
 
 
 def serialize(root: etree._Element) -> str:

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from lxml import etree
 
-from ..model import Disk, DomainState
+from ..model import Disk, DomainState, ExportDiskSpec
 from .document import serialize
 
 
-def render_domain(name: str, state: DomainState, disks: Sequence[Disk]) -> str:
-    """Write the domain document; disks in QEMU's order."""
+def render_domain(name: str, state: DomainState, disks: Sequence[Disk],
+                  exports: Iterable[ExportDiskSpec] = ()) -> str:
+    """Write the domain document; disks in QEMU's order, each with its exports."""
+    by_disk: dict[str, list[ExportDiskSpec]] = {}
+    for export in exports:
+        by_disk.setdefault(export.disk, []).append(export)
     root = etree.Element("domain", name=name, state=state.value)
     for disk in disks:
         attrs = {"name": disk.name, "file": disk.file, "format": disk.format,
                  "size": str(disk.size)}
         if disk.read_only:
             attrs["readonly"] = "yes"
-        etree.SubElement(root, "disk", attrs)
+        el = etree.SubElement(root, "disk", attrs)
+        for export in by_disk.get(disk.name, []):
+            e = etree.SubElement(el, "export", name=export.exportname or "",
+                                 snapshot=export.snapshot)
+            if export.checkpoint is not None:
+                e.set("checkpoint", export.checkpoint)
     return serialize(root)

@@ -1,0 +1,158 @@
+"""Typed wrappers of the QMP commands that build and tear down point-in-time
+views and NBD exports. Each raises what :meth:`DomainSession.execute` raises:
+DomainNotConnected when QEMU is unreachable, OperationFailed with QEMU's text
+when it refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..errors import OperationFailed
+from ..model import NbdAddress
+from .session import DomainSession
+
+#: Bytes of the view read by each probe: QEMU fails every read of a broken
+#: view, wherever it lands, so one cluster at offset 0 is enough.
+PROBE_BYTES = 64 * 1024
+
+
+def device_path(qdev: str) -> str:
+    """The QOM path whose ``drive`` property moves a disk's I/O path.
+
+    For virtio-blk QEMU reports the backend's path; its proxy device (the one
+    with the id) forwards the property.
+    """
+    if qdev.startswith("/machine/peripheral/"):
+        return "/machine/peripheral/" + qdev.split("/")[3]
+    return f"/machine/peripheral/{qdev}"
+
+
+class BlockOps:
+    def __init__(self, session: DomainSession) -> None:
+        self.session = session
+
+    async def run_status(self) -> str:
+        status = await self.session.execute("query-status")
+        return str(status["status"])
+
+    async def stop(self) -> None:
+        await self.session.execute("stop")
+
+    async def cont(self) -> None:
+        await self.session.execute("cont")
+
+    async def add_scratch(self, node: str, filename: str) -> None:
+        await self.session.execute("blockdev-add", {
+            "driver": "qcow2", "node-name": node,
+            "file": {"driver": "file", "filename": filename},
+        })
+
+    async def add_cbw_filter(self, node: str, source: str, scratch: str,
+                             cbw_timeout: int) -> None:
+        # break-snapshot: a failing or slow scratch breaks the view, never the
+        # guest's write; cbw-timeout bounds how long a guest write may wait.
+        await self.session.execute("blockdev-add", {
+            "driver": "copy-before-write", "node-name": node, "file": source,
+            "target": scratch, "on-cbw-error": "break-snapshot", "cbw-timeout": cbw_timeout,
+        })
+
+    async def add_view(self, node: str, cbw_filter: str) -> None:
+        await self.session.execute("blockdev-add", {
+            "driver": "snapshot-access", "node-name": node, "file": cbw_filter,
+        })
+
+    async def add_probe(self, window: str, sink: str, view: str) -> None:
+        """Nodes the probe job copies between: a small read-only window on the
+        view and a null sink of the same size."""
+        await self.session.execute("blockdev-add", {
+            "driver": "raw", "node-name": window, "file": view, "read-only": True,
+            "offset": 0, "size": PROBE_BYTES,
+        })
+        try:
+            await self.session.execute("blockdev-add", {
+                "driver": "null-co", "node-name": sink, "size": PROBE_BYTES,
+            })
+        except BaseException:
+            await asyncio.shield(self.delete_node(window))
+            raise
+
+    async def set_drive(self, qdev: str, node: str) -> None:
+        await self.session.execute("qom-set", {
+            "path": device_path(qdev), "property": "drive", "value": node,
+        })
+
+    async def delete_node(self, node: str) -> None:
+        await self.session.execute("blockdev-del", {"node-name": node})
+
+    async def node_names(self) -> set[str]:
+        nodes = await self.session.execute("query-named-block-nodes", {"flat": True})
+        return {n["node-name"] for n in nodes}
+
+    async def probe(self, job_id: str, window: str, sink: str, wait: float) -> str | None:
+        """Copy the probe window to the sink in a short job; None when every
+        read succeeded, else QEMU's error text."""
+        with self.session.listen("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") as events:
+            await self.session.execute("blockdev-backup", {
+                "job-id": job_id, "device": window, "target": sink, "sync": "full",
+                "auto-dismiss": True, "auto-finalize": True,
+            })
+            async with asyncio.timeout(wait):
+                async for event in events:
+                    data: Any = event.get("data", {})
+                    if data.get("device") != job_id:
+                        continue
+                    if event["event"] == "BLOCK_JOB_CANCELLED":
+                        return "probe job cancelled"
+                    error = data.get("error")
+                    return None if error is None else str(error)
+        raise OperationFailed("probe job ended without an event")
+
+    # -- NBD ------------------------------------------------------------------
+
+    async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None) -> None:
+        if address.transport == "unix":
+            addr: dict[str, Any] = {"type": "unix", "data": {"path": address.socket}}
+        else:
+            addr = {"type": "inet", "data": {"host": address.host, "port": str(address.port)}}
+        args: dict[str, Any] = {"addr": addr}
+        if tls_creds is not None:
+            args["tls-creds"] = tls_creds
+        await self.session.execute("nbd-server-start", args)
+
+    async def nbd_server_stop(self) -> None:
+        await self.session.execute("nbd-server-stop")
+
+    async def add_tls_creds(self, object_id: str, directory: str, verify_peer: bool) -> None:
+        await self.session.execute("object-add", {
+            "qom-type": "tls-creds-x509", "id": object_id, "dir": directory,
+            "endpoint": "server", "verify-peer": verify_peer,
+        })
+
+    async def delete_object(self, object_id: str) -> None:
+        await self.session.execute("object-del", {"id": object_id})
+
+    async def export_add(self, export_id: str, node: str, name: str,
+                         bitmaps: list[str] | None = None) -> None:
+        args: dict[str, Any] = {
+            "type": "nbd", "id": export_id, "node-name": node, "name": name,
+            "writable": False, "allocation-depth": True,
+        }
+        if bitmaps:
+            args["bitmaps"] = bitmaps
+        await self.session.execute("block-export-add", args)
+
+    async def export_del(self, export_id: str, wait: float) -> None:
+        """Remove an export, disconnecting its clients, and wait until it is gone."""
+        with self.session.listen("BLOCK_EXPORT_DELETED") as events:
+            await self.session.execute("block-export-del", {"id": export_id, "mode": "hard"})
+            async with asyncio.timeout(wait):
+                async for event in events:
+                    data: Any = event.get("data", {})
+                    if data.get("id") == export_id:
+                        return
+
+    async def export_ids(self) -> set[str]:
+        exports = await self.session.execute("query-block-exports")
+        return {e["id"] for e in exports}

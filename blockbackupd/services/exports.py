@@ -1,0 +1,287 @@
+"""Exports: read-only NBD exports of snapshot views, one NBD server per domain.
+
+The server starts with a domain's first export and stops with its last. By
+default it listens on ``run_dir/<domain>.nbd`` (mode from ``nbd.socket_mode``);
+TCP is refused unless it uses TLS (``nbd.tls_dir``) or the configuration
+allows plain TCP. Read-only exports advertise multi-conn, so a client may
+read with several connections at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ..errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NoSuchCheckpoint,
+    OperationFailed,
+    Unsupported,
+)
+from ..model import ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
+from ..qemu.blockops import BlockOps
+from .domains import Domain, DomainService
+from .events import EventBus
+from .snapshots import Snapshot, SnapshotService
+from .undo import Undo
+
+log = logging.getLogger("blockbackupd.exports")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    run_dir: Path
+    socket_mode: int
+    tls_dir: str
+    tls_verify_peer: bool
+    allow_plain_tcp: bool
+    timeout: float
+
+
+@dataclass
+class Export:
+    disk: str
+    snapshot: str
+    checkpoint: str | None
+    name: str
+    bitmap: str | None
+    export_id: str
+
+    def as_result(self) -> dict[str, Any]:
+        return {"disk": self.disk, "snapshot": self.snapshot, "checkpoint": self.checkpoint,
+                "name": self.name, "bitmap": self.bitmap}
+
+    def spec(self) -> ExportDiskSpec:
+        return ExportDiskSpec(self.disk, self.snapshot, self.checkpoint, self.name)
+
+
+@dataclass
+class _Server:
+    address: NbdAddress
+    tls_object: str | None
+    exports: dict[str, Export] = field(default_factory=dict)  # by NBD export name
+
+
+class ExportService:
+    def __init__(self, domains: DomainService, snapshots: SnapshotService, events: EventBus,
+                 settings: ExportSettings) -> None:
+        self._domains = domains
+        self._snapshots = snapshots
+        self._settings = settings
+        self._servers: dict[str, _Server] = {}
+        snapshots.add_before_delete(self._stop_for_snapshot)
+        events.subscribe(None, self._on_event)
+        domains.add_usage_check(self._usage)
+        domains.exports_of = lambda d: [e.spec() for e in self.exports(d)]
+
+    # -- queries ----------------------------------------------------------------
+
+    def exports(self, domain: str) -> list[Export]:
+        """:raise NoSuchDomain:"""
+        self._domains.get(domain)
+        server = self._servers.get(domain)
+        return list(server.exports.values()) if server else []
+
+    def server(self, domain: str) -> NbdAddress | None:
+        """:raise NoSuchDomain:"""
+        self._domains.get(domain)
+        server = self._servers.get(domain)
+        return server.address if server else None
+
+    def _usage(self, domain: str) -> str | None:
+        n = len(self.exports(domain))
+        return f"it has {n} export(s)" if n else None
+
+    # -- start ------------------------------------------------------------------
+
+    async def start(self, domain_name: str, spec: ExportSpec) -> tuple[NbdAddress, list[Export]]:
+        """Export the listed disks of their snapshots; start the server if needed.
+
+        :raise NoSuchDomain: :raise DomainNotConnected: :raise NoSuchSnapshot:
+        :raise NoSuchDisk: the snapshot has no such disk.
+        :raise NoSuchCheckpoint: the named checkpoint does not exist.
+        :raise AlreadyExists: the export name, or that disk of that snapshot, is exported.
+        :raise InvalidArgument: an address the server cannot take now, or refused by policy.
+        :raise Unsupported: TLS asked for but no certificates configured.
+        :raise OperationFailed: the snapshot is broken, or QEMU refused.
+        """
+        domain = self._domains.connected(domain_name)
+        async with domain.lock:
+            self._domains.connected(domain_name)
+            server = self._servers.get(domain_name)
+            address = self._address(domain_name, spec.address, server)
+            planned = self._plan(domain_name, spec.disks, server)
+            ops = BlockOps(domain.session)
+            undo = Undo(f"export.start {domain_name}")
+            try:
+                if server is None:
+                    server = await self._start_server(domain, ops, address, undo)
+                made = []
+                for export, snapshot in planned:
+                    view = snapshot.disk(export.disk).view_node
+                    await ops.export_add(export.export_id, view, export.name)
+                    undo.push(f"export {export.name}",
+                              partial(ops.export_del, export.export_id, self._settings.timeout))
+                    made.append(export)
+            except BaseException:
+                await undo.rollback()
+                raise
+            undo.discard()
+            for export in made:
+                server.exports[export.name] = export
+            self._servers[domain_name] = server
+        for export in made:
+            log.info("export %s/%s started: disk %s of snapshot %s", domain_name, export.name,
+                     export.disk, export.snapshot)
+        return server.address, made
+
+    def _address(self, domain: str, wanted: NbdAddress | None,
+                 server: _Server | None) -> NbdAddress:
+        s = self._settings
+        if wanted is None:
+            if server is not None:
+                return server.address
+            wanted = NbdAddress("unix", socket=str(s.run_dir / f"{domain}.nbd"))
+        if wanted.transport == "unix":
+            path = Path(wanted.socket or "")
+            if path.parent.resolve() != s.run_dir.resolve():
+                raise InvalidArgument(f"NBD socket {str(path)!r} must be directly in {s.run_dir}")
+            wanted = NbdAddress("unix", socket=str(s.run_dir.resolve() / path.name))
+        elif wanted.tls:
+            if not s.tls_dir:
+                raise Unsupported("TLS for NBD is not configured (nbd.tls_dir)")
+        elif not s.allow_plain_tcp:
+            raise InvalidArgument(
+                "NBD over TCP without TLS is refused (set tls=\"yes\", or allow_plain_tcp "
+                "in the [nbd] configuration)")
+        if server is not None and server.address != wanted:
+            raise InvalidArgument(
+                f"the NBD server of domain {domain!r} already listens on "
+                f"{_describe(server.address)}; stop its exports to move it")
+        return wanted
+
+    def _plan(self, domain: str, disks: tuple[ExportDiskSpec, ...],
+              server: _Server | None) -> list[tuple[Export, Snapshot]]:
+        taken = dict(server.exports) if server else {}
+        exported = {(e.disk, e.snapshot) for e in taken.values()}
+        planned = []
+        for d in disks:
+            snapshot = self._snapshots.get(domain, d.snapshot)
+            snapshot.disk(d.disk)
+            if snapshot.state is not SnapshotState.ACTIVE:
+                raise OperationFailed(f"snapshot {d.snapshot!r} is broken: "
+                                      f"{snapshot.broken_reason}")
+            if d.checkpoint is not None:
+                raise NoSuchCheckpoint(f"domain {domain!r} has no checkpoint {d.checkpoint!r}")
+            name = d.exportname or f"{d.disk}-{d.snapshot}"
+            if name in taken:
+                raise AlreadyExists(f"an export named {name!r} already exists")
+            if (d.disk, d.snapshot) in exported:
+                raise AlreadyExists(f"disk {d.disk!r} of snapshot {d.snapshot!r} is already "
+                                    "exported")
+            export = Export(d.disk, d.snapshot, d.checkpoint, name, None,
+                            f"bb-export-{secrets.token_hex(4)}")
+            taken[name] = export
+            exported.add((d.disk, d.snapshot))
+            planned.append((export, snapshot))
+        return planned
+
+    async def _start_server(self, domain: Domain, ops: BlockOps, address: NbdAddress,
+                            undo: Undo) -> _Server:
+        tls_object = None
+        if address.transport == "tcp" and address.tls:
+            tls_object = creds = f"bb-tls-{secrets.token_hex(4)}"
+            await ops.add_tls_creds(creds, self._settings.tls_dir, self._settings.tls_verify_peer)
+            undo.push(f"TLS credentials {creds}", lambda: ops.delete_object(creds))
+        if address.socket is not None:
+            _remove_socket(address.socket)  # left by a QEMU that was killed
+        await ops.nbd_server_start(address, tls_object)
+        undo.push("NBD server", lambda: self._stop_server(ops, address))
+        if address.socket is not None:
+            try:
+                os.chmod(address.socket, self._settings.socket_mode)
+            except OSError as err:
+                raise OperationFailed(f"cannot set the mode of {address.socket}: {err}") from err
+        log.info("domain %s: NBD server listening on %s", domain.name, _describe(address))
+        return _Server(address, tls_object)
+
+    async def _stop_server(self, ops: BlockOps, address: NbdAddress) -> None:
+        await ops.nbd_server_stop()
+        if address.socket is not None:
+            _remove_socket(address.socket)
+
+    # -- stop -------------------------------------------------------------------
+
+    async def stop(self, domain_name: str, disks: tuple[ExportDiskSpec, ...]) -> None:
+        """Stop the exports of the listed disks; the server goes with the last.
+
+        :raise NoSuchDomain: :raise DomainNotConnected:
+        :raise InvalidArgument: a listed disk of that snapshot is not exported.
+        :raise OperationFailed: QEMU refused.
+        """
+        domain = self._domains.connected(domain_name)
+        async with domain.lock:
+            self._domains.connected(domain_name)
+            server = self._servers.get(domain_name)
+            exports = {(e.disk, e.snapshot): e for e in (server.exports.values()
+                                                           if server else [])}
+            chosen = []
+            for d in disks:
+                export = exports.get((d.disk, d.snapshot))
+                if export is None:
+                    raise InvalidArgument(f"disk {d.disk!r} of snapshot {d.snapshot!r} is not "
+                                          "exported")
+                chosen.append(export)
+            await self._remove(domain, chosen)
+
+    async def _stop_for_snapshot(self, domain: Domain, snapshot: Snapshot) -> None:
+        server = self._servers.get(domain.name)
+        if server is not None:
+            await self._remove(domain, [e for e in server.exports.values()
+                                        if e.snapshot == snapshot.name])
+
+    async def _remove(self, domain: Domain, exports: list[Export]) -> None:
+        """Remove exports (caller holds the domain lock); stop an emptied server."""
+        server = self._servers.get(domain.name)
+        if server is None or not exports:
+            return
+        ops = BlockOps(domain.session)
+        live = await ops.export_ids()
+        for export in exports:
+            if export.export_id in live:
+                await ops.export_del(export.export_id, self._settings.timeout)
+            del server.exports[export.name]
+            log.info("export %s/%s stopped", domain.name, export.name)
+        if not server.exports:
+            await self._stop_server(ops, server.address)
+            if server.tls_object is not None:
+                await ops.delete_object(server.tls_object)
+            del self._servers[domain.name]
+            log.info("domain %s: NBD server stopped", domain.name)
+
+    # -- QEMU gone ----------------------------------------------------------------
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "domain-disconnected":
+            server = self._servers.pop(event["domain"], None)
+            if server is not None and server.address.socket is not None:
+                _remove_socket(server.address.socket)
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _describe(address: NbdAddress) -> str:
+    if address.transport == "unix":
+        return f"unix:{address.socket}"
+    return f"tcp:{address.host}:{address.port}{' (TLS)' if address.tls else ''}"

@@ -1,0 +1,91 @@
+"""Scratch images: where they may live, and making and removing them.
+
+A scratch image receives the old data of blocks the guest overwrites while a
+snapshot exists. It is a qcow2 of the disk's size, created by the daemon (not
+by QEMU, which may lack the right to create files there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import InvalidArgument, OperationFailed
+
+log = logging.getLogger("blockbackupd.scratch")
+
+
+def default_path(scratch_dir: Path, domain: str, disk: str, snapshot: str) -> Path:
+    """A readable default name: ``<domain>-<disk>-<snapshot>.qcow2``."""
+    return scratch_dir / f"{domain}-{disk}-{snapshot}.qcow2"
+
+
+def check_requested(path: str, allowed: Sequence[Path]) -> Path:
+    """The path a client asked for, once it is known to be acceptable.
+
+    Its directory, with every symlink resolved, must be one of the allowed
+    directories or below one; the file itself must not exist (a symlink
+    counts as existing, dangling or not).
+
+    :raise InvalidArgument: naming what is wrong.
+    """
+    requested = Path(path)
+    if not requested.is_absolute() or requested.name in ("", ".", ".."):
+        raise InvalidArgument(f"scratch file {path!r} must be an absolute path to a file")
+    parent = requested.parent.resolve()
+    roots = [a.resolve() for a in allowed]
+    if not any(parent == r or parent.is_relative_to(r) for r in roots):
+        raise InvalidArgument(
+            f"scratch file {path!r} is not under an allowed directory "
+            f"({', '.join(str(a) for a in allowed)})")
+    final = parent / requested.name
+    if os.path.lexists(final):
+        raise InvalidArgument(f"scratch file {str(final)!r} already exists")
+    return final
+
+
+async def create(path: Path, size: int) -> None:
+    """Create a qcow2 scratch image; the path must not exist yet.
+
+    :raise InvalidArgument: the file appeared meanwhile.
+    :raise OperationFailed: the host refused (no space, no permission, ...).
+    """
+    try:
+        # O_EXCL | O_NOFOLLOW: never write through a symlink planted after the check.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise InvalidArgument(f"scratch file {str(path)!r} already exists") from None
+    except OSError as err:
+        raise OperationFailed(f"cannot create scratch file {path}: {err.strerror}") from err
+    os.close(fd)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await proc.communicate()
+        if proc.returncode != 0:
+            raise OperationFailed(
+                f"cannot create scratch file {path}: {stderr.decode(errors='replace').strip()}")
+    except BaseException:
+        remove(path)
+        raise
+
+
+def remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        log.error("cannot remove scratch file %s: %s", path, err)
+
+
+def allocated_bytes(path: Path) -> int:
+    """Host bytes the scratch image uses now (0 when it is gone)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0

@@ -1,0 +1,410 @@
+"""Snapshots: consistent point-in-time views of running disks.
+
+Per disk, a copy-before-write filter goes into the device's I/O path; it
+copies the old data of every block the guest overwrites into a scratch
+image, and a snapshot-access node on top of it reads the disk as it was.
+All disks of a snapshot move onto their filters inside one window in which
+the VM's vCPUs are stopped, so no guest write lands in one view and not in
+another. Everything that can be made before (scratch images and nodes,
+filters) is made before the window; the views after it.
+
+QEMU 7.2 reports no event when a view breaks (scratch full or failing, copy
+timed out), so a prober reads a small window of each view through a short
+block job every ``snapshot_probe_interval`` seconds: a read of a broken view
+fails wherever it lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ..errors import (
+    AlreadyExists,
+    Busy,
+    InvalidArgument,
+    NoSuchDisk,
+    NoSuchSnapshot,
+    Unsupported,
+)
+from ..model import Disk, SnapshotDiskView, SnapshotState, SnapshotView
+from ..names import check_name
+from ..qemu.blockgraph import query_disks
+from ..qemu.blockops import BlockOps
+from . import scratch
+from .domains import Domain, DomainService
+from .events import EventBus
+from .undo import Undo
+
+log = logging.getLogger("blockbackupd.snapshots")
+
+#: QEMU run states in which the block graph must not change under a migration.
+_MIGRATING = frozenset({"inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"})
+
+
+@dataclass(frozen=True)
+class SnapshotSettings:
+    scratch_dirs: list[Path]
+    cbw_timeout: int
+    probe_interval: float
+    probe_timeout: float
+
+
+@dataclass
+class SnapshotDisk:
+    """One disk of a snapshot and the QEMU nodes made for it."""
+
+    disk: Disk
+    scratch: Path
+    scratch_node: str
+    filter_node: str
+    view_node: str
+    probe_window: str
+    probe_sink: str
+
+    def nodes(self) -> list[str]:
+        """Our nodes, in the order they can be deleted."""
+        return [self.probe_sink, self.probe_window, self.view_node, self.filter_node,
+                self.scratch_node]
+
+
+@dataclass
+class Snapshot:
+    domain: str
+    name: str
+    created: float
+    held_io_window: float
+    disks: list[SnapshotDisk]
+    state: SnapshotState = SnapshotState.ACTIVE
+    broken_reason: str | None = None
+
+    def disk(self, name: str) -> SnapshotDisk:
+        for d in self.disks:
+            if d.disk.name == name:
+                return d
+        raise NoSuchDisk(f"snapshot {self.name!r} has no disk {name!r}")
+
+    def view(self) -> SnapshotView:
+        return SnapshotView(
+            name=self.name, created=int(self.created), state=self.state,
+            held_io_window=self.held_io_window,
+            disks=tuple(SnapshotDiskView(d.disk.name, str(d.scratch)) for d in self.disks))
+
+
+@dataclass
+class _DomainSnapshots:
+    snapshots: dict[str, Snapshot] = field(default_factory=dict)
+    prober: asyncio.Task[None] | None = None
+
+
+BeforeDelete = Callable[[Domain, Snapshot], Awaitable[None]]
+
+
+class SnapshotService:
+    def __init__(self, domains: DomainService, events: EventBus,
+                 settings: SnapshotSettings) -> None:
+        self._domains = domains
+        self._events = events
+        self._settings = settings
+        self._by_domain: dict[str, _DomainSnapshots] = {}
+        self._before_delete: list[BeforeDelete] = []
+        self._job_ids = itertools.count(1)
+        events.subscribe(None, self._on_event)
+        domains.add_usage_check(self._usage)
+        domains.filters_below = self.filters_below
+
+    def add_before_delete(self, hook: BeforeDelete) -> None:
+        """Run hook (e.g. stopping exports) before a snapshot's nodes go."""
+        self._before_delete.append(hook)
+
+    async def close(self) -> None:
+        """Daemon stopping: delete every snapshot, so no filter, node or scratch
+        file outlives the daemon that knows about it."""
+        for domain, state in list(self._by_domain.items()):
+            if state.prober is not None:
+                state.prober.cancel()
+            for name in list(state.snapshots):
+                try:
+                    await self.delete(domain, name)
+                except Exception as err:
+                    log.error("snapshot %s/%s left behind at exit: %s", domain, name, err)
+
+    # -- queries --------------------------------------------------------------
+
+    def _state(self, domain: str) -> _DomainSnapshots:
+        return self._by_domain.setdefault(domain, _DomainSnapshots())
+
+    def names(self, domain: str) -> list[str]:
+        """Names, oldest first. :raise NoSuchDomain:"""
+        self._domains.get(domain)
+        return list(self._state(domain).snapshots)
+
+    def get(self, domain: str, name: str) -> Snapshot:
+        """:raise NoSuchDomain: :raise NoSuchSnapshot:"""
+        self._domains.get(domain)
+        try:
+            return self._state(domain).snapshots[name]
+        except KeyError:
+            raise NoSuchSnapshot(f"domain {domain!r} has no snapshot {name!r}") from None
+
+    def filters_below(self, domain: str) -> dict[str, str]:
+        """Our filter nodes at the top of devices, mapped to the disk node below."""
+        return {d.filter_node: d.disk.node
+                for s in self._state(domain).snapshots.values() for d in s.disks}
+
+    def _usage(self, domain: str) -> str | None:
+        n = len(self._state(domain).snapshots)
+        return f"it has {n} snapshot(s)" if n else None
+
+    # -- create ---------------------------------------------------------------
+
+    async def create(self, domain_name: str, name: str | None,
+                     disks: list[tuple[str, str | None]] | None) -> Snapshot:
+        """Take one point-in-time view of the listed disks (None: every writable disk).
+
+        :raise NoSuchDomain: :raise DomainNotConnected:
+        :raise AlreadyExists: the name is taken.
+        :raise InvalidArgument: bad name or scratch file.
+        :raise NoSuchDisk: a listed disk is not in the domain.
+        :raise Busy: a listed disk is in another snapshot, or the VM is migrating.
+        :raise Unsupported: a listed disk is read-only.
+        :raise OperationFailed: QEMU or the host refused; nothing is left behind.
+        """
+        domain = self._domains.connected(domain_name)
+        if name is None:
+            name = str(uuid.uuid4())
+        try:
+            check_name(name, "snapshot name")
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+        async with domain.lock:
+            self._domains.connected(domain_name)
+            state = self._state(domain_name)
+            if name in state.snapshots:
+                raise AlreadyExists(f"domain {domain_name!r} already has a snapshot {name!r}")
+            ops = BlockOps(domain.session)
+            present = {d.name: d for d in await query_disks(
+                domain.session, self.filters_below(domain_name))}
+            chosen = self._choose(domain_name, name, present, disks)
+            snapshot = await self._build(domain, ops, name, chosen)
+            state.snapshots[name] = snapshot
+            self._ensure_prober(domain)
+        log.info("snapshot %s/%s created: disks %s, held-I/O window %.3f ms", domain_name, name,
+                 ",".join(d.disk.name for d in snapshot.disks), snapshot.held_io_window * 1e3)
+        return snapshot
+
+    def _choose(self, domain: str, snapshot: str, present: dict[str, Disk],
+                wanted: list[tuple[str, str | None]] | None) -> list[tuple[Disk, Path]]:
+        in_use = {d.disk.name: s.name for s in self._state(domain).snapshots.values()
+                  for d in s.disks}
+        if wanted is None:
+            wanted = [(d.name, None) for d in present.values() if not d.read_only]
+            if not wanted:
+                raise InvalidArgument(f"domain {domain!r} has no writable disk to snapshot")
+        chosen: list[tuple[Disk, Path]] = []
+        for disk_name, requested in wanted:
+            disk = present.get(disk_name)
+            if disk is None:
+                raise NoSuchDisk(f"domain {domain!r} has no disk {disk_name!r}")
+            if disk.read_only:
+                raise Unsupported(f"disk {disk_name!r} is read-only: it needs no snapshot")
+            if disk_name in in_use:
+                raise Busy(f"disk {disk_name!r} is already in snapshot {in_use[disk_name]!r}")
+            if requested is None:
+                path = scratch.default_path(self._settings.scratch_dirs[0], domain, disk_name,
+                                            snapshot)
+                if path.exists() or path.is_symlink():
+                    raise InvalidArgument(f"scratch file {str(path)!r} already exists")
+            else:
+                path = scratch.check_requested(requested, self._settings.scratch_dirs)
+            if any(path == p for _, p in chosen):
+                raise InvalidArgument(f"two disks cannot share the scratch file {str(path)!r}")
+            chosen.append((disk, path))
+        return chosen
+
+    async def _build(self, domain: Domain, ops: BlockOps, name: str,
+                     chosen: list[tuple[Disk, Path]]) -> Snapshot:
+        undo = Undo(f"snapshot {domain.name}/{name}")
+        try:
+            parts = []
+            for disk, path in chosen:
+                token = secrets.token_hex(4)
+                part = SnapshotDisk(
+                    disk=disk, scratch=path, scratch_node=f"bb-{token}-scratch",
+                    filter_node=f"bb-{token}-filter", view_node=f"bb-{token}-view",
+                    probe_window=f"bb-{token}-probe", probe_sink=f"bb-{token}-sink")
+                parts.append(part)
+                await scratch.create(path, disk.size)
+                undo.push(f"scratch file {path}", partial(scratch.remove, path))
+                await ops.add_scratch(part.scratch_node, str(path))
+                undo.push(part.scratch_node, partial(ops.delete_node, part.scratch_node))
+                await ops.add_cbw_filter(part.filter_node, disk.node, part.scratch_node,
+                                         self._settings.cbw_timeout)
+                undo.push(part.filter_node, partial(ops.delete_node, part.filter_node))
+
+            window = await self._switch(ops, domain.name, name, parts, undo)
+
+            for part in parts:
+                await ops.add_view(part.view_node, part.filter_node)
+                undo.push(part.view_node, partial(ops.delete_node, part.view_node))
+                await ops.add_probe(part.probe_window, part.probe_sink, part.view_node)
+                undo.push(part.probe_window, partial(ops.delete_node, part.probe_window))
+                undo.push(part.probe_sink, partial(ops.delete_node, part.probe_sink))
+        except BaseException:
+            await undo.rollback()
+            raise
+        undo.discard()
+        return Snapshot(domain.name, name, time.time(), window, parts)
+
+    async def _switch(self, ops: BlockOps, domain: str, name: str, parts: list[SnapshotDisk],
+                      undo: Undo) -> float:
+        """Move every disk onto its filter in one instant; returns how long guest
+        I/O was held (vCPUs stopped), or how long the moves took when the VM
+        was not running anyway.
+
+        The commands are sent back to back without waiting for each answer:
+        QEMU's monitor runs them one after the other in order, so the moves
+        all happen between ``stop`` and ``cont``, and the window costs about
+        one round trip instead of one per command. Undo is based on what QEMU
+        shows afterwards, since a failed or cancelled batch may have run in
+        part.
+        """
+        status = await ops.run_status()
+        if status in _MIGRATING:
+            raise Busy(f"domain {domain!r} is migrating ({status})")
+        running = status == "running"
+
+        async def restore() -> None:
+            tops = {d.name: d.node for d in await query_disks(ops.session)}
+            for part in parts:
+                if tops.get(part.disk.name) == part.filter_node:
+                    await ops.set_drive(part.disk.qdev, part.disk.node)
+            if running and await ops.run_status() != "running":
+                await ops.cont()
+
+        undo.push("I/O paths and run state", restore)
+        steps = [ops.set_drive(p.disk.qdev, p.filter_node) for p in parts]
+        if running:
+            steps = [ops.stop(), *steps, ops.cont()]
+        start = time.perf_counter()
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        window = time.perf_counter() - start
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return window
+
+    # -- delete ---------------------------------------------------------------
+
+    async def delete(self, domain_name: str, name: str) -> None:
+        """Stop the snapshot's exports, restore each disk's I/O path, remove
+        every node and scratch file. Safe to repeat after a failure.
+
+        :raise NoSuchDomain: :raise NoSuchSnapshot: :raise DomainNotConnected:
+        :raise OperationFailed: QEMU refused a step; the snapshot stays listed.
+        """
+        domain = self._domains.connected(domain_name)
+        async with domain.lock:
+            snapshot = self.get(domain_name, name)
+            self._domains.connected(domain_name)
+            for hook in self._before_delete:
+                await hook(domain, snapshot)
+            ops = BlockOps(domain.session)
+            existing = await ops.node_names()
+            tops = {d.name: d for d in await query_disks(domain.session)}
+            for part in snapshot.disks:
+                for node in part.nodes()[:3]:  # probe nodes and the view
+                    if node in existing:
+                        await ops.delete_node(node)
+                top = tops.get(part.disk.name)
+                if top is not None and top.node == part.filter_node:
+                    await ops.set_drive(part.disk.qdev, part.disk.node)
+                for node in part.nodes()[3:]:  # filter, scratch node
+                    if node in existing:
+                        await ops.delete_node(node)
+                scratch.remove(part.scratch)
+            del self._state(domain_name).snapshots[name]
+        log.info("snapshot %s/%s deleted", domain_name, name)
+
+    # -- breaks -----------------------------------------------------------------
+
+    def _ensure_prober(self, domain: Domain) -> None:
+        state = self._state(domain.name)
+        if state.prober is None or state.prober.done():
+            state.prober = asyncio.create_task(self._probe_loop(domain),
+                                               name=f"probe-{domain.name}")
+
+    async def _probe_loop(self, domain: Domain) -> None:
+        state = self._state(domain.name)
+        while state.snapshots:
+            await asyncio.sleep(self._settings.probe_interval)
+            try:
+                await self.probe(domain)
+            except Exception as err:  # a failed round is retried, never fatal
+                log.warning("domain %s: probing snapshots failed: %s", domain.name, err)
+
+    async def probe(self, domain: Domain) -> None:
+        """Read through every active view once; mark the broken ones."""
+        async with domain.lock:
+            ops = BlockOps(domain.session)
+            for snapshot in list(self._state(domain.name).snapshots.values()):
+                if snapshot.state is not SnapshotState.ACTIVE:
+                    continue
+                for part in snapshot.disks:
+                    job = f"bb-probe-{next(self._job_ids)}"
+                    error = await ops.probe(job, part.probe_window, part.probe_sink,
+                                            self._settings.probe_timeout)
+                    if error is not None:
+                        self._mark_broken(snapshot, part.disk.name, error)
+                        break
+
+    def _mark_broken(self, snapshot: Snapshot, disk: str, error: str) -> None:
+        snapshot.state = SnapshotState.BROKEN
+        snapshot.broken_reason = f"the view of disk {disk} can no longer be read ({error})"
+        log.error("snapshot %s/%s broken: %s", snapshot.domain, snapshot.name,
+                  snapshot.broken_reason)
+        self._events.publish(snapshot.domain, "snapshot-broken", snapshot=snapshot.name,
+                             disk=disk, reason=snapshot.broken_reason)
+
+    # -- QEMU gone ----------------------------------------------------------------
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "domain-disconnected":
+            self.forget(event["domain"])
+
+    def forget(self, domain: str) -> None:
+        """QEMU went away and its nodes with it: drop the snapshots, remove scratch files."""
+        state = self._by_domain.pop(domain, None)
+        if state is None:
+            return
+        if state.prober is not None:
+            state.prober.cancel()
+        for snapshot in state.snapshots.values():
+            for part in snapshot.disks:
+                scratch.remove(part.scratch)
+            log.warning("snapshot %s/%s dropped: its QEMU went away", domain, snapshot.name)
+
+
+def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
+    """The answer of snapshot.lookup."""
+    result: dict[str, Any] = {
+        "name": snapshot.name,
+        "created": int(snapshot.created),
+        "disks": [d.disk.name for d in snapshot.disks],
+        "state": snapshot.state.value,
+        "held_io_window": round(snapshot.held_io_window, 6),
+        "scratch": [{"disk": d.disk.name, "file": str(d.scratch), "size": d.disk.size,
+                     "allocated": scratch.allocated_bytes(d.scratch)} for d in snapshot.disks],
+    }
+    if snapshot.broken_reason is not None:
+        result["reason"] = snapshot.broken_reason
+    return result

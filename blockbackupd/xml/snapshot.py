@@ -1,0 +1,46 @@
+"""The ``<domainblocksnapshot>`` document: request of snapshot.create, answer of get_xml."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from ..errors import InvalidXml
+from ..model import SnapshotDiskSpec, SnapshotSpec, SnapshotView
+from .document import parse, serialize
+
+DOCUMENT = "domainblocksnapshot"
+
+
+def parse_snapshot(text: str) -> SnapshotSpec:
+    """Read a snapshot.create document.
+
+    Elements only ``get_xml`` writes (creationTime, state, heldIoWindow) are
+    accepted and ignored, so a document read back can be sent again.
+
+    :raise InvalidXml: not well formed or not valid; the message gives the line.
+    """
+    root = parse(text, DOCUMENT)
+    name = root.findtext("name")
+    disks = []
+    seen: set[str] = set()
+    for el in root.iterfind("disk"):
+        disk = el.get("name", "")
+        if disk in seen:
+            raise InvalidXml(f"{DOCUMENT}: line {el.sourceline}: disk {disk!r} listed twice")
+        seen.add(disk)
+        source = el.find("source")
+        disks.append(SnapshotDiskSpec(disk, None if source is None else source.get("file")))
+    return SnapshotSpec(name=name.strip() if name is not None else None,
+                        disks=tuple(disks) if disks else None)
+
+
+def render_snapshot(view: SnapshotView) -> str:
+    root = etree.Element(DOCUMENT)
+    etree.SubElement(root, "name").text = view.name
+    etree.SubElement(root, "creationTime").text = str(view.created)
+    etree.SubElement(root, "state").text = view.state.value
+    etree.SubElement(root, "heldIoWindow").text = f"{view.held_io_window:.6f}"
+    for disk in view.disks:
+        el = etree.SubElement(root, "disk", name=disk.name, type="file")
+        etree.SubElement(el, "source", file=disk.scratch)
+    return serialize(root)
