@@ -2,7 +2,9 @@
 # machine: they install what is missing (apt packages, the venv, the package)
 # and nothing else. Every step is idempotent.
 
-APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv
+# binutils assembles the tests' boot-sector guest; openssl makes their throwaway CA.
+APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv \
+                binutils openssl
 VENV         := .venv
 PYTHON       := $(VENV)/bin/python
 # libnbd's Python binding is a distro package for the system Python only.
@@ -10,7 +12,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: all test demo deps system-deps lint clean
+.PHONY: all test demo bench deps system-deps lint clean
 
 all: test
 
@@ -38,8 +40,11 @@ test: lint
 demo: deps
 	$(PYTHON) -m tools.demo
 
+bench: deps
+	$(PYTHON) -m bench.snapshot_window
+
 lint: deps
-	$(VENV)/bin/ruff check blockbackupd client tests tools
+	$(VENV)/bin/ruff check blockbackupd client tests tools bench
 	$(VENV)/bin/mypy
 
 clean:

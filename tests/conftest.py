@@ -125,3 +125,60 @@ def defined(daemon: Daemon, vm: Vm) -> tuple[Daemon, Vm]:
         c.domain_define("vm1", str(vm.daemon_qmp))
     wait_for(lambda: domain_state(daemon, "vm1") == "running", what="vm1 running")
     return daemon, vm
+
+
+class NbdReader:
+    """A libnbd connection to one export (read-only use)."""
+
+    def __init__(self, socket_path: str, export: str, **tls: Any) -> None:
+        import nbd
+
+        self.h = nbd.NBD()
+        self.h.set_export_name(export)
+        self.h.add_meta_context("base:allocation")
+        if tls:
+            self.h.set_tls(nbd.TLS_REQUIRE)
+            self.h.set_tls_certificates(tls["certificates"])
+            self.h.connect_tcp(tls["host"], str(tls["port"]))
+        else:
+            self.h.connect_unix(socket_path)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.h.pread(length, offset))
+
+    def close(self) -> None:
+        try:
+            self.h.shutdown()
+        except Exception:
+            pass  # the server may already have dropped us
+
+    def __enter__(self) -> NbdReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def snapshot_xml(name: str | None = None, disks: dict[str, str | None] | None = None) -> str:
+    parts = ["<domainblocksnapshot>"]
+    if name is not None:
+        parts.append(f"<name>{name}</name>")
+    for disk, source in (disks or {}).items():
+        if source is None:
+            parts.append(f'<disk name="{disk}" type="file"/>')
+        else:
+            parts.append(f'<disk name="{disk}" type="file"><source file="{source}"/></disk>')
+    parts.append("</domainblocksnapshot>")
+    return "".join(parts)
+
+
+def export_xml(disks: list[tuple[str, str]] | list[tuple[str, str, dict[str, str]]],
+               address: str = "") -> str:
+    body = [f'<domainblockexport type="nbd">{address}']
+    for entry in disks:
+        disk, snapshot = entry[0], entry[1]
+        extra = entry[2] if len(entry) > 2 else {}  # type: ignore[misc]
+        attrs = "".join(f' {k}="{v}"' for k, v in extra.items())
+        body.append(f'<disk name="{disk}" snapshot="{snapshot}"{attrs}/>')
+    body.append("</domainblockexport>")
+    return "".join(body)

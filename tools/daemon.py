@@ -34,6 +34,10 @@ class Daemon:
             **daemon_keys,
         }
         self.domains = domains or []
+        #: Other sections of the config file, e.g. {"nbd": {"tls_dir": ...}}.
+        self.config_extra: dict[str, Any] = {}
+        #: Extra environment of the daemon process (e.g. BLOCKBACKUPD_FAIL_AT).
+        self.env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,7 +45,7 @@ class Daemon:
         return Path(self.daemon_keys["socket"])
 
     def write_config(self) -> None:
-        data: dict[str, Any] = {"daemon": self.daemon_keys}
+        data: dict[str, Any] = {"daemon": self.daemon_keys, **self.config_extra}
         if self.domains:
             data["domain"] = self.domains
         self.config_path.write_text(tomli_w.dumps(data))
@@ -52,7 +56,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "blockbackupd", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         deadline = time.monotonic() + timeout
         while True:

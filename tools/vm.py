@@ -62,16 +62,24 @@ class Monitor:
 
 
 class Vm:
-    """One QEMU process with qcow2 disks attached as scsi-hd devices."""
+    """One QEMU process with qcow2 disks attached as scsi-hd devices.
+
+    With ``writer=True`` it is instead a ``pc`` machine booting the guest of
+    tools/guest/writer.S from an IDE disk, with exactly two qcow2 disks on
+    the IDE primary slave and secondary master, which that guest keeps writing.
+    """
 
     def __init__(self, workdir: Path, name: str = "vm1",
                  disks: dict[str, int] | None = None, paused: bool = False,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, writer: bool = False) -> None:
         self.workdir = workdir
         self.name = name
         self.disks = disks if disks is not None else {"sda": 64 * MiB, "sdb": 64 * MiB}
         self.paused = paused
         self.extra_args = extra_args or []
+        self.writer = writer
+        if writer and len(self.disks) != 2:
+            raise ValueError("the writer guest needs exactly two disks")
         self.daemon_qmp = workdir / f"{name}.qmp"
         self.test_qmp = workdir / f"{name}-test.qmp"
         self.stdout_path = workdir / f"{name}.out"
@@ -88,17 +96,28 @@ class Vm:
                                 str(self.image(disk)), str(size)], check=True)
 
     def command_line(self) -> list[str]:
-        args = [QEMU, "-machine", "q35", "-nodefaults", "-display", "none",
-                "-name", self.name,
+        args = [QEMU, "-machine", "pc" if self.writer else "q35", "-nodefaults",
+                "-display", "none", "-name", self.name,
                 "-qmp", f"unix:{self.daemon_qmp},server=on,wait=off",
-                "-qmp", f"unix:{self.test_qmp},server=on,wait=off",
-                "-device", "virtio-scsi-pci,id=scsi0"]
+                "-qmp", f"unix:{self.test_qmp},server=on,wait=off"]
         if self.paused:
             args.append("-S")
-        for disk in self.disks:
+        if self.writer:
+            from tools.guest import build_boot_image
+            boot = build_boot_image(self.workdir)
+            args += ["-blockdev", f"driver=file,filename={boot},node-name=boot-file",
+                     "-blockdev", "driver=raw,file=boot-file,node-name=boot",
+                     "-device", "ide-hd,drive=boot,bus=ide.0,unit=0,id=boot"]
+            placements = ["bus=ide.0,unit=1", "bus=ide.1,unit=0"]
+        else:
+            args += ["-device", "virtio-scsi-pci,id=scsi0"]
+        for i, disk in enumerate(self.disks):
             args += ["-blockdev", f"driver=file,filename={self.image(disk)},node-name={disk}-file",
-                     "-blockdev", f"driver=qcow2,file={disk}-file,node-name={disk}-fmt",
-                     "-device", f"scsi-hd,drive={disk}-fmt,id={disk}"]
+                     "-blockdev", f"driver=qcow2,file={disk}-file,node-name={disk}-fmt"]
+            if self.writer:
+                args += ["-device", f"ide-hd,drive={disk}-fmt,{placements[i]},id={disk}"]
+            else:
+                args += ["-device", f"scsi-hd,drive={disk}-fmt,id={disk}"]
         return args + self.extra_args
 
     def start(self, timeout: float = 30.0) -> Vm:
@@ -146,6 +165,17 @@ class Vm:
         out = self.qemu_io(disk, f"write -P {pattern:#x} {offset} {length}")
         if "wrote" not in out:
             raise RuntimeError(f"guest write failed on {disk}: {out}")
+
+    def node_names(self) -> set[str]:
+        return {n["node-name"] for n in self.qmp("query-named-block-nodes", flat=True)}
+
+    def top_nodes(self) -> dict[str, str]:
+        """qdev -> node at the top of each device's I/O path."""
+        return {b["qdev"]: b["inserted"]["node-name"]
+                for b in self.qmp("query-block") if "inserted" in b}
+
+    def status(self) -> str:
+        return str(self.qmp("query-status")["status"])
 
     def stop(self, timeout: float = 10.0) -> None:
         """Quit QEMU cleanly (images closed properly), killing it if it will not go."""

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .. import faults
 from ..errors import (
     AlreadyExists,
     Busy,
@@ -243,15 +244,26 @@ class SnapshotService:
                     filter_node=f"bb-{token}-filter", view_node=f"bb-{token}-view",
                     probe_window=f"bb-{token}-probe", probe_sink=f"bb-{token}-sink")
                 parts.append(part)
-                await scratch.create(path, disk.size)
-                undo.push(f"scratch file {path}", partial(scratch.remove, path))
-                await ops.add_scratch(part.scratch_node, str(path))
+            # qemu-img runs once per disk: run them side by side.
+            made = await asyncio.gather(*(scratch.create(p.scratch, p.disk.size) for p in parts),
+                                        return_exceptions=True)
+            for part, result in zip(parts, made, strict=True):
+                if not isinstance(result, BaseException):
+                    undo.push(f"scratch file {part.scratch}", partial(scratch.remove, part.scratch))
+            for result in made:
+                if isinstance(result, BaseException):
+                    raise result
+            faults.check("snapshot:scratch-created")
+            for part in parts:
+                await ops.add_scratch(part.scratch_node, str(part.scratch))
                 undo.push(part.scratch_node, partial(ops.delete_node, part.scratch_node))
-                await ops.add_cbw_filter(part.filter_node, disk.node, part.scratch_node,
+                await ops.add_cbw_filter(part.filter_node, part.disk.node, part.scratch_node,
                                          self._settings.cbw_timeout)
                 undo.push(part.filter_node, partial(ops.delete_node, part.filter_node))
+                faults.check("snapshot:filter-added")
 
             window = await self._switch(ops, domain.name, name, parts, undo)
+            faults.check("snapshot:switched")
 
             for part in parts:
                 await ops.add_view(part.view_node, part.filter_node)
@@ -259,6 +271,7 @@ class SnapshotService:
                 await ops.add_probe(part.probe_window, part.probe_sink, part.view_node)
                 undo.push(part.probe_window, partial(ops.delete_node, part.probe_window))
                 undo.push(part.probe_sink, partial(ops.delete_node, part.probe_sink))
+                faults.check("snapshot:view-added")
         except BaseException:
             await undo.rollback()
             raise
