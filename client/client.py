@@ -62,6 +62,35 @@ class _Methods:
     def domain_get_xml(self, domain: str) -> Any:
         return self.call("domain.get_xml", domain=domain)
 
+    def snapshot_create(self, domain: str, xml: str | None = None,
+                        checkpoint: bool | None = None) -> Any:
+        return self.call("snapshot.create", **_params(domain=domain, xml=xml,
+                                                      checkpoint=checkpoint))
+
+    def snapshot_delete(self, domain: str, name: str) -> Any:
+        return self.call("snapshot.delete", domain=domain, name=name)
+
+    def snapshot_list(self, domain: str) -> Any:
+        return self.call("snapshot.list", domain=domain)
+
+    def snapshot_lookup(self, domain: str, name: str) -> Any:
+        return self.call("snapshot.lookup", domain=domain, name=name)
+
+    def snapshot_get_xml(self, domain: str, name: str) -> Any:
+        return self.call("snapshot.get_xml", domain=domain, name=name)
+
+    def export_start(self, domain: str, xml: str) -> Any:
+        return self.call("export.start", domain=domain, xml=xml)
+
+    def export_stop(self, domain: str, xml: str) -> Any:
+        return self.call("export.stop", domain=domain, xml=xml)
+
+    def export_server(self, domain: str) -> Any:
+        return self.call("export.server", domain=domain)
+
+    def export_list(self, domain: str) -> Any:
+        return self.call("export.list", domain=domain)
+
     def events_subscribe(self, domains: list[str] | None = None) -> Any:
         return self.call("events.subscribe", **_params(domains=domains))
 

@@ -136,6 +136,7 @@ class NbdReader:
         self.h = nbd.NBD()
         self.h.set_export_name(export)
         self.h.add_meta_context("base:allocation")
+        self.h.add_meta_context("qemu:allocation-depth")
         if tls:
             self.h.set_tls(nbd.TLS_REQUIRE)
             self.h.set_tls_certificates(tls["certificates"])

@@ -77,6 +77,8 @@ def test_views_hold_the_instant_on_every_disk(defined: tuple[Daemon, Vm]) -> Non
             assert b.read(1 * MiB, 64 * KiB) == b"\x21" * (64 * KiB)
             assert a2.read(0, 4 * KiB) == b"\x11" * (4 * KiB)  # a second connection at once
             assert a.h.can_multi_conn() and a.h.is_read_only()
+            assert a.h.can_meta_context("base:allocation")
+            assert a.h.can_meta_context("qemu:allocation-depth")
             with pytest.raises(nbd.Error):
                 a.h.pwrite(b"x" * 512, 0)
         # The guest sees its own writes, not the view.
@@ -246,20 +248,20 @@ def test_export_stop_and_server_lifecycle(defined: tuple[Daemon, Vm]) -> None:
     daemon, vm = defined
     sock = str(run_dir(daemon) / "vm1.nbd")
     with daemon.client() as c:
-        assert c.call("export.server", domain="vm1") is None
-        c.call("snapshot.create", domain="vm1", xml=snapshot_xml("s1"))
-        c.call("export.start", domain="vm1", xml=export_xml([("sda", "s1")]))
-        assert c.call("export.server", domain="vm1") == {"transport": "unix", "socket": sock}
+        assert c.export_server("vm1") is None
+        c.snapshot_create("vm1", snapshot_xml("s1"))
+        c.export_start("vm1", export_xml([("sda", "s1")]))
+        assert c.export_server("vm1") == {"transport": "unix", "socket": sock}
         assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
-        c.call("export.start", domain="vm1", xml=export_xml([("sdb", "s1")]))
-        c.call("export.stop", domain="vm1", xml=export_xml([("sda", "s1")]))
-        assert [e["name"] for e in c.call("export.list", domain="vm1")] == ["sdb-s1"]
+        c.export_start("vm1", export_xml([("sdb", "s1")]))
+        c.export_stop("vm1", export_xml([("sda", "s1")]))
+        assert [e["name"] for e in c.export_list("vm1")] == ["sdb-s1"]
         with NbdReader(sock, "sdb-s1") as b:
             assert b.h.get_size() == 64 * MiB
-        c.call("export.stop", domain="vm1", xml=export_xml([("sdb", "s1")]))
-        assert c.call("export.server", domain="vm1") is None
+        c.export_stop("vm1", export_xml([("sdb", "s1")]))
+        assert c.export_server("vm1") is None
         assert not os.path.exists(sock)
-        assert c.call("snapshot.list", domain="vm1") == ["s1"]  # the snapshot stays
+        assert c.snapshot_list("vm1") == ["s1"]  # the snapshot stays
 
 
 def test_requests_need_a_connected_domain(defined: tuple[Daemon, Vm]) -> None:
@@ -518,3 +520,16 @@ def test_full_scratch_breaks_the_view_not_the_guest(make_vm: Callable[..., Vm],
         assert vm.status() == "running"
     finally:
         subprocess.run(["umount", str(tiny)], check=True)
+
+
+def test_daemon_exit_removes_its_snapshots(defined: tuple[Daemon, Vm]) -> None:
+    daemon, vm = defined
+    before = graph(vm)
+    with daemon.client() as c:
+        c.call("snapshot.create", domain="vm1", xml=snapshot_xml("s1"))
+        c.call("export.start", domain="vm1", xml=export_xml([("sda", "s1")]))
+    assert daemon.stop() == 0
+    assert graph(vm) == before
+    assert vm.qmp("query-block-exports") == []
+    assert list(scratch_dir(daemon).iterdir()) == []
+    assert list(run_dir(daemon).iterdir()) == []
