@@ -12,6 +12,7 @@ from .config import Config
 from .rpc.methods import build_methods
 from .rpc.server import RpcServer
 from .runtime import Lock, bind_unix_socket, make_dirs, sd_notify
+from .services.checkpoints import CheckpointService
 from .services.domains import DomainService, DomainSettings
 from .services.events import EventBus
 from .services.exports import ExportService, ExportSettings
@@ -44,20 +45,22 @@ async def run(config: Config) -> None:
         events = EventBus()
         domains = DomainService(store, events, DomainSettings(
             qmp_timeout=d.qmp_timeout, reconnect_max_delay=d.reconnect_max_delay))
-        domains.start((c.name, str(c.qmp_socket)) for c in config.domain)
         stack.push_async_callback(domains.close)
-
         snapshots = SnapshotService(domains, events, SnapshotSettings(
             scratch_dirs=d.scratch_dirs, cbw_timeout=d.cbw_timeout,
             probe_interval=d.snapshot_probe_interval, probe_timeout=d.qmp_timeout))
         stack.push_async_callback(snapshots.close)
-        exports = ExportService(domains, snapshots, events, ExportSettings(
+        checkpoints = CheckpointService(domains, snapshots, events, store, d.scratch_dirs)
+        exports = ExportService(domains, snapshots, checkpoints, events, ExportSettings(
             run_dir=d.run_dir, socket_mode=config.nbd.socket_mode_bits,
             tls_dir=config.nbd.tls_dir, tls_verify_peer=config.nbd.tls_verify_peer,
             allow_plain_tcp=config.nbd.allow_plain_tcp, timeout=d.qmp_timeout))
+        # Sessions start once every service has hooked in, so the first
+        # connect is reconciled like every later one.
+        domains.start((c.name, str(c.qmp_socket)) for c in config.domain)
 
         server = RpcServer(d.socket, d.socket_mode_bits,
-                           build_methods(domains, snapshots, exports, events))
+                           build_methods(domains, snapshots, checkpoints, exports, events))
         await server.start(bind_unix_socket(d.socket, d.socket_mode_bits))
         stack.push_async_callback(server.close)
 

@@ -10,13 +10,22 @@ production, it costs one dictionary lookup per step.
 from __future__ import annotations
 
 import os
+import signal
 
 from .errors import OperationFailed
 
 ENV = "BLOCKBACKUPD_FAIL_AT"
+CRASH_ENV = "BLOCKBACKUPD_CRASH_AT"
 
 
 def check(step: str) -> None:
     """:raise OperationFailed: when the environment asks to fail at this step."""
     if os.environ.get(ENV) == step:
         raise OperationFailed(f"injected failure at {step}")
+
+
+def crash_point(step: str) -> None:
+    """``BLOCKBACKUPD_CRASH_AT=<step>``: the daemon SIGKILLs itself here, as a
+    power cut or an OOM kill would, to test recovery on the next start."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -371,7 +371,6 @@ def _case_params(workdir: Path) -> list[tuple[str, dict[str, object], type[Appli
          Unsupported, "TLS for NBD is not configured"),
         ("snapshot.create", {"domain": "vm1", "xml": snapshot_xml("s2", {"sda": None})},
          Busy, "already in snapshot 's1'"),
-        ("snapshot.create", {"domain": "vm1", "checkpoint": True}, Unsupported, "checkpoints"),
         ("export.stop", {"domain": "vm1", "xml": export_xml([("sdb", "s1")])},
          InvalidArgument, "is not exported"),
     ]

@@ -133,6 +133,11 @@ class BlockOps:
     async def delete_object(self, object_id: str) -> None:
         await self.session.execute("object-del", {"id": object_id})
 
+    async def add_null(self, node: str, size: int) -> None:
+        """A node that reads as zeros: carries a bitmap for export without any data."""
+        await self.session.execute("blockdev-add", {"driver": "null-co", "node-name": node,
+                                                    "size": size})
+
     async def export_add(self, export_id: str, node: str, name: str,
                          bitmaps: list[str] | None = None) -> None:
         args: dict[str, Any] = {
@@ -156,3 +161,52 @@ class BlockOps:
     async def export_ids(self) -> set[str]:
         exports = await self.session.execute("query-block-exports")
         return {e["id"] for e in exports}
+
+
+# -- dirty bitmaps -------------------------------------------------------------
+
+def bitmap_ref(node: str, name: str) -> dict[str, str]:
+    return {"node": node, "name": name}
+
+
+def action(kind: str, **data: Any) -> dict[str, Any]:
+    """One ``transaction`` action, e.g. ``action("block-dirty-bitmap-add", node=..., name=...)``."""
+    return {"type": kind, "data": data}
+
+
+class Bitmaps:
+    """Dirty-bitmap commands on one domain."""
+
+    def __init__(self, session: DomainSession) -> None:
+        self.session = session
+
+    async def transaction(self, actions: list[dict[str, Any]]) -> None:
+        """All actions or none."""
+        if actions:
+            await self.session.execute("transaction", {"actions": actions})
+
+    async def on_nodes(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """node name -> bitmap name -> QEMU's description of it."""
+        nodes = await self.session.execute("query-named-block-nodes", {"flat": True})
+        # Filters keep anonymous bitmaps of their own: only named ones matter.
+        return {n["node-name"]: {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
+                for n in nodes}
+
+    async def add(self, node: str, name: str, *, persistent: bool = False,
+                  disabled: bool = False, granularity: int | None = None) -> None:
+        args: dict[str, Any] = {"node": node, "name": name, "persistent": persistent,
+                                "disabled": disabled}
+        if granularity is not None:
+            args["granularity"] = granularity
+        await self.session.execute("block-dirty-bitmap-add", args)
+
+    async def merge(self, node: str, target: str, sources: list[dict[str, str]]) -> None:
+        if sources:
+            await self.session.execute("block-dirty-bitmap-merge",
+                                       {"node": node, "target": target, "bitmaps": sources})
+
+    async def enable(self, node: str, name: str) -> None:
+        await self.session.execute("block-dirty-bitmap-enable", {"node": node, "name": name})
+
+    async def remove(self, node: str, name: str) -> None:
+        await self.session.execute("block-dirty-bitmap-remove", {"node": node, "name": name})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from qemu.qmp import (
@@ -32,6 +32,7 @@ from ..model import DomainState
 log = logging.getLogger("blockbackupd.qemu")
 
 StateCallback = Callable[["DomainSession", DomainState, DomainState], None]
+ConnectHook = Callable[["DomainSession"], Awaitable[None]]
 
 # QEMU run states in which guest vCPUs execute; every other status (prelaunch,
 # paused, inmigrate, suspended, ...) is reported as "paused" by the contract.
@@ -62,12 +63,16 @@ class DomainSession:
         command_timeout: float,
         reconnect_max_delay: float,
         on_state_change: StateCallback | None = None,
+        on_connect: ConnectHook | None = None,
     ) -> None:
         self.domain = domain
         self.qmp_socket = qmp_socket
         self.command_timeout = command_timeout
         self.reconnect_max_delay = reconnect_max_delay
         self._on_state_change = on_state_change
+        # Runs on every new connection before the domain counts as connected,
+        # so requests never see a block graph that has not been reconciled.
+        self._on_connect = on_connect
         self._state = DomainState.DISCONNECTED
         #: QEMU's own run status (``running``, ``prelaunch``, ``paused``, ...).
         self.qemu_status: str | None = None
@@ -111,7 +116,7 @@ class DomainSession:
             the message) or did not answer within ``command_timeout``.
         """
         qmp = self._qmp
-        if qmp is None or self._state is DomainState.DISCONNECTED:
+        if qmp is None:
             raise DomainNotConnected(self.domain)
         try:
             async with asyncio.timeout(self.command_timeout):
@@ -193,6 +198,13 @@ class DomainSession:
                 self.last_error = None
                 self._qmp = qmp
                 self.log.info("domain %s: connected to %s", self.domain, self.qmp_socket)
+                if self._on_connect is not None:
+                    try:
+                        await self._on_connect(self)
+                    except Exception:  # reconciling failed: still serve the domain
+                        self.log.exception("domain %s: reconciling after connect failed",
+                                           self.domain)
+                    status = await qmp.execute("query-status")  # it may have changed meanwhile
                 self._set_status(str(status["status"]))  # type: ignore[index]
                 await self._follow(qmp, listener)
                 self.log.warning("domain %s: QMP connection to %s lost", self.domain,

@@ -16,11 +16,13 @@ from jsonrpcserver import Error, Result, Success
 from pydantic import ValidationError
 
 from .. import __version__
-from ..errors import BlockbackupError, Unsupported
+from ..errors import BlockbackupError
+from ..services.checkpoints import CheckpointService
 from ..services.domains import DomainService
 from ..services.events import EventBus, Subscription
 from ..services.exports import ExportService
 from ..services.snapshots import SnapshotService, lookup_result
+from ..xml.checkpoint import CheckpointDoc, parse_checkpoint, render_checkpoint
 from ..xml.export import parse_export
 from ..xml.snapshot import parse_snapshot, render_snapshot
 from . import params as p
@@ -79,7 +81,8 @@ def _wrap(name: str, model: type[P], handler: Callable[[Peer, P], Awaitable[Any]
     return method
 
 
-def build_methods(domains: DomainService, snapshots: SnapshotService, exports: ExportService,
+def build_methods(domains: DomainService, snapshots: SnapshotService,
+                  checkpoints: CheckpointService, exports: ExportService,
                   events: EventBus) -> dict[str, Callable[..., Any]]:
     """The jsonrpcserver method table for the daemon's services."""
 
@@ -103,13 +106,12 @@ def build_methods(domains: DomainService, snapshots: SnapshotService, exports: E
 
     async def snapshot_create(peer: Peer, a: p.SnapshotCreate) -> dict[str, Any]:
         domains.get(a.domain)
-        if a.checkpoint:
-            raise Unsupported("checkpoints are not available in this release yet")
         spec = parse_snapshot(a.xml) if a.xml is not None else None
         disks = None
         if spec is not None and spec.disks is not None:
             disks = [(d.name, d.scratch) for d in spec.disks]
-        snapshot = await snapshots.create(a.domain, spec.name if spec else None, disks)
+        snapshot = await snapshots.create(a.domain, spec.name if spec else None, disks,
+                                          a.checkpoint)
         return {"name": snapshot.name, "xml": render_snapshot(snapshot.view())}
 
     async def snapshot_delete(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:
@@ -124,6 +126,32 @@ def build_methods(domains: DomainService, snapshots: SnapshotService, exports: E
 
     async def snapshot_get_xml(peer: Peer, a: p.SnapshotRef) -> str:
         return render_snapshot(snapshots.get(a.domain, a.name).view())
+
+    async def checkpoint_list(peer: Peer, a: p.DomainRef) -> list[str]:
+        return checkpoints.names(a.domain)
+
+    async def checkpoint_lookup(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:
+        return checkpoints.lookup(a.domain, a.name)
+
+    async def checkpoint_get_xml(peer: Peer, a: p.SnapshotRef) -> str:
+        info = checkpoints.lookup(a.domain, a.name)
+        cp = checkpoints.get(a.domain, a.name)
+        return render_checkpoint(CheckpointDoc(
+            cp.name, info["parent"], info["created"], info["state"], info.get("reason"),
+            tuple((d.disk, d.bitmap) for d in cp.disks)))
+
+    async def checkpoint_delete(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:
+        await checkpoints.delete(a.domain, a.name)
+        return {}
+
+    async def checkpoint_changes(peer: Peer, a: p.CheckpointChanges) -> dict[str, Any]:
+        return await checkpoints.changes(a.domain, a.disk, a.name, a.until)
+
+    async def checkpoint_redefine(peer: Peer, a: p.DomainXml) -> dict[str, Any]:
+        domains.get(a.domain)
+        doc = parse_checkpoint(a.xml)
+        await checkpoints.redefine(a.domain, doc.name, doc.created, list(doc.disks))
+        return {"name": doc.name}
 
     async def export_start(peer: Peer, a: p.DomainXml) -> dict[str, Any]:
         domains.get(a.domain)
@@ -162,6 +190,12 @@ def build_methods(domains: DomainService, snapshots: SnapshotService, exports: E
         "snapshot.list": (p.DomainRef, snapshot_list),
         "snapshot.lookup": (p.SnapshotRef, snapshot_lookup),
         "snapshot.get_xml": (p.SnapshotRef, snapshot_get_xml),
+        "checkpoint.list": (p.DomainRef, checkpoint_list),
+        "checkpoint.lookup": (p.SnapshotRef, checkpoint_lookup),
+        "checkpoint.get_xml": (p.SnapshotRef, checkpoint_get_xml),
+        "checkpoint.delete": (p.SnapshotRef, checkpoint_delete),
+        "checkpoint.changes": (p.CheckpointChanges, checkpoint_changes),
+        "checkpoint.redefine": (p.DomainXml, checkpoint_redefine),
         "export.start": (p.DomainXml, export_start),
         "export.stop": (p.DomainXml, export_stop),
         "export.server": (p.DomainRef, export_server),

@@ -47,5 +47,12 @@ class DomainXml(Params):
     xml: str
 
 
+class CheckpointChanges(Params):
+    domain: str
+    disk: str
+    name: str
+    until: str | None = None
+
+
 class EventsSubscribe(Params):
     domains: list[str] | None = None

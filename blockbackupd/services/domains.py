@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,10 +54,27 @@ class DomainService:
         self._settings = settings
         self._domains: dict[str, Domain] = {}
         self._usage_checks: list[Callable[[str], str | None]] = []
+        self._connect_hooks: list[Callable[[Domain], Awaitable[None]]] = []
         #: Set by the snapshot service: our filter nodes -> the disk node below.
         self.filters_below: Callable[[str], Mapping[str, str]] = lambda domain: {}
+        #: Set by the checkpoint service: the domain's checkpoints, oldest first.
+        self.checkpoints_of: Callable[[str], list[str]] = lambda domain: []
+        #: Set by the checkpoint service: checkpoint names per disk, oldest first.
+        self.disk_checkpoints: Callable[[str], Mapping[str, list[str]]] = lambda domain: {}
         #: Set by the export service: the domain's exports.
         self.exports_of: Callable[[str], Iterable[ExportDiskSpec]] = lambda domain: ()
+
+    def add_connect_hook(self, hook: Callable[[Domain], Awaitable[None]]) -> None:
+        """hook(domain) runs on every (re)connect, before the domain counts as connected."""
+        self._connect_hooks.append(hook)
+
+    async def _connected_hooks(self, session: DomainSession) -> None:
+        domain = self._domains.get(session.domain)
+        if domain is None or domain.session is not session:
+            return
+        async with domain.lock:
+            for hook in self._connect_hooks:
+                await hook(domain)
 
     def add_usage_check(self, check: Callable[[str], str | None]) -> None:
         """check(domain) says why the domain cannot be undefined now, or None."""
@@ -94,6 +111,7 @@ class DomainService:
             command_timeout=self._settings.qmp_timeout,
             reconnect_max_delay=self._settings.reconnect_max_delay,
             on_state_change=self._state_changed,
+            on_connect=self._connected_hooks,
         )
         domain = Domain(name, qmp_socket, origin, session)
         self._domains[name] = domain
@@ -141,7 +159,8 @@ class DomainService:
         """
         domain = self.connected(name)
         disks = await query_disks(domain.session, self.filters_below(name))
-        return render_domain(domain.name, domain.state, disks, self.exports_of(name))
+        return render_domain(domain.name, domain.state, disks, self.exports_of(name),
+                             self.disk_checkpoints(name))
 
     # -- definitions --------------------------------------------------------
 
@@ -181,12 +200,18 @@ class DomainService:
 
         :raise NoSuchDomain: unknown name.
         :raise Busy: it has snapshots or exports.
+        :raise InvalidArgument: it has checkpoints and force is not set.
         """
         domain = self.get(name)
         for check in self._usage_checks:
             reason = check(name)
             if reason is not None:
                 raise Busy(f"domain {name!r} cannot be undefined: {reason}")
+        checkpoints = self.checkpoints_of(name)
+        if checkpoints and not force:
+            raise InvalidArgument(
+                f"domain {name!r} has {len(checkpoints)} checkpoint(s); undefine with force "
+                "to drop their metadata (the bitmaps in the images stay)")
         self._store.delete_domain(name)
         del self._domains[name]
         log.info("domain %s: undefined", name)

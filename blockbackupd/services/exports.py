@@ -9,6 +9,7 @@ read with several connections at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -18,15 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import faults
-from ..errors import (
-    AlreadyExists,
-    InvalidArgument,
-    NoSuchCheckpoint,
-    OperationFailed,
-    Unsupported,
-)
+from ..errors import AlreadyExists, Busy, InvalidArgument, OperationFailed, Unsupported
 from ..model import ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
-from ..qemu.blockops import BlockOps
+from ..qemu.blockops import Bitmaps, BlockOps
+from ..qemu.nbdread import dirty_extents
+from .checkpoints import CheckpointService
 from .domains import Domain, DomainService
 from .events import EventBus
 from .snapshots import Snapshot, SnapshotService
@@ -51,8 +48,12 @@ class Export:
     snapshot: str
     checkpoint: str | None
     name: str
-    bitmap: str | None
+    bitmap: str | None  # the NBD meta context carrying the changes, if any
     export_id: str
+    view_node: str = ""
+    #: Bitmaps on the view whose union is the change set (with granularity).
+    sources: list[dict[str, str]] = field(default_factory=list)
+    granularity: int = 0
 
     def as_result(self) -> dict[str, Any]:
         return {"disk": self.disk, "snapshot": self.snapshot, "checkpoint": self.checkpoint,
@@ -70,10 +71,13 @@ class _Server:
 
 
 class ExportService:
-    def __init__(self, domains: DomainService, snapshots: SnapshotService, events: EventBus,
+    def __init__(self, domains: DomainService, snapshots: SnapshotService,
+                 checkpoints: CheckpointService, events: EventBus,
                  settings: ExportSettings) -> None:
         self._domains = domains
         self._snapshots = snapshots
+        self._checkpoints = checkpoints
+        checkpoints.bitmap_reader = self.read_bitmaps
         self._settings = settings
         self._servers: dict[str, _Server] = {}
         snapshots.add_before_delete(self._stop_for_snapshot)
@@ -124,9 +128,20 @@ class ExportService:
                 if server is None:
                     server = await self._start_server(domain, ops, address, undo)
                 made = []
-                for export, snapshot in planned:
-                    view = snapshot.disk(export.disk).view_node
-                    await ops.export_add(export.export_id, view, export.name)
+                bitmaps = Bitmaps(domain.session)
+                for export in planned:
+                    bitmap = None
+                    if export.checkpoint is not None:
+                        # The change set as a bitmap on the view, named so that the
+                        # meta context is qemu:dirty-bitmap:<checkpoint>.
+                        bitmap = export.checkpoint
+                        await bitmaps.add(export.view_node, bitmap, disabled=True,
+                                          granularity=export.granularity)
+                        undo.push(f"bitmap {bitmap} on {export.view_node}",
+                                  partial(bitmaps.remove, export.view_node, bitmap))
+                        await bitmaps.merge(export.view_node, bitmap, export.sources)
+                    await ops.export_add(export.export_id, export.view_node, export.name,
+                                         [bitmap] if bitmap else None)
                     undo.push(f"export {export.name}",
                               partial(ops.export_del, export.export_id, self._settings.timeout))
                     made.append(export)
@@ -169,7 +184,7 @@ class ExportService:
         return wanted
 
     def _plan(self, domain: str, disks: tuple[ExportDiskSpec, ...],
-              server: _Server | None) -> list[tuple[Export, Snapshot]]:
+              server: _Server | None) -> list[Export]:
         taken = dict(server.exports) if server else {}
         exported = {(e.disk, e.snapshot) for e in taken.values()}
         planned = []
@@ -179,19 +194,25 @@ class ExportService:
             if snapshot.state is not SnapshotState.ACTIVE:
                 raise OperationFailed(f"snapshot {d.snapshot!r} is broken: "
                                       f"{snapshot.broken_reason}")
+            sources: list[dict[str, str]] = []
+            granularity = 0
             if d.checkpoint is not None:
-                raise NoSuchCheckpoint(f"domain {domain!r} has no checkpoint {d.checkpoint!r}")
+                sources, granularity = self._checkpoints.sources_to_snapshot(
+                    domain, snapshot, d.disk, d.checkpoint)
             name = d.exportname or f"{d.disk}-{d.snapshot}"
             if name in taken:
                 raise AlreadyExists(f"an export named {name!r} already exists")
             if (d.disk, d.snapshot) in exported:
                 raise AlreadyExists(f"disk {d.disk!r} of snapshot {d.snapshot!r} is already "
                                     "exported")
-            export = Export(d.disk, d.snapshot, d.checkpoint, name, None,
-                            f"bb-export-{secrets.token_hex(4)}")
+            export = Export(
+                d.disk, d.snapshot, d.checkpoint, name,
+                None if d.checkpoint is None else f"qemu:dirty-bitmap:{d.checkpoint}",
+                f"bb-export-{secrets.token_hex(4)}", snapshot.disk(d.disk).view_node,
+                sources, granularity)
             taken[name] = export
             exported.add((d.disk, d.snapshot))
-            planned.append((export, snapshot))
+            planned.append(export)
         return planned
 
     async def _start_server(self, domain: Domain, ops: BlockOps, address: NbdAddress,
@@ -256,9 +277,13 @@ class ExportService:
             return
         ops = BlockOps(domain.session)
         live = await ops.export_ids()
+        on_nodes = await Bitmaps(domain.session).on_nodes()
         for export in exports:
             if export.export_id in live:
                 await ops.export_del(export.export_id, self._settings.timeout)
+            if export.checkpoint is not None and \
+                    export.checkpoint in on_nodes.get(export.view_node, {}):
+                await Bitmaps(domain.session).remove(export.view_node, export.checkpoint)
             del server.exports[export.name]
             log.info("export %s/%s stopped", domain.name, export.name)
         if not server.exports:
@@ -267,6 +292,46 @@ class ExportService:
                 await ops.delete_object(server.tls_object)
             del self._servers[domain.name]
             log.info("domain %s: NBD server stopped", domain.name)
+
+    # -- change sets without a client export ------------------------------------------
+
+    async def read_bitmaps(self, domain: Domain, size: int, sources: list[dict[str, str]],
+                           granularity: int) -> list[list[int]]:
+        """The union of bitmaps as [[offset, length], ...], read through a
+        temporary export of a null node (caller holds the domain lock).
+
+        :raise Busy: the domain's NBD server listens on TCP, where the daemon
+            cannot connect as a client.
+        :raise OperationFailed: QEMU refused.
+        """
+        server = self._servers.get(domain.name)
+        if server is not None and server.address.transport != "unix":
+            raise Busy(f"the NBD server of domain {domain.name!r} listens on TCP; read the "
+                       "changes through an export with checkpoint= instead")
+        token = secrets.token_hex(4)
+        node, export_id, name = f"bb-{token}-changes", f"bb-export-{token}", f"bb-changes-{token}"
+        ops, bitmaps = BlockOps(domain.session), Bitmaps(domain.session)
+        undo = Undo(f"changes {domain.name}")
+        try:
+            await ops.add_null(node, size)
+            undo.push(node, partial(ops.delete_node, node))
+            await bitmaps.add(node, "changes", disabled=True, granularity=granularity)
+            await bitmaps.merge(node, "changes", sources)
+            address = server.address if server is not None else NbdAddress(
+                "unix", socket=str(self._settings.run_dir / f"{domain.name}.nbd"))
+            if server is None:
+                _remove_socket(str(address.socket))
+                await ops.nbd_server_start(address, None)
+                undo.push("NBD server", lambda: self._stop_server(ops, address))
+            await ops.export_add(export_id, node, name, ["changes"])
+            undo.push(name, partial(ops.export_del, export_id, self._settings.timeout))
+            try:
+                return await asyncio.to_thread(dirty_extents, str(address.socket), name,
+                                               "qemu:dirty-bitmap:changes")
+            except (RuntimeError, OSError) as err:
+                raise OperationFailed(f"cannot read the change set: {err}") from err
+        finally:
+            await undo.rollback()
 
     # -- QEMU gone ----------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from ..errors import (
 from ..model import Disk, SnapshotDiskView, SnapshotState, SnapshotView
 from ..names import check_name
 from ..qemu.blockgraph import query_disks
-from ..qemu.blockops import BlockOps
+from ..qemu.blockops import Bitmaps, BlockOps
 from . import scratch
 from .domains import Domain, DomainService
 from .events import EventBus
@@ -71,6 +71,13 @@ class SnapshotDisk:
     view_node: str
     probe_window: str
     probe_sink: str
+    #: The checkpoint whose segment was recording on this disk at the instant
+    #: (the snapshot's own, with checkpoint=true), and the bitmap on the disk
+    #: node holding what that segment had recorded up to the instant (None:
+    #: nothing). Changes from checkpoint X to this snapshot are the segments
+    #: from X up to ``boundary`` (excluded) plus ``tail``.
+    boundary: str | None = None
+    tail: str | None = None
 
     def nodes(self) -> list[str]:
         """Our nodes, in the order they can be deleted."""
@@ -110,6 +117,26 @@ class _DomainSnapshots:
 BeforeDelete = Callable[[Domain, Snapshot], Awaitable[None]]
 
 
+@dataclass
+class Instant:
+    """What happens to bitmaps at a snapshot's instant (see the checkpoint service).
+
+    ``actions`` run in one ``transaction`` inside the held-I/O window;
+    ``bounds`` gives each disk's (boundary, tail); ``undo`` reverts the actions
+    judging by what QEMU shows (safe whether or not they ran); ``commit``
+    records the result once the snapshot is complete; ``abort`` forgets it.
+    """
+
+    actions: list[dict[str, Any]]
+    bounds: dict[str, tuple[str | None, str | None]]
+    undo: Callable[[], Awaitable[None]]
+    commit: Callable[[], Awaitable[None]]
+    abort: Callable[[], None]
+
+
+InstantHook = Callable[[Domain, str, list[SnapshotDisk], bool], Awaitable[Instant]]
+
+
 class SnapshotService:
     def __init__(self, domains: DomainService, events: EventBus,
                  settings: SnapshotSettings) -> None:
@@ -119,6 +146,8 @@ class SnapshotService:
         self._by_domain: dict[str, _DomainSnapshots] = {}
         self._before_delete: list[BeforeDelete] = []
         self._job_ids = itertools.count(1)
+        #: Set by the checkpoint service: the bitmap actions of each instant.
+        self.instant_hook: InstantHook | None = None
         events.subscribe(None, self._on_event)
         domains.add_usage_check(self._usage)
         domains.filters_below = self.filters_below
@@ -168,16 +197,22 @@ class SnapshotService:
 
     # -- create ---------------------------------------------------------------
 
+    def snapshots(self, domain: str) -> list[Snapshot]:
+        """The domain's snapshots, oldest first (no lookup errors)."""
+        return list(self._state(domain).snapshots.values())
+
     async def create(self, domain_name: str, name: str | None,
-                     disks: list[tuple[str, str | None]] | None) -> Snapshot:
-        """Take one point-in-time view of the listed disks (None: every writable disk).
+                     disks: list[tuple[str, str | None]] | None,
+                     checkpoint: bool = False) -> Snapshot:
+        """Take one point-in-time view of the listed disks (None: every writable disk);
+        with ``checkpoint``, a checkpoint of the same name at the same instant.
 
         :raise NoSuchDomain: :raise DomainNotConnected:
         :raise AlreadyExists: the name is taken.
         :raise InvalidArgument: bad name or scratch file.
         :raise NoSuchDisk: a listed disk is not in the domain.
         :raise Busy: a listed disk is in another snapshot, or the VM is migrating.
-        :raise Unsupported: a listed disk is read-only.
+        :raise Unsupported: a listed disk is read-only, or cannot keep a checkpoint.
         :raise OperationFailed: QEMU or the host refused; nothing is left behind.
         """
         domain = self._domains.connected(domain_name)
@@ -196,7 +231,7 @@ class SnapshotService:
             present = {d.name: d for d in await query_disks(
                 domain.session, self.filters_below(domain_name))}
             chosen = self._choose(domain_name, name, present, disks)
-            snapshot = await self._build(domain, ops, name, chosen)
+            snapshot = await self._build(domain, ops, name, chosen, checkpoint)
             state.snapshots[name] = snapshot
             self._ensure_prober(domain)
         log.info("snapshot %s/%s created: disks %s, held-I/O window %.3f ms", domain_name, name,
@@ -233,7 +268,7 @@ class SnapshotService:
         return chosen
 
     async def _build(self, domain: Domain, ops: BlockOps, name: str,
-                     chosen: list[tuple[Disk, Path]]) -> Snapshot:
+                     chosen: list[tuple[Disk, Path]], checkpoint: bool) -> Snapshot:
         undo = Undo(f"snapshot {domain.name}/{name}")
         try:
             parts = []
@@ -262,7 +297,16 @@ class SnapshotService:
                 undo.push(part.filter_node, partial(ops.delete_node, part.filter_node))
                 faults.check("snapshot:filter-added")
 
-            window = await self._switch(ops, domain.name, name, parts, undo)
+            instant = None
+            if self.instant_hook is not None:
+                instant = await self.instant_hook(domain, name, parts, checkpoint)
+                undo.push("checkpoint intent", instant.abort)
+                for part in parts:
+                    part.boundary, part.tail = instant.bounds.get(part.disk.name, (None, None))
+            elif checkpoint:
+                raise Unsupported("checkpoints are not available")
+
+            window = await self._switch(ops, domain.name, name, parts, undo, instant)
             faults.check("snapshot:switched")
 
             for part in parts:
@@ -272,6 +316,8 @@ class SnapshotService:
                 undo.push(part.probe_window, partial(ops.delete_node, part.probe_window))
                 undo.push(part.probe_sink, partial(ops.delete_node, part.probe_sink))
                 faults.check("snapshot:view-added")
+            if instant is not None:
+                await instant.commit()
         except BaseException:
             await undo.rollback()
             raise
@@ -279,7 +325,7 @@ class SnapshotService:
         return Snapshot(domain.name, name, time.time(), window, parts)
 
     async def _switch(self, ops: BlockOps, domain: str, name: str, parts: list[SnapshotDisk],
-                      undo: Undo) -> float:
+                      undo: Undo, instant: Instant | None) -> float:
         """Move every disk onto its filter in one instant; returns how long guest
         I/O was held (vCPUs stopped), or how long the moves took when the VM
         was not running anyway.
@@ -306,6 +352,9 @@ class SnapshotService:
 
         undo.push("I/O paths and run state", restore)
         steps = [ops.set_drive(p.disk.qdev, p.filter_node) for p in parts]
+        if instant is not None and instant.actions:
+            undo.push("bitmaps of the instant", instant.undo)
+            steps.append(Bitmaps(ops.session).transaction(instant.actions))
         if running:
             steps = [ops.stop(), *steps, ops.cont()]
         start = time.perf_counter()
@@ -334,7 +383,10 @@ class SnapshotService:
             ops = BlockOps(domain.session)
             existing = await ops.node_names()
             tops = {d.name: d for d in await query_disks(domain.session)}
+            bitmaps = await Bitmaps(domain.session).on_nodes()
             for part in snapshot.disks:
+                if part.tail is not None and part.tail in bitmaps.get(part.disk.node, {}):
+                    await Bitmaps(domain.session).remove(part.disk.node, part.tail)
                 for node in part.nodes()[:3]:  # probe nodes and the view
                     if node in existing:
                         await ops.delete_node(node)

@@ -8,6 +8,7 @@ this release is refused rather than guessed at.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import OperationFailed
 
@@ -32,12 +34,78 @@ MIGRATIONS: tuple[str, ...] = (
         defined_at  REAL NOT NULL
     );
     """,
+    # 2: checkpoints, the bitmap each keeps per disk, and intent records that
+    # let a restart finish or forget a multi-step change cut short.
+    """
+    CREATE TABLE checkpoint (
+        domain   TEXT NOT NULL,
+        name     TEXT NOT NULL,
+        seq      INTEGER NOT NULL,
+        created  REAL NOT NULL,
+        PRIMARY KEY (domain, name)
+    );
+    CREATE TABLE checkpoint_disk (
+        domain       TEXT NOT NULL,
+        checkpoint   TEXT NOT NULL,
+        disk         TEXT NOT NULL,
+        bitmap       TEXT NOT NULL,
+        image        TEXT NOT NULL,
+        granularity  INTEGER NOT NULL,
+        broken       TEXT,
+        PRIMARY KEY (domain, checkpoint, disk),
+        FOREIGN KEY (domain, checkpoint) REFERENCES checkpoint (domain, name) ON DELETE CASCADE
+    );
+    CREATE TABLE intent (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        domain   TEXT NOT NULL,
+        kind     TEXT NOT NULL,
+        payload  TEXT NOT NULL,
+        created  REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class StoreError(OperationFailed):
     """The store cannot be opened, read or written, or is from a newer release."""
+
+
+@dataclass(frozen=True)
+class CheckpointDiskRecord:
+    disk: str
+    bitmap: str
+    image: str
+    granularity: int
+    broken: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    domain: str
+    name: str
+    seq: int
+    created: float
+    disks: tuple[CheckpointDiskRecord, ...]
+
+    @property
+    def broken(self) -> str | None:
+        """Why the checkpoint cannot be trusted (its first broken disk), or None."""
+        for d in self.disks:
+            if d.broken is not None:
+                return f"disk {d.disk}: {d.broken}"
+        return None
+
+    def disk(self, name: str) -> CheckpointDiskRecord | None:
+        return next((d for d in self.disks if d.disk == name), None)
+
+
+@dataclass(frozen=True)
+class IntentRecord:
+    id: int
+    domain: str
+    kind: str
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -137,5 +205,87 @@ class Store:
         return record
 
     def delete_domain(self, name: str) -> None:
+        """Forget a domain and its checkpoint metadata (bitmaps in images stay)."""
         with self.transaction() as db:
+            db.execute("DELETE FROM checkpoint WHERE domain = ?", (name,))
+            db.execute("DELETE FROM intent WHERE domain = ?", (name,))
             db.execute("DELETE FROM domain WHERE name = ?", (name,))
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def checkpoints(self, domain: str) -> list[CheckpointRecord]:
+        """The domain's checkpoints, oldest first."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT name, seq, created FROM checkpoint WHERE domain = ? "
+                              "ORDER BY seq", (domain,)).fetchall()
+            disks = db.execute("SELECT checkpoint, disk, bitmap, image, granularity, broken "
+                               "FROM checkpoint_disk WHERE domain = ? ORDER BY disk",
+                               (domain,)).fetchall()
+        by_cp: dict[str, list[CheckpointDiskRecord]] = {}
+        for d in disks:
+            by_cp.setdefault(d["checkpoint"], []).append(CheckpointDiskRecord(
+                d["disk"], d["bitmap"], d["image"], d["granularity"], d["broken"]))
+        return [CheckpointRecord(domain, r["name"], r["seq"], r["created"],
+                                 tuple(by_cp.get(r["name"], ()))) for r in rows]
+
+    def add_checkpoint(self, domain: str, name: str, created: float,
+                       disks: list[CheckpointDiskRecord], intent: int | None = None) -> None:
+        """Record a checkpoint (newest by ``seq`` unless older ``created`` places it
+        earlier) and drop the intent that announced it, in one transaction."""
+        with self.transaction() as db:
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoint WHERE domain = ?",
+                             (domain,)).fetchone()[0]
+            later = db.execute("SELECT MIN(seq) FROM checkpoint WHERE domain = ? AND created > ?",
+                               (domain, created)).fetchone()[0]
+            if later is not None:  # redefined out of order: make room before `later`
+                db.execute("UPDATE checkpoint SET seq = seq + 1 WHERE domain = ? AND seq >= ?",
+                           (domain, later))
+                seq = later
+            db.execute("INSERT INTO checkpoint (domain, name, seq, created) VALUES (?, ?, ?, ?)",
+                       (domain, name, seq, created))
+            db.executemany(
+                "INSERT INTO checkpoint_disk (domain, checkpoint, disk, bitmap, image, "
+                "granularity, broken) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(domain, name, d.disk, d.bitmap, d.image, d.granularity, d.broken)
+                 for d in disks])
+            if intent is not None:
+                db.execute("DELETE FROM intent WHERE id = ?", (intent,))
+
+    def delete_checkpoint(self, domain: str, name: str, intent: int | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM checkpoint WHERE domain = ? AND name = ?", (domain, name))
+            if intent is not None:
+                db.execute("DELETE FROM intent WHERE id = ?", (intent,))
+
+    def mark_broken(self, domain: str, checkpoint: str, disk: str, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE checkpoint_disk SET broken = ? WHERE domain = ? AND "
+                       "checkpoint = ? AND disk = ? AND broken IS NULL",
+                       (reason, domain, checkpoint, disk))
+
+    def drop_checkpoint_disk(self, domain: str, checkpoint: str, disk: str) -> None:
+        """Forget one disk of a checkpoint (its chain on that disk was cleaned up)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM checkpoint_disk WHERE domain = ? AND checkpoint = ? "
+                       "AND disk = ?", (domain, checkpoint, disk))
+
+    # -- intents ----------------------------------------------------------------
+
+    def add_intent(self, domain: str, kind: str, payload: dict[str, Any]) -> int:
+        """Record, before acting, what a multi-step change is about to do."""
+        with self.transaction() as db:
+            cur = db.execute("INSERT INTO intent (domain, kind, payload, created) "
+                             "VALUES (?, ?, ?, ?)",
+                             (domain, kind, json.dumps(payload), time.time()))
+            return int(cur.lastrowid or 0)
+
+    def intents(self, domain: str) -> list[IntentRecord]:
+        with self.transaction() as db:
+            rows = db.execute("SELECT id, domain, kind, payload FROM intent WHERE domain = ? "
+                              "ORDER BY id", (domain,)).fetchall()
+        return [IntentRecord(r["id"], r["domain"], r["kind"], json.loads(r["payload"]))
+                for r in rows]
+
+    def drop_intent(self, intent: int) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM intent WHERE id = ?", (intent,))

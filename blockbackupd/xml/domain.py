@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from lxml import etree
 
@@ -11,8 +11,10 @@ from .document import serialize
 
 
 def render_domain(name: str, state: DomainState, disks: Sequence[Disk],
-                  exports: Iterable[ExportDiskSpec] = ()) -> str:
-    """Write the domain document; disks in QEMU's order, each with its exports."""
+                  exports: Iterable[ExportDiskSpec] = (),
+                  checkpoints: Mapping[str, list[str]] | None = None) -> str:
+    """Write the domain document; disks in QEMU's order, each with its
+    checkpoints (oldest first) and exports."""
     by_disk: dict[str, list[ExportDiskSpec]] = {}
     for export in exports:
         by_disk.setdefault(export.disk, []).append(export)
@@ -23,6 +25,8 @@ def render_domain(name: str, state: DomainState, disks: Sequence[Disk],
         if disk.read_only:
             attrs["readonly"] = "yes"
         el = etree.SubElement(root, "disk", attrs)
+        for checkpoint in (checkpoints or {}).get(disk.name, []):
+            etree.SubElement(el, "checkpoint", name=checkpoint)
         for export in by_disk.get(disk.name, []):
             e = etree.SubElement(el, "export", name=export.exportname or "",
                                  snapshot=export.snapshot)

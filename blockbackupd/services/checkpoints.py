@@ -1,0 +1,567 @@
+"""Checkpoints: persistent, exact change tracking between points in time.
+
+Per disk, each checkpoint owns one persistent bitmap in the qcow2 image,
+its *segment*: it records from the checkpoint's instant until the next
+checkpoint's, then is disabled. Exactly one segment per disk records at any
+time, so a guest write costs the same whatever the number of checkpoints.
+Changes since checkpoint X = the union of X's segment and every later one.
+Deleting X merges its segment into its predecessor on that disk (or drops it
+when X is the oldest), so every other change set stays exact.
+
+A snapshot keeps, per disk, the checkpoint whose segment was recording at
+its instant (its *boundary*) and a frozen copy of that segment (its *tail*),
+so "changes from X to snapshot S" is exact for any older X named later.
+
+Every change is ordered so a crash at any point is recoverable: an intent is
+recorded in the store before the QMP transaction, and the checkpoint rows
+replace it after; on the next connect an intent is finished or forgotten by
+what QEMU shows. On every connect the bitmaps QEMU loaded are compared with
+the store; a checkpoint whose change set may be incomplete becomes broken.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import faults
+from ..errors import (
+    AlreadyExists,
+    CheckpointBroken,
+    InvalidArgument,
+    NoSuchCheckpoint,
+    NoSuchDisk,
+    Unsupported,
+)
+from ..model import Disk
+from ..names import check_name
+from ..qemu.blockgraph import query_disks
+from ..qemu.blockops import Bitmaps, BlockOps, action, bitmap_ref
+from ..store import Store
+from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
+from . import scratch
+from .domains import Domain, DomainService
+from .events import EventBus
+from .snapshots import Instant, Snapshot, SnapshotDisk, SnapshotService
+
+log = logging.getLogger("blockbackupd.checkpoints")
+
+#: Formats whose images can keep persistent bitmaps.
+_BITMAP_FORMATS = frozenset({"qcow2"})
+_PREFIX = "bb-"
+
+BitmapReader = Callable[[Domain, int, list[dict[str, str]], int], Awaitable[list[list[int]]]]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One checkpoint's bitmap on one disk, as the chain of that disk sees it."""
+
+    checkpoint: CheckpointRecord
+    record: CheckpointDiskRecord
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint.name
+
+
+def chain(records: Sequence[CheckpointRecord], disk: str) -> list[Segment]:
+    """The segments of one disk, oldest first."""
+    out = []
+    for cp in records:
+        rec = cp.disk(disk)
+        if rec is not None:
+            out.append(Segment(cp, rec))
+    return out
+
+
+class CheckpointService:
+    def __init__(self, domains: DomainService, snapshots: SnapshotService, events: EventBus,
+                 store: Store, scratch_dirs: list[Path]) -> None:
+        self._domains = domains
+        self._snapshots = snapshots
+        self._events = events
+        self._store = store
+        self._scratch_dirs = scratch_dirs
+        #: Set by the export service: reads the union of bitmaps as extents.
+        self.bitmap_reader: BitmapReader | None = None
+        snapshots.instant_hook = self._prepare_instant
+        domains.add_connect_hook(self.reconcile)
+        domains.checkpoints_of = self.names
+        domains.disk_checkpoints = self._by_disk
+
+    # -- queries ----------------------------------------------------------------
+
+    def records(self, domain: str) -> list[CheckpointRecord]:
+        """:raise NoSuchDomain:"""
+        self._domains.get(domain)
+        return self._store.checkpoints(domain)
+
+    def names(self, domain: str) -> list[str]:
+        return [c.name for c in self.records(domain)]
+
+    def _by_disk(self, domain: str) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for cp in self._store.checkpoints(domain):
+            for d in cp.disks:
+                out.setdefault(d.disk, []).append(cp.name)
+        return out
+
+    def get(self, domain: str, name: str) -> CheckpointRecord:
+        """:raise NoSuchDomain: :raise NoSuchCheckpoint:"""
+        for cp in self.records(domain):
+            if cp.name == name:
+                return cp
+        raise NoSuchCheckpoint(f"domain {domain!r} has no checkpoint {name!r}")
+
+    def parent(self, domain: str, name: str) -> str | None:
+        names = self.names(domain)
+        i = names.index(name)
+        return names[i - 1] if i else None
+
+    def lookup(self, domain: str, name: str) -> dict[str, Any]:
+        cp = self.get(domain, name)
+        result: dict[str, Any] = {
+            "name": cp.name, "created": int(cp.created), "parent": self.parent(domain, name),
+            "disks": [d.disk for d in cp.disks],
+            "state": "broken" if cp.broken else "valid",
+        }
+        if cp.broken:
+            result["reason"] = cp.broken
+        return result
+
+    # -- the instant of a snapshot -------------------------------------------------
+
+    async def _prepare_instant(self, domain: Domain, name: str, parts: list[SnapshotDisk],
+                               checkpoint: bool) -> Instant:
+        """Plan the bitmap actions of a snapshot's instant (see :class:`Instant`).
+
+        :raise AlreadyExists: a checkpoint, or a bitmap in an image, has that name.
+        :raise Unsupported: a disk's format cannot keep persistent bitmaps.
+        """
+        records = self._store.checkpoints(domain.name)
+        if checkpoint and any(c.name == name for c in records):
+            raise AlreadyExists(f"domain {domain.name!r} already has a checkpoint {name!r}")
+        bitmaps = await Bitmaps(domain.session).on_nodes()
+        actions: list[dict[str, Any]] = []
+        bounds: dict[str, tuple[str | None, str | None]] = {}
+        added: list[tuple[str, str]] = []      # (node, bitmap) this instant adds
+        disabled: list[tuple[str, str]] = []   # recording segments it disables
+        new_disks: list[CheckpointDiskRecord] = []
+        for part in parts:
+            disk, node = part.disk, part.disk.node
+            on_node = bitmaps.get(node, {})
+            segments = chain(records, disk.name)
+            recording = segments[-1] if segments and segments[-1].record.broken is None \
+                and segments[-1].record.bitmap in on_node else None
+            if checkpoint:
+                if disk.format not in _BITMAP_FORMATS:
+                    raise Unsupported(f"disk {disk.name!r} is {disk.format}: only qcow2 images "
+                                      "can keep checkpoints")
+                if name in on_node:
+                    raise AlreadyExists(f"disk {disk.name!r} already has a bitmap {name!r}")
+                # A chain that cannot be trusted is cleaned away; this one starts fresh.
+                for seg in segments:
+                    if seg.record.broken is not None and seg.record.bitmap in on_node:
+                        actions.append(action("block-dirty-bitmap-remove", node=node,
+                                              name=seg.record.bitmap))
+                if recording is not None:
+                    actions.append(action("block-dirty-bitmap-disable", node=node,
+                                          name=recording.record.bitmap))
+                    disabled.append((node, recording.record.bitmap))
+                actions.append(action("block-dirty-bitmap-add", node=node, name=name,
+                                      persistent=True))
+                added.append((node, name))
+                new_disks.append(CheckpointDiskRecord(disk.name, name, disk.file, 0))
+                bounds[disk.name] = (name, None)
+            elif recording is not None:
+                tail = f"{_PREFIX}{secrets.token_hex(4)}-tail"
+                actions += [
+                    action("block-dirty-bitmap-add", node=node, name=tail, disabled=True,
+                           granularity=recording.record.granularity),
+                    action("block-dirty-bitmap-merge", node=node, target=tail,
+                           bitmaps=[recording.record.bitmap]),
+                ]
+                added.append((node, tail))
+                bounds[disk.name] = (recording.name, tail)
+
+        intent = None
+        if checkpoint:
+            intent = self._store.add_intent(domain.name, "checkpoint-create", {
+                "name": name, "disks": [d.disk for d in new_disks]})
+        created = time.time()
+
+        async def undo() -> None:
+            ops = Bitmaps(domain.session)
+            now = await ops.on_nodes()
+            if not any(b in now.get(n, {}) for n, b in added):
+                return  # the transaction never ran
+            for node, bitmap in disabled:
+                newer = next((b for n, b in added if n == node and b == name), None)
+                if newer is not None and newer in now.get(node, {}):
+                    await ops.merge(node, bitmap, [bitmap_ref(node, newer)])
+                await ops.enable(node, bitmap)
+            for node, bitmap in added:
+                if bitmap in now.get(node, {}):
+                    await ops.remove(node, bitmap)
+
+        async def commit() -> None:
+            if intent is None:
+                return
+            faults.crash_point("checkpoint-create:before-store")
+            now = await Bitmaps(domain.session).on_nodes()
+            disks = []
+            for rec, part in zip(new_disks, parts, strict=True):
+                granularity = int(now[part.disk.node][name]["granularity"])
+                disks.append(CheckpointDiskRecord(rec.disk, rec.bitmap, rec.image, granularity))
+            self._store.add_checkpoint(domain.name, name, created, disks, intent=intent)
+            log.info("checkpoint %s/%s created on %s", domain.name, name,
+                     ",".join(d.disk for d in disks))
+
+        def abort() -> None:
+            if intent is not None:
+                self._store.drop_intent(intent)
+
+        return Instant(actions, bounds, undo, commit, abort)
+
+    # -- change sets ---------------------------------------------------------------
+
+    def sources_to_snapshot(self, domain: str, snapshot: Snapshot, disk: str,
+                            name: str) -> tuple[list[dict[str, str]], int]:
+        """Bitmaps whose union is exactly what changed on disk from checkpoint
+        ``name`` to the snapshot's instant, and their granularity.
+
+        :raise NoSuchCheckpoint: :raise NoSuchDisk:
+        :raise CheckpointBroken: the change set cannot be trusted.
+        :raise InvalidArgument: the checkpoint is newer than the snapshot, or
+            does not track that disk.
+        """
+        cp = self.get(domain, name)
+        part = snapshot.disk(disk)
+        segments = self._segments_from(domain, cp, disk)
+        names = [s.name for s in segments]
+        if part.boundary is None or part.boundary not in names:
+            raise InvalidArgument(f"checkpoint {name!r} is newer than snapshot "
+                                  f"{snapshot.name!r}")
+        used = segments[:names.index(part.boundary)]
+        sources = [bitmap_ref(part.disk.node, s.record.bitmap) for s in used]
+        if part.tail is not None:
+            sources.append(bitmap_ref(part.disk.node, part.tail))
+        return sources, cp.disk(disk).granularity  # type: ignore[union-attr]
+
+    def _segments_from(self, domain: str, cp: CheckpointRecord, disk: str) -> list[Segment]:
+        """The chain of disk from checkpoint cp on, refusing untrustworthy ones."""
+        if cp.disk(disk) is None:
+            raise InvalidArgument(f"checkpoint {cp.name!r} does not track disk {disk!r}")
+        segments = chain(self._store.checkpoints(domain), disk)
+        names = [s.name for s in segments]
+        segments = segments[names.index(cp.name):]
+        for s in segments:
+            if s.record.broken is not None:
+                raise CheckpointBroken(f"checkpoint {cp.name!r} cannot be trusted on disk "
+                                       f"{disk!r}: {s.record.broken}")
+        return segments
+
+    async def changes(self, domain_name: str, disk: str, name: str,
+                      until: str | None) -> dict[str, Any]:
+        """Extents changed on disk since checkpoint ``name`` and up to ``until``
+        (a later checkpoint or a snapshot) or now.
+
+        :raise NoSuchDomain: :raise DomainNotConnected: :raise NoSuchCheckpoint:
+        :raise NoSuchDisk: :raise CheckpointBroken: :raise InvalidArgument:
+        :raise OperationFailed:
+        """
+        domain = self._domains.connected(domain_name)
+        async with domain.lock:
+            disks = {d.name: d for d in await query_disks(
+                domain.session, self._domains.filters_below(domain_name))}
+            if disk not in disks:
+                raise NoSuchDisk(f"domain {domain_name!r} has no disk {disk!r}")
+            cp = self.get(domain_name, name)
+            snapshot = next((s for s in self._snapshots.snapshots(domain_name)
+                             if s.name == until), None) if until is not None else None
+            if snapshot is not None:
+                sources, granularity = self.sources_to_snapshot(domain_name, snapshot, disk,
+                                                                name)
+            else:
+                segments = self._segments_from(domain_name, cp, disk)
+                if until is not None:
+                    names = [s.name for s in segments]
+                    if until not in self.names(domain_name):
+                        raise NoSuchCheckpoint(f"domain {domain_name!r} has no checkpoint or "
+                                               f"snapshot {until!r}")
+                    if until not in names[1:]:
+                        raise InvalidArgument(f"{until!r} is not a checkpoint of disk {disk!r} "
+                                              f"newer than {name!r}")
+                    segments = segments[:names.index(until)]
+                node = disks[disk].node
+                sources = [bitmap_ref(node, s.record.bitmap) for s in segments]
+                granularity = segments[0].record.granularity if segments else 65536
+            if self.bitmap_reader is None:
+                raise Unsupported("reading change sets needs the export service")
+            extents = await self.bitmap_reader(domain, disks[disk].size, sources, granularity)
+        return {"extents": extents, "bytes": sum(length for _, length in extents)}
+
+    # -- delete ----------------------------------------------------------------------
+
+    async def delete(self, domain_name: str, name: str) -> None:
+        """Delete a checkpoint; every other checkpoint's change set stays exact.
+
+        :raise NoSuchDomain: :raise DomainNotConnected: :raise NoSuchCheckpoint:
+        :raise OperationFailed:
+        """
+        domain = self._domains.connected(domain_name)
+        async with domain.lock:
+            cp = self.get(domain_name, name)
+            records = self._store.checkpoints(domain_name)
+            disks = {d.name: d for d in await query_disks(
+                domain.session, self._domains.filters_below(domain_name))}
+            bitmaps = await Bitmaps(domain.session).on_nodes()
+            actions: list[dict[str, Any]] = []
+            moves: list[tuple[SnapshotDisk, str | None, str | None]] = []
+            for rec in cp.disks:
+                disk = disks.get(rec.disk)
+                if disk is None or rec.bitmap not in bitmaps.get(disk.node, {}):
+                    continue  # nothing of it left in QEMU
+                node = disk.node
+                segments = chain(records, rec.disk)
+                i = [s.name for s in segments].index(name)
+                before = segments[i - 1] if i > 0 else None
+                usable = before if before is not None and \
+                    before.record.bitmap in bitmaps.get(node, {}) else None
+                for snapshot in self._snapshots.snapshots(domain_name):
+                    part = next((p for p in snapshot.disks if p.disk.name == rec.disk), None)
+                    if part is None or part.boundary != name:
+                        continue
+                    # The snapshot's range must stay what it was: its tail takes
+                    # the predecessor's segment before that segment grows.
+                    tail = part.tail
+                    if usable is not None:
+                        if tail is None:
+                            tail = f"{_PREFIX}{secrets.token_hex(4)}-tail"
+                            actions.append(action(
+                                "block-dirty-bitmap-add", node=node, name=tail, disabled=True,
+                                granularity=usable.record.granularity))
+                        actions.append(action("block-dirty-bitmap-merge", node=node,
+                                              target=tail, bitmaps=[usable.record.bitmap]))
+                    moves.append((part, usable.name if usable else None, tail))
+                if rec.broken is None and usable is not None:
+                    actions.append(action("block-dirty-bitmap-merge", node=node,
+                                          target=usable.record.bitmap, bitmaps=[rec.bitmap]))
+                    if i == len(segments) - 1:  # it was recording: its predecessor takes over
+                        actions.append(action("block-dirty-bitmap-enable", node=node,
+                                              name=usable.record.bitmap))
+                actions.append(action("block-dirty-bitmap-remove", node=node, name=rec.bitmap))
+            intent = self._store.add_intent(domain_name, "checkpoint-delete", {"name": name})
+            try:
+                await Bitmaps(domain.session).transaction(actions)
+            except BaseException:
+                self._store.drop_intent(intent)
+                raise
+            for part, boundary, tail in moves:
+                part.boundary, part.tail = boundary, tail
+            faults.crash_point("checkpoint-delete:before-store")
+            self._store.delete_checkpoint(domain_name, name, intent=intent)
+        log.info("checkpoint %s/%s deleted", domain_name, name)
+
+    # -- redefine ----------------------------------------------------------------------
+
+    async def redefine(self, domain_name: str, name: str, created: float | None,
+                       disks: list[tuple[str, str]]) -> None:
+        """Record a checkpoint whose bitmaps already exist in the images.
+
+        :raise NoSuchDomain: :raise DomainNotConnected: :raise AlreadyExists:
+        :raise NoSuchDisk:
+        :raise InvalidArgument: the bitmaps do not match a checkpoint in that place.
+        """
+        try:
+            check_name(name, "checkpoint name")
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+        domain = self._domains.connected(domain_name)
+        async with domain.lock:
+            records = self._store.checkpoints(domain_name)
+            if any(c.name == name for c in records):
+                raise AlreadyExists(f"domain {domain_name!r} already has a checkpoint {name!r}")
+            present = {d.name: d for d in await query_disks(
+                domain.session, self._domains.filters_below(domain_name))}
+            bitmaps = await Bitmaps(domain.session).on_nodes()
+            when = time.time() if created is None else created
+            new = []
+            for disk_name, bitmap in disks:
+                disk = present.get(disk_name)
+                if disk is None:
+                    raise NoSuchDisk(f"domain {domain_name!r} has no disk {disk_name!r}")
+                info = bitmaps.get(disk.node, {}).get(bitmap)
+                problem = _bitmap_problem(info, bitmap, disk)
+                if problem is not None:
+                    raise InvalidArgument(f"checkpoint {name!r} does not match disk "
+                                          f"{disk_name!r}: {problem}")
+                segments = chain(records, disk_name)
+                newest = not any(s.checkpoint.created > when for s in segments)
+                assert info is not None
+                if bool(info["recording"]) != newest:
+                    raise InvalidArgument(
+                        f"checkpoint {name!r} does not match disk {disk_name!r}: bitmap "
+                        f"{bitmap!r} is {'' if info['recording'] else 'not '}recording, but "
+                        f"it would be {'the newest' if newest else 'an older'} segment")
+                if newest and segments and any(
+                        bitmaps.get(disk.node, {}).get(s.record.bitmap, {}).get("recording")
+                        for s in segments):
+                    raise InvalidArgument(f"disk {disk_name!r} already has a recording segment")
+                new.append(CheckpointDiskRecord(disk_name, bitmap, disk.file,
+                                                int(info["granularity"])))
+            self._store.add_checkpoint(domain_name, name, when, new)
+        log.info("checkpoint %s/%s redefined", domain_name, name)
+
+    # -- trust ---------------------------------------------------------------------------
+
+    async def reconcile(self, domain: Domain) -> None:
+        """On every connect: clean what an earlier daemon left, settle intents,
+        and compare the bitmaps QEMU loaded with the store."""
+        await self._clean_leftovers(domain)
+        bitmaps = await Bitmaps(domain.session).on_nodes()
+        disks = {d.name: d for d in await query_disks(domain.session)}
+        for intent in self._store.intents(domain.name):
+            self._settle(domain, intent, disks, bitmaps)
+        self._check(domain.name, disks, bitmaps)
+
+    def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk],
+                bitmaps: dict[str, dict[str, dict[str, Any]]]) -> None:
+        name = intent.payload["name"]
+        if intent.kind == "checkpoint-create":
+            present = [d for d in intent.payload["disks"]
+                       if d in disks and name in bitmaps.get(disks[d].node, {})]
+            if present and len(present) == len(intent.payload["disks"]):
+                recs = [CheckpointDiskRecord(d, name, disks[d].file,
+                                             int(bitmaps[disks[d].node][name]["granularity"]))
+                        for d in present]
+                self._store.add_checkpoint(domain.name, name, time.time(), recs,
+                                           intent=intent.id)
+                log.warning("checkpoint %s/%s: creation cut short; finished it",
+                            domain.name, name)
+                return
+        elif intent.kind == "checkpoint-delete":
+            cp = next((c for c in self._store.checkpoints(domain.name) if c.name == name), None)
+            gone = cp is None or not any(
+                r.disk in disks and r.bitmap in bitmaps.get(disks[r.disk].node, {})
+                for r in cp.disks)
+            if gone:
+                self._store.delete_checkpoint(domain.name, name, intent=intent.id)
+                log.warning("checkpoint %s/%s: deletion cut short; finished it",
+                            domain.name, name)
+                return
+        self._store.drop_intent(intent.id)
+        log.warning("checkpoint %s/%s: %s cut short before QEMU acted; forgotten",
+                    domain.name, name, intent.kind)
+
+    def _check(self, domain: str, disks: dict[str, Disk],
+               bitmaps: dict[str, dict[str, dict[str, Any]]]) -> None:
+        records = self._store.checkpoints(domain)
+        before = {c.name for c in records if c.broken}
+        for disk_name in sorted({d.disk for c in records for d in c.disks}):
+            segments = chain(records, disk_name)
+            disk = disks.get(disk_name)
+            worst = -1
+            reason = ""
+            for i, seg in enumerate(segments):
+                problem = seg.record.broken
+                if problem is None:
+                    if disk is None:
+                        problem = "the disk is not attached"
+                    elif disk.file != seg.record.image:
+                        problem = f"disk replaced (image {disk.file}, was {seg.record.image})"
+                    else:
+                        info = bitmaps.get(disk.node, {}).get(seg.record.bitmap)
+                        problem = _bitmap_problem(info, seg.record.bitmap, disk,
+                                                  seg.record.granularity)
+                        if problem is None and info is not None and \
+                                i == len(segments) - 1 and not info["recording"]:
+                            problem = "its bitmap stopped recording"
+                if problem is not None:
+                    worst, reason = i, problem
+                    if seg.record.broken is None:
+                        self._store.mark_broken(domain, seg.name, disk_name, problem)
+            # Changes since an older checkpoint include the broken segment.
+            for seg in segments[:max(worst, 0)]:
+                if seg.record.broken is None:
+                    self._store.mark_broken(domain, seg.name, disk_name,
+                                            f"a later segment is broken: {reason}")
+        for cp in self._store.checkpoints(domain):
+            if cp.broken and cp.name not in before:
+                log.error("checkpoint %s/%s broken: %s", domain, cp.name, cp.broken)
+                self._events.publish(domain, "checkpoint-broken", checkpoint=cp.name,
+                                     reason=cp.broken)
+
+    async def _clean_leftovers(self, domain: Domain) -> None:
+        """Remove what a daemon that died left in this QEMU: snapshot filters
+        (the disk's I/O path restored), their nodes, exports, scratch files
+        and non-persistent bitmaps, all named with our prefix."""
+        session = domain.session
+        ops = BlockOps(session)
+        exports = await session.execute("query-block-exports")
+        ours = [e["id"] for e in exports if e["id"].startswith(_PREFIX)]
+        for export_id in ours:
+            await ops.export_del(export_id, 10.0)
+        if ours and len(ours) == len(exports):
+            try:
+                await ops.nbd_server_stop()
+            except Exception as err:  # no server, or not ours to stop
+                log.debug("domain %s: nbd-server-stop: %s", domain.name, err)
+        graph = await session.execute("x-debug-query-block-graph")
+        names = {n["id"]: n["name"] for n in graph["nodes"]}
+        below = {names[e["parent"]]: names[e["child"]] for e in graph["edges"]
+                 if e["name"] == "file"}
+        for disk in await query_disks(session):
+            if disk.node.startswith(_PREFIX) and disk.node.endswith("-filter"):
+                await ops.set_drive(disk.qdev, below[disk.node])
+                log.warning("domain %s: restored the I/O path of disk %s left by an earlier "
+                            "daemon", domain.name, disk.name)
+        nodes = await session.execute("query-named-block-nodes", {"flat": True})
+        files = [n.get("file", "") for n in nodes
+                 if n["node-name"].startswith(_PREFIX) and n["node-name"].endswith("-scratch")]
+        for node_name, named in (await Bitmaps(session).on_nodes()).items():
+            for b in named.values():  # tails and other non-persistent bitmaps of ours
+                if b["name"].startswith(_PREFIX) and not b.get("persistent"):
+                    await Bitmaps(session).remove(node_name, b["name"])
+        leftover = [n["node-name"] for n in nodes if n["node-name"].startswith(_PREFIX)]
+        for _ in range(len(leftover)):  # parents first; each pass frees the next layer
+            for node in list(leftover):
+                try:
+                    await ops.delete_node(node)
+                    leftover.remove(node)
+                except Exception:
+                    pass
+            if not leftover:
+                break
+        for f in files:
+            path = Path(f)
+            if any(path.parent.resolve().is_relative_to(d.resolve())
+                   for d in self._scratch_dirs):
+                scratch.remove(path)
+        for obj in await session.execute("qom-list", {"path": "/objects"}):
+            if obj["name"].startswith(_PREFIX):
+                await ops.delete_object(obj["name"])
+        if ours or leftover or files:
+            log.warning("domain %s: removed %d export(s), %d scratch file(s) left by an "
+                        "earlier daemon", domain.name, len(ours), len(files))
+
+
+def _bitmap_problem(info: dict[str, Any] | None, bitmap: str, disk: Disk,
+                    granularity: int | None = None) -> str | None:
+    """Why a bitmap QEMU shows cannot carry a checkpoint, or None."""
+    if info is None:
+        return f"bitmap {bitmap!r} is missing from the image"
+    if info.get("inconsistent"):
+        return "the image was not closed cleanly (bitmap inconsistent)"
+    if not info.get("persistent"):
+        return f"bitmap {bitmap!r} is not persistent"
+    if granularity is not None and int(info["granularity"]) != granularity:
+        return f"bitmap granularity {info['granularity']} is not {granularity}"
+    return None
+
