@@ -136,8 +136,15 @@ class Vm:
                 self.kill()
                 raise TimeoutError("QEMU did not create its monitors")
             time.sleep(0.02)
-        self.monitor = Monitor(self.test_qmp)
-        return self
+        while True:  # the socket file appears at bind(), a moment before listen()
+            try:
+                self.monitor = Monitor(self.test_qmp)
+                return self
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise
+                time.sleep(0.02)
 
     @property
     def pid(self) -> int:
