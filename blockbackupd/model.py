@@ -30,6 +30,9 @@ class Disk:
     format: str
     size: int
     read_only: bool
+    #: The node at the top of the device's I/O path now: ``node`` itself, or
+    #: the newest snapshot filter stacked on it.
+    top: str = ""
 
 
 class SnapshotState(enum.StrEnum):

@@ -369,8 +369,6 @@ def _case_params(workdir: Path) -> list[tuple[str, dict[str, object], type[Appli
             [("sda", "s1", {"exportname": "x"})],
             '<address type="ip" host="127.0.0.1" port="10809" tls="yes"/>')},
          Unsupported, "TLS for NBD is not configured"),
-        ("snapshot.create", {"domain": "vm1", "xml": snapshot_xml("s2", {"sda": None})},
-         Busy, "already in snapshot 's1'"),
         ("export.stop", {"domain": "vm1", "xml": export_xml([("sdb", "s1")])},
          InvalidArgument, "is not exported"),
     ]

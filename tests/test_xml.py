@@ -36,7 +36,8 @@ def test_bad_documents_are_refused(text: str, message: str) -> None:
 
 
 def test_rendered_domain_parses_back() -> None:
-    disks = [Disk("sda", "sda", "n1", '/img/a "quoted" & <odd>.qcow2', "qcow2", 1 << 30, False)]
+    disks = [Disk("sda", "sda", "n1", '/img/a "quoted" & <odd>.qcow2', "qcow2", 1 << 30, False,
+                  "n1")]
     text = render_domain("vm1", DomainState.PAUSED, disks)
     root = parse(text, "domain")
     assert root.get("state") == "paused"

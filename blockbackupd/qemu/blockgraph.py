@@ -35,9 +35,10 @@ def parse_disks(query_block: list[dict[str, Any]],
                 below: Mapping[str, str] | None = None) -> list[Disk]:
     """Disks with a medium and a qdev id, in QEMU's order.
 
-    ``below`` maps a filter node we put at the top of a device to the node it
-    sits on; such disks are described by that node (from ``nodes``, the flat
-    query-named-block-nodes), so a snapshot never changes how a disk looks.
+    ``below`` maps each filter node we stacked in a device's I/O path to the
+    node it sits on; such disks are described by the node under all of them
+    (from ``nodes``, the flat query-named-block-nodes), so snapshots never
+    change how a disk looks.
     """
     disks = []
     for dev in query_block:
@@ -45,8 +46,12 @@ def parse_disks(query_block: list[dict[str, Any]],
         name = disk_name(dev.get("qdev", ""))
         if inserted is None or name is None:
             continue
-        if below and nodes and inserted["node-name"] in below:
-            inserted = nodes.get(below[inserted["node-name"]], inserted)
+        top = inserted["node-name"]
+        if below and nodes and top in below:
+            node = top
+            while node in below:
+                node = below[node]
+            inserted = nodes.get(node, inserted)
         image = inserted.get("image", {})
         disks.append(Disk(
             name=name,
@@ -56,6 +61,7 @@ def parse_disks(query_block: list[dict[str, Any]],
             format=inserted.get("drv", image.get("format", "")),
             size=int(image.get("virtual-size", 0)),
             read_only=bool(inserted.get("ro", False)),
+            top=top,
         ))
     return disks
 

@@ -36,6 +36,7 @@ from ..errors import (
     InvalidArgument,
     NoSuchCheckpoint,
     NoSuchDisk,
+    OperationFailed,
     Unsupported,
 )
 from ..model import Disk
@@ -157,8 +158,13 @@ class CheckpointService:
             disk, node = part.disk, part.disk.node
             on_node = bitmaps.get(node, {})
             segments = chain(records, disk.name)
-            recording = segments[-1] if segments and segments[-1].record.broken is None \
-                and segments[-1].record.bitmap in on_node else None
+            newest = segments[-1] if segments and segments[-1].record.broken is None else None
+            recording = newest if newest is not None and \
+                on_node.get(newest.record.bitmap, {}).get("recording") else None
+            if checkpoint and newest is not None and recording is None:
+                raise InvalidArgument(
+                    f"checkpoint {newest.name!r}, the newest on disk {disk.name!r}, is not "
+                    "recording: redefine the checkpoints newer than it first")
             if checkpoint:
                 if disk.format not in _BITMAP_FORMATS:
                     raise Unsupported(f"disk {disk.name!r} is {disk.format}: only qcow2 images "
@@ -247,7 +253,7 @@ class CheckpointService:
         names = [s.name for s in segments]
         if part.boundary is None or part.boundary not in names:
             raise InvalidArgument(f"checkpoint {name!r} is newer than snapshot "
-                                  f"{snapshot.name!r}")
+                                  f"{snapshot.name!r}, or was not recording at its instant")
         used = segments[:names.index(part.boundary)]
         sources = [bitmap_ref(part.disk.node, s.record.bitmap) for s in used]
         if part.tail is not None:
@@ -300,6 +306,12 @@ class CheckpointService:
                                               f"newer than {name!r}")
                     segments = segments[:names.index(until)]
                 node = disks[disk].node
+                if until is None:
+                    live = (await Bitmaps(domain.session).on_nodes()).get(node, {})
+                    if not live.get(segments[-1].record.bitmap, {}).get("recording"):
+                        raise InvalidArgument(
+                            f"checkpoint {segments[-1].name!r}, the newest on disk {disk!r}, "
+                            "is not recording: redefine the checkpoints newer than it first")
                 sources = [bitmap_ref(node, s.record.bitmap) for s in segments]
                 granularity = segments[0].record.granularity if segments else 65536
             if self.bitmap_reader is None:
@@ -392,31 +404,48 @@ class CheckpointService:
                 domain.session, self._domains.filters_below(domain_name))}
             bitmaps = await Bitmaps(domain.session).on_nodes()
             when = time.time() if created is None else created
-            new = []
+            infos = []
             for disk_name, bitmap in disks:
                 disk = present.get(disk_name)
                 if disk is None:
                     raise NoSuchDisk(f"domain {domain_name!r} has no disk {disk_name!r}")
                 info = bitmaps.get(disk.node, {}).get(bitmap)
                 problem = _bitmap_problem(info, bitmap, disk)
-                if problem is not None:
+                if problem is not None or info is None:
                     raise InvalidArgument(f"checkpoint {name!r} does not match disk "
                                           f"{disk_name!r}: {problem}")
-                segments = chain(records, disk_name)
-                newest = not any(s.checkpoint.created > when for s in segments)
-                assert info is not None
-                if bool(info["recording"]) != newest:
+                infos.append((disk, bitmap, info))
+
+            def recording(cp: CheckpointRecord) -> bool:
+                return any(bitmaps.get(present[d.disk].node, {}).get(d.bitmap, {})
+                           .get("recording") for d in cp.disks if d.disk in present)
+
+            # Its place in the chain: by creation time; within the same second a
+            # recording segment is the newer one.
+            new_records = any(i["recording"] for _, _, i in infos)
+            pos = next((k for k, c in enumerate(records) if c.created > when or (
+                int(c.created) == int(when) and recording(c) and not new_records)),
+                len(records))
+            new = []
+            for disk, bitmap, info in infos:
+                later = chain(records[pos:], disk.name)
+                known = {s.record.bitmap for s in chain(records, disk.name)}
+                newer_in_image = [b for b, i in bitmaps.get(disk.node, {}).items()
+                                  if i.get("recording") and i.get("persistent")
+                                  and b != bitmap and b not in known]
+                if info["recording"] and later:
                     raise InvalidArgument(
-                        f"checkpoint {name!r} does not match disk {disk_name!r}: bitmap "
-                        f"{bitmap!r} is {'' if info['recording'] else 'not '}recording, but "
-                        f"it would be {'the newest' if newest else 'an older'} segment")
-                if newest and segments and any(
-                        bitmaps.get(disk.node, {}).get(s.record.bitmap, {}).get("recording")
-                        for s in segments):
-                    raise InvalidArgument(f"disk {disk_name!r} already has a recording segment")
-                new.append(CheckpointDiskRecord(disk_name, bitmap, disk.file,
+                        f"checkpoint {name!r} does not match disk {disk.name!r}: bitmap "
+                        f"{bitmap!r} is recording, so it must be the newest checkpoint")
+                if not info["recording"] and not later and not newer_in_image:
+                    # Older segments may come first; a newer, recording one must exist.
+                    raise InvalidArgument(
+                        f"checkpoint {name!r} does not match disk {disk.name!r}: bitmap "
+                        f"{bitmap!r} is not recording and no newer segment is in the image")
+                new.append(CheckpointDiskRecord(disk.name, bitmap, disk.file,
                                                 int(info["granularity"])))
-            self._store.add_checkpoint(domain_name, name, when, new)
+            before = records[pos].name if pos < len(records) else None
+            self._store.add_checkpoint(domain_name, name, when, new, before=before)
         log.info("checkpoint %s/%s redefined", domain_name, name)
 
     # -- trust ---------------------------------------------------------------------------
@@ -505,37 +534,46 @@ class CheckpointService:
         session = domain.session
         ops = BlockOps(session)
         exports = await session.execute("query-block-exports")
-        ours = [e["id"] for e in exports if e["id"].startswith(_PREFIX)]
-        for export_id in ours:
+        our_exports = [e["id"] for e in exports if e["id"].startswith(_PREFIX)]
+        for export_id in our_exports:
             await ops.export_del(export_id, 10.0)
-        if ours and len(ours) == len(exports):
+        if our_exports and len(our_exports) == len(exports):
             try:
                 await ops.nbd_server_stop()
             except Exception as err:  # no server, or not ours to stop
                 log.debug("domain %s: nbd-server-stop: %s", domain.name, err)
+        nodes = await session.execute("query-named-block-nodes", {"flat": True})
+        ours = [n["node-name"] for n in nodes if n["node-name"].startswith(_PREFIX)]
+        files = [n.get("file", "") for n in nodes
+                 if n["node-name"].startswith(_PREFIX) and n["node-name"].endswith("-scratch")]
+        # Views, probes and sinks first: while a view reads through a filter,
+        # the filter will not share write access with the device below it.
+        for node in ours:
+            if not node.endswith(("-filter", "-scratch")):
+                await ops.delete_node(node)
         graph = await session.execute("x-debug-query-block-graph")
         names = {n["id"]: n["name"] for n in graph["nodes"]}
         below = {names[e["parent"]]: names[e["child"]] for e in graph["edges"]
                  if e["name"] == "file"}
         for disk in await query_disks(session):
-            if disk.node.startswith(_PREFIX) and disk.node.endswith("-filter"):
-                await ops.set_drive(disk.qdev, below[disk.node])
+            if disk.top.startswith(_PREFIX):
+                target = disk.top
+                while target.startswith(_PREFIX):  # filters may be stacked
+                    target = below[target]
+                await ops.set_drive(disk.qdev, target)
                 log.warning("domain %s: restored the I/O path of disk %s left by an earlier "
                             "daemon", domain.name, disk.name)
-        nodes = await session.execute("query-named-block-nodes", {"flat": True})
-        files = [n.get("file", "") for n in nodes
-                 if n["node-name"].startswith(_PREFIX) and n["node-name"].endswith("-scratch")]
         for node_name, named in (await Bitmaps(session).on_nodes()).items():
             for b in named.values():  # tails and other non-persistent bitmaps of ours
                 if b["name"].startswith(_PREFIX) and not b.get("persistent"):
                     await Bitmaps(session).remove(node_name, b["name"])
-        leftover = [n["node-name"] for n in nodes if n["node-name"].startswith(_PREFIX)]
-        for _ in range(len(leftover)):  # parents first; each pass frees the next layer
+        leftover = [n for n in ours if n.endswith(("-filter", "-scratch"))]
+        for _ in range(len(leftover)):  # newest filters first; each pass frees the next
             for node in list(leftover):
                 try:
                     await ops.delete_node(node)
                     leftover.remove(node)
-                except Exception:
+                except OperationFailed:
                     pass
             if not leftover:
                 break
@@ -547,9 +585,10 @@ class CheckpointService:
         for obj in await session.execute("qom-list", {"path": "/objects"}):
             if obj["name"].startswith(_PREFIX):
                 await ops.delete_object(obj["name"])
-        if ours or leftover or files:
-            log.warning("domain %s: removed %d export(s), %d scratch file(s) left by an "
-                        "earlier daemon", domain.name, len(ours), len(files))
+        if our_exports or ours:
+            log.warning("domain %s: removed %d node(s), %d export(s), %d scratch file(s) left "
+                        "by an earlier daemon", domain.name, len(ours), len(our_exports),
+                        len(files))
 
 
 def _bitmap_problem(info: dict[str, Any] | None, bitmap: str, disk: Disk,

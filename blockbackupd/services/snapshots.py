@@ -65,6 +65,9 @@ class SnapshotDisk:
     """One disk of a snapshot and the QEMU nodes made for it."""
 
     disk: Disk
+    #: The node the filter sits on: the disk's node, or the filter of an
+    #: older snapshot of the same disk (filters stack, newest on top).
+    source: str
     scratch: Path
     scratch_node: str
     filter_node: str
@@ -111,6 +114,11 @@ class Snapshot:
 @dataclass
 class _DomainSnapshots:
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
+    #: Deleted snapshots whose filter still sits under a newer snapshot's
+    #: filter: a filter cannot leave the middle of a stack (QEMU cannot
+    #: reopen copy-before-write onto another child), so it goes, with its
+    #: scratch image, as soon as nothing newer sits on it.
+    retired: list[SnapshotDisk] = field(default_factory=list)
     prober: asyncio.Task[None] | None = None
 
 
@@ -162,7 +170,7 @@ class SnapshotService:
         for domain, state in list(self._by_domain.items()):
             if state.prober is not None:
                 state.prober.cancel()
-            for name in list(state.snapshots):
+            for name in reversed(list(state.snapshots)):  # newest first: no retired filters
                 try:
                     await self.delete(domain, name)
                 except Exception as err:
@@ -187,9 +195,10 @@ class SnapshotService:
             raise NoSuchSnapshot(f"domain {domain!r} has no snapshot {name!r}") from None
 
     def filters_below(self, domain: str) -> dict[str, str]:
-        """Our filter nodes at the top of devices, mapped to the disk node below."""
-        return {d.filter_node: d.disk.node
-                for s in self._state(domain).snapshots.values() for d in s.disks}
+        """Our filter nodes in devices' I/O paths, each mapped to the node below it."""
+        state = self._state(domain)
+        parts = [d for s in state.snapshots.values() for d in s.disks] + state.retired
+        return {d.filter_node: d.source for d in parts}
 
     def _usage(self, domain: str) -> str | None:
         n = len(self._state(domain).snapshots)
@@ -211,7 +220,7 @@ class SnapshotService:
         :raise AlreadyExists: the name is taken.
         :raise InvalidArgument: bad name or scratch file.
         :raise NoSuchDisk: a listed disk is not in the domain.
-        :raise Busy: a listed disk is in another snapshot, or the VM is migrating.
+        :raise Busy: the VM is migrating.
         :raise Unsupported: a listed disk is read-only, or cannot keep a checkpoint.
         :raise OperationFailed: QEMU or the host refused; nothing is left behind.
         """
@@ -240,8 +249,6 @@ class SnapshotService:
 
     def _choose(self, domain: str, snapshot: str, present: dict[str, Disk],
                 wanted: list[tuple[str, str | None]] | None) -> list[tuple[Disk, Path]]:
-        in_use = {d.disk.name: s.name for s in self._state(domain).snapshots.values()
-                  for d in s.disks}
         if wanted is None:
             wanted = [(d.name, None) for d in present.values() if not d.read_only]
             if not wanted:
@@ -253,8 +260,6 @@ class SnapshotService:
                 raise NoSuchDisk(f"domain {domain!r} has no disk {disk_name!r}")
             if disk.read_only:
                 raise Unsupported(f"disk {disk_name!r} is read-only: it needs no snapshot")
-            if disk_name in in_use:
-                raise Busy(f"disk {disk_name!r} is already in snapshot {in_use[disk_name]!r}")
             if requested is None:
                 path = scratch.default_path(self._settings.scratch_dirs[0], domain, disk_name,
                                             snapshot)
@@ -275,7 +280,7 @@ class SnapshotService:
             for disk, path in chosen:
                 token = secrets.token_hex(4)
                 part = SnapshotDisk(
-                    disk=disk, scratch=path, scratch_node=f"bb-{token}-scratch",
+                    disk=disk, source=disk.top, scratch=path, scratch_node=f"bb-{token}-scratch",
                     filter_node=f"bb-{token}-filter", view_node=f"bb-{token}-view",
                     probe_window=f"bb-{token}-probe", probe_sink=f"bb-{token}-sink")
                 parts.append(part)
@@ -292,7 +297,7 @@ class SnapshotService:
             for part in parts:
                 await ops.add_scratch(part.scratch_node, str(part.scratch))
                 undo.push(part.scratch_node, partial(ops.delete_node, part.scratch_node))
-                await ops.add_cbw_filter(part.filter_node, part.disk.node, part.scratch_node,
+                await ops.add_cbw_filter(part.filter_node, part.source, part.scratch_node,
                                          self._settings.cbw_timeout)
                 undo.push(part.filter_node, partial(ops.delete_node, part.filter_node))
                 faults.check("snapshot:filter-added")
@@ -343,10 +348,10 @@ class SnapshotService:
         running = status == "running"
 
         async def restore() -> None:
-            tops = {d.name: d.node for d in await query_disks(ops.session)}
+            tops = {d.name: d.top for d in await query_disks(ops.session)}
             for part in parts:
                 if tops.get(part.disk.name) == part.filter_node:
-                    await ops.set_drive(part.disk.qdev, part.disk.node)
+                    await ops.set_drive(part.disk.qdev, part.source)
             if running and await ops.run_status() != "running":
                 await ops.cont()
 
@@ -382,23 +387,43 @@ class SnapshotService:
                 await hook(domain, snapshot)
             ops = BlockOps(domain.session)
             existing = await ops.node_names()
-            tops = {d.name: d for d in await query_disks(domain.session)}
             bitmaps = await Bitmaps(domain.session).on_nodes()
+            state = self._state(domain_name)
             for part in snapshot.disks:
                 if part.tail is not None and part.tail in bitmaps.get(part.disk.node, {}):
                     await Bitmaps(domain.session).remove(part.disk.node, part.tail)
                 for node in part.nodes()[:3]:  # probe nodes and the view
                     if node in existing:
                         await ops.delete_node(node)
+                if part not in state.retired:
+                    state.retired.append(part)
+            del state.snapshots[name]
+            await self._unstack(domain, ops)
+        log.info("snapshot %s/%s deleted", domain_name, name)
+
+    async def _unstack(self, domain: Domain, ops: BlockOps) -> None:
+        """Remove retired filters from the top of each device's stack down,
+        restoring the I/O path each sat on, with their scratch nodes and files."""
+        state = self._state(domain.name)
+        existing = await ops.node_names()
+        tops = {d.name: d.top for d in await query_disks(domain.session)}
+        progress = True
+        while progress:
+            progress = False
+            for part in list(state.retired):
                 top = tops.get(part.disk.name)
-                if top is not None and top.node == part.filter_node:
-                    await ops.set_drive(part.disk.qdev, part.disk.node)
+                if part.filter_node in existing and top != part.filter_node:
+                    continue  # a newer snapshot's filter still sits on it
+                if top == part.filter_node:
+                    await ops.set_drive(part.disk.qdev, part.source)
+                    tops[part.disk.name] = part.source
                 for node in part.nodes()[3:]:  # filter, scratch node
                     if node in existing:
                         await ops.delete_node(node)
+                        existing.discard(node)
                 scratch.remove(part.scratch)
-            del self._state(domain_name).snapshots[name]
-        log.info("snapshot %s/%s deleted", domain_name, name)
+                state.retired.remove(part)
+                progress = True
 
     # -- breaks -----------------------------------------------------------------
 
@@ -453,6 +478,8 @@ class SnapshotService:
             return
         if state.prober is not None:
             state.prober.cancel()
+        for part in state.retired:
+            scratch.remove(part.scratch)
         for snapshot in state.snapshots.values():
             for part in snapshot.disks:
                 scratch.remove(part.scratch)

@@ -229,18 +229,18 @@ class Store:
                                  tuple(by_cp.get(r["name"], ()))) for r in rows]
 
     def add_checkpoint(self, domain: str, name: str, created: float,
-                       disks: list[CheckpointDiskRecord], intent: int | None = None) -> None:
-        """Record a checkpoint (newest by ``seq`` unless older ``created`` places it
-        earlier) and drop the intent that announced it, in one transaction."""
+                       disks: list[CheckpointDiskRecord], intent: int | None = None,
+                       before: str | None = None) -> None:
+        """Record a checkpoint as the newest (or just before checkpoint ``before``)
+        and drop the intent that announced it, in one transaction."""
         with self.transaction() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoint WHERE domain = ?",
                              (domain,)).fetchone()[0]
-            later = db.execute("SELECT MIN(seq) FROM checkpoint WHERE domain = ? AND created > ?",
-                               (domain, created)).fetchone()[0]
-            if later is not None:  # redefined out of order: make room before `later`
+            if before is not None:  # redefined out of order: make room
+                seq = db.execute("SELECT seq FROM checkpoint WHERE domain = ? AND name = ?",
+                                 (domain, before)).fetchone()[0]
                 db.execute("UPDATE checkpoint SET seq = seq + 1 WHERE domain = ? AND seq >= ?",
-                           (domain, later))
-                seq = later
+                           (domain, seq))
             db.execute("INSERT INTO checkpoint (domain, name, seq, created) VALUES (?, ?, ?, ?)",
                        (domain, name, seq, created))
             db.executemany(

@@ -1,0 +1,380 @@
+"""Checkpoints against real QEMU: exact change sets through chains, deletions,
+restarts, crashes, and read back over NBD with libnbd."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from blockbackup_client import (
+    AlreadyExists,
+    CheckpointBroken,
+    ConnectionLost,
+    InvalidArgument,
+    NoSuchCheckpoint,
+    NoSuchDisk,
+    Unsupported,
+)
+from blockbackup_client.client import Client
+from blockbackupd.qemu.nbdread import dirty_extents
+from tests.conftest import domain_state, export_xml, snapshot_xml, wait_for
+from tools.daemon import Daemon
+from tools.vm import MiB, Vm
+
+K = 64 * 1024  # bitmap granularity of a qcow2 image with 64 KiB clusters
+
+
+def runs(clusters: set[int]) -> list[list[int]]:
+    """Expected extents for a set of 64 KiB cluster numbers."""
+    out: list[list[int]] = []
+    for c in sorted(clusters):
+        if out and out[-1][0] + out[-1][1] == c * K:
+            out[-1][1] += K
+        else:
+            out.append([c * K, K])
+    return out
+
+
+class Guest:
+    """Writes whole clusters and remembers which, per disk."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.log: list[tuple[str, int]] = []  # (disk, cluster), in order
+
+    def write(self, disk: str, *clusters: int) -> None:
+        for c in clusters:
+            self.vm.write(disk, c * K, K, 0x40 + c % 64)
+            self.log.append((disk, c))
+
+    def mark(self) -> int:
+        return len(self.log)
+
+    def since(self, disk: str, start: int, end: int | None = None) -> set[int]:
+        return {c for d, c in self.log[start:end] if d == disk}
+
+
+def bitmap_names(vm: Vm, node: str = "sda-fmt") -> set[str]:
+    return {b["name"] for n in vm.qmp("query-named-block-nodes", flat=True)
+            if n["node-name"] == node for b in n.get("dirty-bitmaps", []) if "name" in b}
+
+
+def checkpoint(c: Client, name: str, disks: dict[str, str | None] | None = None) -> None:
+    """A checkpoint at a new snapshot's instant; the snapshot itself is dropped."""
+    c.snapshot_create("vm1", snapshot_xml(name, disks), checkpoint=True)
+    c.snapshot_delete("vm1", name)
+
+
+def changes(c: Client, name: str, until: str | None = None, disk: str = "sda") -> list[list[int]]:
+    result = c.call("checkpoint.changes", domain="vm1", disk=disk, name=name,
+                    **({"until": until} if until else {}))
+    assert result["bytes"] == sum(length for _, length in result["extents"])
+    return list(result["extents"])
+
+
+def exported(daemon: Daemon, c: Client, snapshot: str, checkpoint_name: str,
+             disk: str = "sda") -> list[list[int]]:
+    """The change set as an NBD client of the export sees it."""
+    name = f"{disk}-{snapshot}-{checkpoint_name}"
+    started = c.export_start("vm1", export_xml(
+        [(disk, snapshot, {"checkpoint": checkpoint_name, "exportname": name})]))
+    assert started["exports"][0]["bitmap"] == f"qemu:dirty-bitmap:{checkpoint_name}"
+    try:
+        return dirty_extents(started["server"]["socket"], name,
+                             f"qemu:dirty-bitmap:{checkpoint_name}")
+    finally:
+        c.export_stop("vm1", export_xml([(disk, snapshot)]))
+
+
+def test_chain_exact_from_every_checkpoint(defined: tuple[Daemon, Vm]) -> None:
+    daemon, vm = defined
+    g = Guest(vm)
+    marks: dict[str, int] = {}
+    with daemon.client() as c:
+        for i, name in enumerate(["cp1", "cp2", "cp3", "cp4"]):
+            checkpoint(c, name)
+            marks[name] = g.mark()
+            g.write("sda", 10 + i, 100 + 2 * i)
+            g.write("sdb", 200 + i)
+            if name == "cp2":
+                # A snapshot between checkpoints, read after newer ones exist.
+                c.snapshot_create("vm1", snapshot_xml("mid"))
+                marks["mid"] = g.mark()
+                g.write("sda", 11, 300)  # after "mid": must not show in it
+        c.snapshot_create("vm1", snapshot_xml("end"))
+        marks["end"] = g.mark()
+        g.write("sda", 400)
+        assert c.call("checkpoint.list", domain="vm1") == ["cp1", "cp2", "cp3", "cp4"]
+        for x in ["cp1", "cp2", "cp3", "cp4"]:
+            for disk in ("sda", "sdb"):
+                want = runs(g.since(disk, marks[x], marks["end"]))
+                assert exported(daemon, c, "end", x, disk) == want, (x, disk)
+                assert changes(c, x, "end", disk) == want
+                assert changes(c, x, None, disk) == runs(g.since(disk, marks[x]))
+        for x in ["cp1", "cp2"]:
+            want = runs(g.since("sda", marks[x], marks["mid"]))
+            assert exported(daemon, c, "mid", x) == want
+            assert changes(c, x, "mid") == want
+        assert changes(c, "cp1", "cp3") == runs(g.since("sda", marks["cp1"], marks["cp3"]))
+        with pytest.raises(InvalidArgument, match="newer than snapshot 'mid'"):
+            exported(daemon, c, "mid", "cp3")
+        with pytest.raises(InvalidArgument):
+            changes(c, "cp3", "cp1")
+        # The domain document lists them under each disk, oldest first.
+        root = etree.fromstring(c.domain_get_xml("vm1").encode())
+        for disk in root.iter("disk"):
+            assert [e.get("name") for e in disk.iter("checkpoint")] == [
+                "cp1", "cp2", "cp3", "cp4"]
+        # Exactly one recording bitmap per disk, whatever the number of checkpoints.
+        for node in ("sda-fmt", "sdb-fmt"):
+            recording = [b["name"] for n in vm.qmp("query-named-block-nodes", flat=True)
+                         if n["node-name"] == node for b in n.get("dirty-bitmaps", [])
+                         if b.get("recording")]
+            assert recording == ["cp4"]
+
+
+@pytest.mark.parametrize("victim", ["cp1", "cp2", "cp3"])
+def test_delete_keeps_every_other_change_set_exact(defined: tuple[Daemon, Vm],
+                                                   victim: str) -> None:
+    daemon, vm = defined
+    g = Guest(vm)
+    marks: dict[str, int] = {}
+    with daemon.client() as c:
+        for i, name in enumerate(["cp1", "cp2", "cp3"]):
+            checkpoint(c, name)
+            marks[name] = g.mark()
+            g.write("sda", 20 + i, 40 + i)
+            c.snapshot_create("vm1", snapshot_xml(f"s{i}"))  # snapshots in between
+            marks[f"s{i}"] = g.mark()
+            g.write("sda", 60 + i)
+        c.call("checkpoint.delete", domain="vm1", name=victim)
+        rest = [x for x in ["cp1", "cp2", "cp3"] if x != victim]
+        assert c.call("checkpoint.list", domain="vm1") == rest
+        g.write("sda", 90)
+        for x in rest:
+            assert changes(c, x) == runs(g.since("sda", marks[x]))
+            for i in range(3):
+                s = f"s{i}"
+                if marks[x] <= marks[s]:
+                    want = runs(g.since("sda", marks[x], marks[s]))
+                    assert exported(daemon, c, s, x) == want, (x, s)
+        with pytest.raises(NoSuchCheckpoint):
+            changes(c, victim)
+        names = bitmap_names(vm)
+        assert {x for x in names if not x.startswith("bb-")} == set(rest)
+
+
+def test_lookup_and_xml(defined: tuple[Daemon, Vm]) -> None:
+    daemon, _ = defined
+    with daemon.client() as c:
+        checkpoint(c, "a", {"sda": None})
+        checkpoint(c, "b")
+        info = c.call("checkpoint.lookup", domain="vm1", name="b")
+        assert info["parent"] == "a" and info["state"] == "valid"
+        assert info["disks"] == ["sda", "sdb"] and "reason" not in info
+        assert c.call("checkpoint.lookup", domain="vm1", name="a")["parent"] is None
+        xml = c.call("checkpoint.get_xml", domain="vm1", name="b")
+        root = etree.fromstring(xml.encode())
+        assert root.findtext("parent/name") == "a" and root.findtext("state") == "valid"
+        assert [(d.get("name"), d.get("checkpoint"), d.get("bitmap"))
+                for d in root.iter("disk")] == [("sda", "bitmap", "b"), ("sdb", "bitmap", "b")]
+        with pytest.raises(AlreadyExists):
+            c.snapshot_create("vm1", snapshot_xml("a"), checkpoint=True)
+        assert c.snapshot_list("vm1") == []
+        with pytest.raises(InvalidArgument, match="does not track disk 'sdb'"):
+            changes(c, "a", disk="sdb")
+        with pytest.raises(NoSuchDisk):
+            changes(c, "a", disk="sdz")
+        with pytest.raises(InvalidArgument, match="has 2 checkpoint"):
+            c.domain_undefine("vm1")
+
+
+def test_raw_disk_refused_cleanly(make_vm: Callable[..., Vm], daemon: Daemon,
+                                  workdir: Path) -> None:
+    raw = workdir / "raw.img"
+    raw.write_bytes(b"\0" * (4 * MiB))
+    vm = make_vm(disks={"sda": 16 * MiB}, extra_args=[
+        "-blockdev", f"driver=file,filename={raw},node-name=r1",
+        "-blockdev", "driver=raw,file=r1,node-name=r2",
+        "-device", "scsi-hd,drive=r2,id=sdr"])
+    with daemon.client() as c:
+        c.domain_define("vm1", str(vm.daemon_qmp))
+        wait_for(lambda: domain_state(daemon, "vm1") == "running")
+        nodes = vm.node_names()
+        with pytest.raises(Unsupported, match="disk 'sdr' is raw"):
+            c.snapshot_create("vm1", snapshot_xml("c1"), checkpoint=True)
+        assert c.snapshot_list("vm1") == [] and c.call("checkpoint.list", domain="vm1") == []
+        assert vm.node_names() == nodes
+        assert os.listdir(daemon.daemon_keys["scratch_dir"]) == []
+        # Snapshots and full exports of the raw disk still work.
+        c.snapshot_create("vm1", snapshot_xml("s", {"sdr": None}))
+        c.export_start("vm1", export_xml([("sdr", "s")]))
+        c.snapshot_delete("vm1", "s")
+
+
+def test_clean_vm_restart_keeps_checkpoints(defined: tuple[Daemon, Vm]) -> None:
+    daemon, vm = defined
+    g = Guest(vm)
+    with daemon.client() as c:
+        checkpoint(c, "cp1")
+        g.write("sda", 5)
+        checkpoint(c, "cp2")
+        mark = g.mark()
+        g.write("sda", 6)
+    vm.stop()  # clean: the bitmaps are stored in the images
+    wait_for(lambda: domain_state(daemon, "vm1") == "disconnected")
+    vm.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+    g.write("sda", 7)  # tracked across the restart
+    with daemon.client() as c:
+        for x in ("cp1", "cp2"):
+            assert c.call("checkpoint.lookup", domain="vm1", name=x)["state"] == "valid"
+        assert changes(c, "cp1") == runs({5, 6, 7})
+        assert changes(c, "cp2") == runs(g.since("sda", mark))
+        c.snapshot_create("vm1", snapshot_xml("s"))
+        assert exported(daemon, c, "s", "cp1") == runs({5, 6, 7})
+
+
+def test_qemu_killed_breaks_checkpoints_and_a_fresh_chain_works(
+        defined: tuple[Daemon, Vm]) -> None:
+    daemon, vm = defined
+    g = Guest(vm)
+    with daemon.client() as c:
+        checkpoint(c, "cp1")
+        g.write("sda", 3)
+    vm.stop()  # clean: cp1 is stored in the images; the next QEMU loads it
+    vm.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+    with daemon.client() as c, daemon.client() as events:
+        checkpoint(c, "cp2")  # exists only in this QEMU's memory until a clean close
+        events.events_subscribe(["vm1"])
+        vm.kill()  # the images are not closed: their bitmaps are in doubt
+        vm.start()
+        seen = []
+        while len([e for e in seen if e["type"] == "checkpoint-broken"]) < 2:
+            seen.append(events.next_event(15))
+        broken = {e["checkpoint"]: e["reason"] for e in seen if e["type"] == "checkpoint-broken"}
+        assert set(broken) == {"cp1", "cp2"}
+        assert "not closed cleanly" in broken["cp1"]
+        assert "bitmap 'cp2' is missing from the image" in broken["cp2"]
+        wait_for(lambda: domain_state(daemon, "vm1") == "running")
+        for x in ("cp1", "cp2"):
+            info = c.call("checkpoint.lookup", domain="vm1", name=x)
+            assert info["state"] == "broken" and info["reason"]
+        c.snapshot_create("vm1", snapshot_xml("s"))
+        with pytest.raises(CheckpointBroken):
+            exported(daemon, c, "s", "cp1")
+        with pytest.raises(CheckpointBroken):
+            changes(c, "cp2")
+        c.snapshot_delete("vm1", "s")
+        # A new checkpoint starts a fresh chain and cleans away the doubtful bitmaps.
+        checkpoint(c, "cp3")
+        mark = g.mark()
+        g.write("sda", 8, 9)
+        assert changes(c, "cp3") == runs(g.since("sda", mark))
+        names = bitmap_names(vm)
+        assert names == {"cp3"}
+        assert c.call("checkpoint.lookup", domain="vm1", name="cp3")["state"] == "valid"
+        c.call("checkpoint.delete", domain="vm1", name="cp1")  # broken ones can go
+        assert c.call("checkpoint.list", domain="vm1") == ["cp2", "cp3"]
+
+
+def test_checkpoints_survive_daemon_restart(defined: tuple[Daemon, Vm]) -> None:
+    daemon, vm = defined
+    g = Guest(vm)
+    with daemon.client() as c:
+        checkpoint(c, "cp1")
+        g.write("sda", 4)
+    assert daemon.stop() == 0
+    g.write("sda", 5)  # while no daemon runs
+    daemon.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+    with daemon.client() as c:
+        assert c.call("checkpoint.list", domain="vm1") == ["cp1"]
+        assert changes(c, "cp1") == runs({4, 5})
+
+
+@pytest.mark.parametrize("step", ["checkpoint-create:before-store",
+                                  "checkpoint-delete:before-store"])
+def test_daemon_killed_between_qemu_and_store(make_vm: Callable[..., Vm],
+                                              make_daemon: Callable[..., Daemon],
+                                              step: str) -> None:
+    vm = make_vm()
+    daemon = make_daemon()
+    g = Guest(vm)
+    with daemon.client() as c:
+        c.domain_define("vm1", str(vm.daemon_qmp))
+        wait_for(lambda: domain_state(daemon, "vm1") == "running")
+        checkpoint(c, "cp1")
+        g.write("sda", 1)
+    daemon.stop()
+    daemon.env = {"BLOCKBACKUPD_CRASH_AT": step}
+    daemon.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+    client = daemon.client()
+    with pytest.raises(ConnectionLost):
+        if step.startswith("checkpoint-create"):
+            client.snapshot_create("vm1", snapshot_xml("cp2"), checkpoint=True)
+        else:
+            client.call("checkpoint.delete", domain="vm1", name="cp1")
+    client.close()
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == -signal.SIGKILL
+    daemon.proc = None
+    daemon.env = {}
+    daemon.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+    g.write("sda", 2)
+    bitmaps = bitmap_names(vm)
+    with daemon.client() as c:
+        names = c.call("checkpoint.list", domain="vm1")
+        if step.startswith("checkpoint-create"):
+            # QEMU had made the checkpoint: the restart finished recording it.
+            assert names == ["cp1", "cp2"] and bitmaps == {"cp1", "cp2"}
+            assert changes(c, "cp2") == runs({2})
+            assert changes(c, "cp1") == runs({1, 2})
+        else:
+            assert names == [] and bitmaps == set()
+        # Nothing of the interrupted snapshot is left in QEMU or on disk.
+        assert c.snapshot_list("vm1") == []
+    assert not any(n.startswith("bb-") for n in vm.node_names())
+    assert all(not n.startswith("bb-") for n in vm.top_nodes().values())
+    assert os.listdir(daemon.daemon_keys["scratch_dir"]) == []
+    if step.startswith("checkpoint-create"):
+        assert "left by an earlier daemon" in daemon.log()
+
+
+def test_redefine_after_the_store_is_lost(defined: tuple[Daemon, Vm]) -> None:
+    daemon, vm = defined
+    g = Guest(vm)
+    with daemon.client() as c:
+        checkpoint(c, "cp1")
+        g.write("sda", 1)
+        checkpoint(c, "cp2")
+        g.write("sda", 2)
+        docs = [c.call("checkpoint.get_xml", domain="vm1", name=x) for x in ("cp1", "cp2")]
+        c.domain_undefine("vm1", force=True)  # the metadata goes, bitmaps stay
+        c.domain_define("vm1", str(vm.daemon_qmp))
+        wait_for(lambda: domain_state(daemon, "vm1") == "running")
+        assert c.call("checkpoint.list", domain="vm1") == []
+        assert c.call("checkpoint.redefine", domain="vm1", xml=docs[1]) == {"name": "cp2"}
+        # cp1 stopped recording: it cannot be placed after cp2, the recording one.
+        with pytest.raises(InvalidArgument, match="not recording and no newer segment"):
+            c.call("checkpoint.redefine", domain="vm1",
+                   xml=docs[0].replace("<creationTime>", "<creationTime>9"))
+        assert c.call("checkpoint.redefine", domain="vm1", xml=docs[0]) == {"name": "cp1"}
+        assert c.call("checkpoint.list", domain="vm1") == ["cp1", "cp2"]
+        assert changes(c, "cp1") == runs({1, 2})
+        assert changes(c, "cp2") == runs({2})
+        with pytest.raises(AlreadyExists):
+            c.call("checkpoint.redefine", domain="vm1", xml=docs[0])
+        bogus = docs[0].replace('bitmap="cp1"', 'bitmap="nope"').replace(
+            "<name>cp1</name>", "<name>other</name>")
+        with pytest.raises(InvalidArgument, match="bitmap 'nope' is missing"):
+            c.call("checkpoint.redefine", domain="vm1", xml=bogus)
+        assert c.call("checkpoint.list", domain="vm1") == ["cp1", "cp2"]
