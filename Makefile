@@ -42,6 +42,7 @@ demo: deps
 
 bench: deps
 	$(PYTHON) -m bench.snapshot_window
+	$(PYTHON) -m bench.checkpoint_writes
 
 lint: deps
 	$(VENV)/bin/ruff check blockbackupd client tests tools bench
