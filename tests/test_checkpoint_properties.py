@@ -53,7 +53,9 @@ def bench_domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Dae
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@settings(max_examples=int(os.environ.get("BB_PROPERTY_EXAMPLES", "60")), deadline=None, suppress_health_check=list(HealthCheck))
+# BB_PROPERTY_EXAMPLES=1000 for a longer run by hand.
+@settings(max_examples=int(os.environ.get("BB_PROPERTY_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(op, min_size=1, max_size=20))
 # Sequences known to matter, always run: deleting the checkpoint that was
 # recording at a live snapshot's instant, oldest first, and with stacked views.
