@@ -50,7 +50,7 @@ async def run(config: Config) -> None:
             scratch_dirs=d.scratch_dirs, cbw_timeout=d.cbw_timeout,
             probe_interval=d.snapshot_probe_interval, probe_timeout=d.qmp_timeout))
         stack.push_async_callback(snapshots.close)
-        checkpoints = CheckpointService(domains, snapshots, events, store, d.scratch_dirs)
+        checkpoints = CheckpointService(domains, snapshots, events, store)
         exports = ExportService(domains, snapshots, checkpoints, events, ExportSettings(
             run_dir=d.run_dir, socket_mode=config.nbd.socket_mode_bits,
             tls_dir=config.nbd.tls_dir, tls_verify_peer=config.nbd.tls_verify_peer,

@@ -26,7 +26,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .. import faults
@@ -36,25 +35,22 @@ from ..errors import (
     InvalidArgument,
     NoSuchCheckpoint,
     NoSuchDisk,
-    OperationFailed,
     Unsupported,
 )
 from ..model import Disk
 from ..names import check_name
 from ..qemu.blockgraph import query_disks
-from ..qemu.blockops import Bitmaps, BlockOps, action, bitmap_ref
+from ..qemu.blockops import Bitmaps, action, bitmap_ref
 from ..store import Store
 from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
-from . import scratch
 from .domains import Domain, DomainService
 from .events import EventBus
-from .snapshots import Instant, Snapshot, SnapshotDisk, SnapshotService
+from .snapshots import PREFIX, Instant, Snapshot, SnapshotDisk, SnapshotService
 
 log = logging.getLogger("blockbackupd.checkpoints")
 
 #: Formats whose images can keep persistent bitmaps.
 _BITMAP_FORMATS = frozenset({"qcow2"})
-_PREFIX = "bb-"
 
 BitmapReader = Callable[[Domain, int, list[dict[str, str]], int], Awaitable[list[list[int]]]]
 
@@ -83,12 +79,11 @@ def chain(records: Sequence[CheckpointRecord], disk: str) -> list[Segment]:
 
 class CheckpointService:
     def __init__(self, domains: DomainService, snapshots: SnapshotService, events: EventBus,
-                 store: Store, scratch_dirs: list[Path]) -> None:
+                 store: Store) -> None:
         self._domains = domains
         self._snapshots = snapshots
         self._events = events
         self._store = store
-        self._scratch_dirs = scratch_dirs
         #: Set by the export service: reads the union of bitmaps as extents.
         self.bitmap_reader: BitmapReader | None = None
         snapshots.instant_hook = self._prepare_instant
@@ -186,7 +181,7 @@ class CheckpointService:
                 new_disks.append(CheckpointDiskRecord(disk.name, name, disk.file, 0))
                 bounds[disk.name] = (name, None)
             elif recording is not None:
-                tail = f"{_PREFIX}{secrets.token_hex(4)}-tail"
+                tail = f"{PREFIX}{secrets.token_hex(4)}-tail"
                 actions += [
                     action("block-dirty-bitmap-add", node=node, name=tail, disabled=True,
                            granularity=recording.record.granularity),
@@ -355,7 +350,7 @@ class CheckpointService:
                     tail = part.tail
                     if usable is not None:
                         if tail is None:
-                            tail = f"{_PREFIX}{secrets.token_hex(4)}-tail"
+                            tail = f"{PREFIX}{secrets.token_hex(4)}-tail"
                             actions.append(action(
                                 "block-dirty-bitmap-add", node=node, name=tail, disabled=True,
                                 granularity=usable.record.granularity))
@@ -451,9 +446,8 @@ class CheckpointService:
     # -- trust ---------------------------------------------------------------------------
 
     async def reconcile(self, domain: Domain) -> None:
-        """On every connect: clean what an earlier daemon left, settle intents,
-        and compare the bitmaps QEMU loaded with the store."""
-        await self._clean_leftovers(domain)
+        """On every connect (after the snapshot service cleaned up): settle
+        intents, and compare the bitmaps QEMU loaded with the store."""
         bitmaps = await Bitmaps(domain.session).on_nodes()
         disks = {d.name: d for d in await query_disks(domain.session)}
         for intent in self._store.intents(domain.name):
@@ -526,70 +520,6 @@ class CheckpointService:
                 log.error("checkpoint %s/%s broken: %s", domain, cp.name, cp.broken)
                 self._events.publish(domain, "checkpoint-broken", checkpoint=cp.name,
                                      reason=cp.broken)
-
-    async def _clean_leftovers(self, domain: Domain) -> None:
-        """Remove what a daemon that died left in this QEMU: snapshot filters
-        (the disk's I/O path restored), their nodes, exports, scratch files
-        and non-persistent bitmaps, all named with our prefix."""
-        session = domain.session
-        ops = BlockOps(session)
-        exports = await session.execute("query-block-exports")
-        our_exports = [e["id"] for e in exports if e["id"].startswith(_PREFIX)]
-        for export_id in our_exports:
-            await ops.export_del(export_id, 10.0)
-        if our_exports and len(our_exports) == len(exports):
-            try:
-                await ops.nbd_server_stop()
-            except Exception as err:  # no server, or not ours to stop
-                log.debug("domain %s: nbd-server-stop: %s", domain.name, err)
-        nodes = await session.execute("query-named-block-nodes", {"flat": True})
-        ours = [n["node-name"] for n in nodes if n["node-name"].startswith(_PREFIX)]
-        files = [n.get("file", "") for n in nodes
-                 if n["node-name"].startswith(_PREFIX) and n["node-name"].endswith("-scratch")]
-        # Views, probes and sinks first: while a view reads through a filter,
-        # the filter will not share write access with the device below it.
-        for node in ours:
-            if not node.endswith(("-filter", "-scratch")):
-                await ops.delete_node(node)
-        graph = await session.execute("x-debug-query-block-graph")
-        names = {n["id"]: n["name"] for n in graph["nodes"]}
-        below = {names[e["parent"]]: names[e["child"]] for e in graph["edges"]
-                 if e["name"] == "file"}
-        for disk in await query_disks(session):
-            if disk.top.startswith(_PREFIX):
-                target = disk.top
-                while target.startswith(_PREFIX):  # filters may be stacked
-                    target = below[target]
-                await ops.set_drive(disk.qdev, target)
-                log.warning("domain %s: restored the I/O path of disk %s left by an earlier "
-                            "daemon", domain.name, disk.name)
-        for node_name, named in (await Bitmaps(session).on_nodes()).items():
-            for b in named.values():  # tails and other non-persistent bitmaps of ours
-                if b["name"].startswith(_PREFIX) and not b.get("persistent"):
-                    await Bitmaps(session).remove(node_name, b["name"])
-        leftover = [n for n in ours if n.endswith(("-filter", "-scratch"))]
-        for _ in range(len(leftover)):  # newest filters first; each pass frees the next
-            for node in list(leftover):
-                try:
-                    await ops.delete_node(node)
-                    leftover.remove(node)
-                except OperationFailed:
-                    pass
-            if not leftover:
-                break
-        for f in files:
-            path = Path(f)
-            if any(path.parent.resolve().is_relative_to(d.resolve())
-                   for d in self._scratch_dirs):
-                scratch.remove(path)
-        for obj in await session.execute("qom-list", {"path": "/objects"}):
-            if obj["name"].startswith(_PREFIX):
-                await ops.delete_object(obj["name"])
-        if our_exports or ours:
-            log.warning("domain %s: removed %d node(s), %d export(s), %d scratch file(s) left "
-                        "by an earlier daemon", domain.name, len(ours), len(our_exports),
-                        len(files))
-
 
 def _bitmap_problem(info: dict[str, Any] | None, bitmap: str, disk: Disk,
                     granularity: int | None = None) -> str | None:

@@ -26,7 +26,7 @@ from ..qemu.nbdread import dirty_extents
 from .checkpoints import CheckpointService
 from .domains import Domain, DomainService
 from .events import EventBus
-from .snapshots import Snapshot, SnapshotService
+from .snapshots import PREFIX, Snapshot, SnapshotService
 from .undo import Undo
 
 log = logging.getLogger("blockbackupd.exports")
@@ -208,7 +208,7 @@ class ExportService:
             export = Export(
                 d.disk, d.snapshot, d.checkpoint, name,
                 None if d.checkpoint is None else f"qemu:dirty-bitmap:{d.checkpoint}",
-                f"bb-export-{secrets.token_hex(4)}", snapshot.disk(d.disk).view_node,
+                f"{PREFIX}export-{secrets.token_hex(4)}", snapshot.disk(d.disk).view_node,
                 sources, granularity)
             taken[name] = export
             exported.add((d.disk, d.snapshot))
@@ -219,7 +219,7 @@ class ExportService:
                             undo: Undo) -> _Server:
         tls_object = None
         if address.transport == "tcp" and address.tls:
-            tls_object = creds = f"bb-tls-{secrets.token_hex(4)}"
+            tls_object = creds = f"{PREFIX}tls-{secrets.token_hex(4)}"
             await ops.add_tls_creds(creds, self._settings.tls_dir, self._settings.tls_verify_peer)
             undo.push(f"TLS credentials {creds}", lambda: ops.delete_object(creds))
         if address.socket is not None:
@@ -309,7 +309,8 @@ class ExportService:
             raise Busy(f"the NBD server of domain {domain.name!r} listens on TCP; read the "
                        "changes through an export with checkpoint= instead")
         token = secrets.token_hex(4)
-        node, export_id, name = f"bb-{token}-changes", f"bb-export-{token}", f"bb-changes-{token}"
+        node, export_id = f"{PREFIX}{token}-changes", f"{PREFIX}export-{token}"
+        name = f"{PREFIX}changes-{token}"
         ops, bitmaps = BlockOps(domain.session), Bitmaps(domain.session)
         undo = Undo(f"changes {domain.name}")
         try:

@@ -35,6 +35,7 @@ from ..errors import (
     InvalidArgument,
     NoSuchDisk,
     NoSuchSnapshot,
+    OperationFailed,
     Unsupported,
 )
 from ..model import Disk, SnapshotDiskView, SnapshotState, SnapshotView
@@ -47,6 +48,10 @@ from .events import EventBus
 from .undo import Undo
 
 log = logging.getLogger("blockbackupd.snapshots")
+
+#: Every QEMU node, bitmap, export, job and object the daemon makes is named
+#: with this prefix, so what an earlier daemon left can be told apart.
+PREFIX = "bb-"
 
 #: QEMU run states in which the block graph must not change under a migration.
 _MIGRATING = frozenset({"inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"})
@@ -159,6 +164,7 @@ class SnapshotService:
         events.subscribe(None, self._on_event)
         domains.add_usage_check(self._usage)
         domains.filters_below = self.filters_below
+        domains.add_connect_hook(self.clean_leftovers)
 
     def add_before_delete(self, hook: BeforeDelete) -> None:
         """Run hook (e.g. stopping exports) before a snapshot's nodes go."""
@@ -278,11 +284,11 @@ class SnapshotService:
         try:
             parts = []
             for disk, path in chosen:
-                token = secrets.token_hex(4)
+                base = f"{PREFIX}{secrets.token_hex(4)}"
                 part = SnapshotDisk(
-                    disk=disk, source=disk.top, scratch=path, scratch_node=f"bb-{token}-scratch",
-                    filter_node=f"bb-{token}-filter", view_node=f"bb-{token}-view",
-                    probe_window=f"bb-{token}-probe", probe_sink=f"bb-{token}-sink")
+                    disk=disk, source=disk.top, scratch=path, scratch_node=f"{base}-scratch",
+                    filter_node=f"{base}-filter", view_node=f"{base}-view",
+                    probe_window=f"{base}-probe", probe_sink=f"{base}-sink")
                 parts.append(part)
             # qemu-img runs once per disk: run them side by side.
             made = await asyncio.gather(*(scratch.create(p.scratch, p.disk.size) for p in parts),
@@ -450,7 +456,7 @@ class SnapshotService:
                 if snapshot.state is not SnapshotState.ACTIVE:
                     continue
                 for part in snapshot.disks:
-                    job = f"bb-probe-{next(self._job_ids)}"
+                    job = f"{PREFIX}probe-{next(self._job_ids)}"
                     error = await ops.probe(job, part.probe_window, part.probe_sink,
                                             self._settings.probe_timeout)
                     if error is not None:
@@ -464,6 +470,69 @@ class SnapshotService:
                   snapshot.broken_reason)
         self._events.publish(snapshot.domain, "snapshot-broken", snapshot=snapshot.name,
                              disk=disk, reason=snapshot.broken_reason)
+
+    async def clean_leftovers(self, domain: Domain) -> None:
+        """Remove what a daemon that died left in this QEMU: snapshot filters
+        (the disk's I/O path restored), their nodes, exports, scratch files
+        and non-persistent bitmaps, all named with our prefix."""
+        session = domain.session
+        ops = BlockOps(session)
+        exports = await session.execute("query-block-exports")
+        our_exports = [e["id"] for e in exports if e["id"].startswith(PREFIX)]
+        for export_id in our_exports:
+            await ops.export_del(export_id, 10.0)
+        if our_exports and len(our_exports) == len(exports):
+            try:
+                await ops.nbd_server_stop()
+            except Exception as err:  # no server, or not ours to stop
+                log.debug("domain %s: nbd-server-stop: %s", domain.name, err)
+        nodes = await session.execute("query-named-block-nodes", {"flat": True})
+        ours = [n["node-name"] for n in nodes if n["node-name"].startswith(PREFIX)]
+        files = [n.get("file", "") for n in nodes
+                 if n["node-name"].startswith(PREFIX) and n["node-name"].endswith("-scratch")]
+        # Views, probes and sinks first: while a view reads through a filter,
+        # the filter will not share write access with the device below it.
+        for node in ours:
+            if not node.endswith(("-filter", "-scratch")):
+                await ops.delete_node(node)
+        graph = await session.execute("x-debug-query-block-graph")
+        names = {n["id"]: n["name"] for n in graph["nodes"]}
+        below = {names[e["parent"]]: names[e["child"]] for e in graph["edges"]
+                 if e["name"] == "file"}
+        for disk in await query_disks(session):
+            if disk.top.startswith(PREFIX):
+                target = disk.top
+                while target.startswith(PREFIX):  # filters may be stacked
+                    target = below[target]
+                await ops.set_drive(disk.qdev, target)
+                log.warning("domain %s: restored the I/O path of disk %s left by an earlier "
+                            "daemon", domain.name, disk.name)
+        for node_name, named in (await Bitmaps(session).on_nodes()).items():
+            for b in named.values():  # tails and other non-persistent bitmaps of ours
+                if b["name"].startswith(PREFIX) and not b.get("persistent"):
+                    await Bitmaps(session).remove(node_name, b["name"])
+        leftover = [n for n in ours if n.endswith(("-filter", "-scratch"))]
+        for _ in range(len(leftover)):  # newest filters first; each pass frees the next
+            for node in list(leftover):
+                try:
+                    await ops.delete_node(node)
+                    leftover.remove(node)
+                except OperationFailed:
+                    pass
+            if not leftover:
+                break
+        for f in files:
+            path = Path(f)
+            if any(path.parent.resolve().is_relative_to(d.resolve())
+                   for d in self._settings.scratch_dirs):
+                scratch.remove(path)
+        for obj in await session.execute("qom-list", {"path": "/objects"}):
+            if obj["name"].startswith(PREFIX):
+                await ops.delete_object(obj["name"])
+        if our_exports or ours:
+            log.warning("domain %s: removed %d node(s), %d export(s), %d scratch file(s) left "
+                        "by an earlier daemon", domain.name, len(ours), len(our_exports),
+                        len(files))
 
     # -- QEMU gone ----------------------------------------------------------------
 

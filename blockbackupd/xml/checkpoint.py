@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from ..errors import InvalidXml
-from .document import parse, serialize
+from .document import disk_elements, parse, serialize
 
 DOCUMENT = "domaincheckpoint"
 
@@ -25,15 +24,9 @@ class CheckpointDoc:
 def parse_checkpoint(text: str) -> CheckpointDoc:
     """:raise InvalidXml: not well formed or not valid; the message gives the line."""
     root = parse(text, DOCUMENT)
-    disks = []
-    seen: set[str] = set()
-    for el in root.iterfind("disks/disk"):
-        disk = el.get("name", "")
-        if disk in seen:
-            raise InvalidXml(f"{DOCUMENT}: line {el.sourceline}: disk {disk!r} listed twice")
-        seen.add(disk)
-        if el.get("checkpoint", "bitmap") == "bitmap":
-            disks.append((disk, el.get("bitmap") or root.findtext("name") or ""))
+    disks = [(el.get("name", ""), el.get("bitmap") or root.findtext("name") or "")
+             for el in disk_elements(root, "disks/disk", DOCUMENT)
+             if el.get("checkpoint", "bitmap") == "bitmap"]
     created = root.findtext("creationTime")
     return CheckpointDoc(
         name=root.findtext("name", "").strip(), parent=root.findtext("parent/name"),

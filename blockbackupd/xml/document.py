@@ -64,5 +64,21 @@ def _most_specific(log: Any) -> Any:
     return entries[0] if entries else log.last_error
 
 
+def disk_elements(root: etree._Element, path: str, document: str) -> list[etree._Element]:
+    """The ``<disk>`` elements at path, refusing a disk named twice.
+
+    :raise InvalidXml: naming the line of the second mention.
+    """
+    seen: set[str] = set()
+    elements = []
+    for el in root.iterfind(path):
+        disk = el.get("name", "")
+        if disk in seen:
+            raise InvalidXml(f"{document}: line {el.sourceline}: disk {disk!r} listed twice")
+        seen.add(disk)
+        elements.append(el)
+    return elements
+
+
 def serialize(root: etree._Element) -> str:
     return str(etree.tostring(root, pretty_print=True, encoding="unicode"))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from lxml import etree
 
-from ..errors import InvalidXml
 from ..model import SnapshotDiskSpec, SnapshotSpec, SnapshotView
-from .document import parse, serialize
+from .document import disk_elements, parse, serialize
 
 DOCUMENT = "domainblocksnapshot"
 
@@ -22,14 +21,10 @@ def parse_snapshot(text: str) -> SnapshotSpec:
     root = parse(text, DOCUMENT)
     name = root.findtext("name")
     disks = []
-    seen: set[str] = set()
-    for el in root.iterfind("disk"):
-        disk = el.get("name", "")
-        if disk in seen:
-            raise InvalidXml(f"{DOCUMENT}: line {el.sourceline}: disk {disk!r} listed twice")
-        seen.add(disk)
+    for el in disk_elements(root, "disk", DOCUMENT):
         source = el.find("source")
-        disks.append(SnapshotDiskSpec(disk, None if source is None else source.get("file")))
+        disks.append(SnapshotDiskSpec(el.get("name", ""),
+                                      None if source is None else source.get("file")))
     return SnapshotSpec(name=name.strip() if name is not None else None,
                         disks=tuple(disks) if disks else None)
 
