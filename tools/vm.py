@@ -54,6 +54,8 @@ class Monitor:
                 continue
             if "error" in reply:
                 raise RuntimeError(f"{command}: {reply['error']['desc']}")
+            if "return" not in reply:
+                raise RuntimeError(f"{command}: unexpected message from QEMU: {reply}")
             return reply["return"]
 
     def close(self) -> None:
@@ -192,8 +194,8 @@ class Vm:
             try:
                 if self.monitor is not None:
                     self.monitor.cmd("quit")
-            except (OSError, EOFError, RuntimeError):
-                pass
+            except (OSError, EOFError, RuntimeError, ValueError):
+                pass  # QEMU may close the monitor before it answers
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
