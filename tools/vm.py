@@ -52,6 +52,11 @@ class Monitor:
             if "event" in reply:
                 self.events.append(reply)
                 continue
+            if "QMP" in reply:
+                # Seen here when connecting while QEMU is still starting: the
+                # monitor greets again, having dropped what we sent; send it again.
+                self.sock.sendall(json.dumps(msg).encode() + b"\n")
+                continue
             if "error" in reply:
                 raise RuntimeError(f"{command}: {reply['error']['desc']}")
             if "return" not in reply:
