@@ -38,7 +38,7 @@ def bare_stop_cont(vm: Vm) -> float:
     sock.sendall(b'{"execute": "stop"}\n{"execute": "cont"}\n')
     answers = 0
     while answers < 2:
-        msg = json.loads(vm.monitor.file.readline())
+        msg = vm.monitor.read()
         if "return" in msg or "error" in msg:
             answers += 1
     return time.perf_counter() - start
@@ -50,7 +50,7 @@ def send_batch(vm: Vm, messages: list[dict[str, object]]) -> float:
     vm.monitor.sock.sendall(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
     answers = 0
     while answers < len(messages):
-        msg = json.loads(vm.monitor.file.readline())
+        msg = vm.monitor.read()
         if "error" in msg:
             raise RuntimeError(msg["error"])
         answers += "return" in msg

@@ -27,19 +27,28 @@ class Monitor:
     the VM while the daemon under test owns the other monitor.
     """
 
+    RESEND_AFTER = 2.0
+
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
-        self.file = self.sock.makefile("rb")
+        # Our own line buffer, not makefile(): a file object refuses every read
+        # after one timed out, and cmd() uses a short timeout on purpose.
+        self.buffer = bytearray()
         self.events: list[dict[str, Any]] = []
-        self._read()  # greeting
+        self.read()  # greeting
         self.cmd("qmp_capabilities")
 
-    def _read(self) -> dict[str, Any]:
-        line = self.file.readline()
-        if not line:
-            raise EOFError("QEMU closed the monitor")
+    def read(self) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QEMU closed the monitor")
+            self.buffer += chunk
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
         return dict(json.loads(line))
 
     def cmd(self, command: str, **arguments: Any) -> Any:
@@ -48,14 +57,23 @@ class Monitor:
             msg["arguments"] = arguments
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
         while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
+            try:
+                reply = self.read()
+            except TimeoutError:
+                if self.sock.gettimeout() != self.RESEND_AFTER:
+                    raise
+                self.sock.settimeout(self.timeout)  # the reset dropped it: send again
+                self.sock.sendall(json.dumps(msg).encode() + b"\n")
                 continue
             if "QMP" in reply:
                 # Seen here when connecting while QEMU is still starting: the
-                # monitor greets again, having dropped what we sent; send it again.
-                self.sock.sendall(json.dumps(msg).encode() + b"\n")
+                # monitor resets and greets again. What we sent may be answered
+                # in the new session, or may have been dropped.
+                self.sock.settimeout(self.RESEND_AFTER)
+                continue
+            self.sock.settimeout(self.timeout)
+            if "event" in reply:
+                self.events.append(reply)
                 continue
             if "error" in reply:
                 raise RuntimeError(f"{command}: {reply['error']['desc']}")
@@ -64,7 +82,6 @@ class Monitor:
             return reply["return"]
 
     def close(self) -> None:
-        self.file.close()
         self.sock.close()
 
 
