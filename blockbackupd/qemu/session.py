@@ -80,6 +80,7 @@ class DomainSession:
         self.last_error: str | None = None
         self._qmp: QMPClient | None = None
         self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         # Checked by the supervisor loop as well as delivered by cancel():
         # Python 3.11's wait_for can lose a cancellation that races with the
         # inner call failing, and a session that keeps reconnecting after
@@ -122,6 +123,14 @@ class DomainSession:
             async with asyncio.timeout(self.command_timeout):
                 return await qmp.execute(command, arguments)
         except ExecuteError as err:
+            if "qmp_capabilities" in str(err):
+                # A QEMU still starting can reset its monitor and greet again
+                # after we negotiated; the session is unusable: start a new one.
+                self.log.warning("domain %s: QEMU reset the monitor; reconnecting", self.domain)
+                task = asyncio.create_task(self._close_client(qmp))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                raise DomainNotConnected(self.domain, "QEMU reset its monitor") from err
             raise OperationFailed(f"QEMU refused {command}: {err}") from err
         except TimeoutError as err:
             raise OperationFailed(
