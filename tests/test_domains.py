@@ -8,8 +8,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
@@ -317,3 +318,97 @@ def test_hung_qemu_fails_its_requests_only(make_daemon: Callable[..., Daemon],
         os.kill(vm1.pid, signal.SIGCONT)
     with daemon.client() as c:  # and it recovers once QEMU answers again
         assert c.domain_get_xml("vm1").count("<disk ") == 2
+
+
+class ResettingMonitor:
+    """A stand-in QMP server for a fault QEMU cannot produce on demand: its
+    first session greets again (a monitor reset) right after answering
+    query-status, then refuses every command until capabilities are
+    negotiated anew; later sessions answer like an idle QEMU with no disks."""
+
+    GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+                                    "package": ""}, "capabilities": []}}
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.sessions = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.sessions += 1
+            threading.Thread(target=self._session, args=(conn, self.sessions == 1),
+                             daemon=True).start()
+
+    def _session(self, conn: socket.socket, resets: bool) -> None:
+        import json
+        send = lambda obj: conn.sendall(json.dumps(obj).encode() + b"\n")  # noqa: E731
+        negotiated = False
+        send(self.GREETING)
+        try:
+            for msg in self._messages(conn):
+                cmd, mid = msg.get("execute"), msg.get("id")
+                if cmd == "qmp_capabilities":
+                    negotiated = True
+                    send({"return": {}, "id": mid})
+                elif not negotiated:
+                    send({"error": {"class": "CommandNotFound", "desc": "Expecting capabilities "
+                                    "negotiation with 'qmp_capabilities'"}, "id": mid})
+                elif cmd == "query-status":
+                    send({"return": {"status": "running", "running": True}, "id": mid})
+                    if resets:
+                        negotiated = False
+                        send(self.GREETING)
+                elif cmd == "x-debug-query-block-graph":
+                    send({"return": {"nodes": [], "edges": []}, "id": mid})
+                else:
+                    send({"return": [], "id": mid})
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _messages(conn: socket.socket) -> Iterator[dict[str, Any]]:
+        """JSON texts as they arrive; clients need not end them with a newline."""
+        import json
+        decoder, buf = json.JSONDecoder(), ""
+        while chunk := conn.recv(65536):
+            buf += chunk.decode()
+            while buf.strip():
+                try:
+                    msg, end = decoder.raw_decode(buf.lstrip())
+                except ValueError:
+                    break
+                buf = buf.lstrip()[end:]
+                yield msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_monitor_reset_after_negotiation_reconnects(daemon: Daemon, workdir: Path) -> None:
+    monitor = ResettingMonitor(workdir / "reset.qmp")
+    try:
+        with daemon.client() as c:
+            c.domain_define("vm1", str(workdir / "reset.qmp"))
+            wait_for(lambda: monitor.sessions >= 2, what="a second session")
+
+            def xml_ok() -> bool:
+                try:
+                    return c.domain_get_xml("vm1") == '<domain name="vm1" state="running"/>\n'
+                except DomainNotConnected:
+                    return False
+
+            wait_for(xml_ok, timeout=10, what="a working session after the reset")
+        assert "QEMU reset the monitor" in daemon.log() or \
+            "reconciling after connect failed" in daemon.log()
+    finally:
+        monitor.close()

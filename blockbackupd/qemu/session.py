@@ -206,23 +206,30 @@ class DomainSession:
                 delay = _FIRST_RETRY_DELAY
                 self.last_error = None
                 self._qmp = qmp
-                self.log.info("domain %s: connected to %s", self.domain, self.qmp_socket)
-                if self._on_connect is not None:
-                    try:
-                        await self._on_connect(self)
-                    except Exception:  # reconciling failed: still serve the domain
-                        self.log.exception("domain %s: reconciling after connect failed",
-                                           self.domain)
-                    status = await qmp.execute("query-status")  # it may have changed meanwhile
-                self._set_status(str(status["status"]))  # type: ignore[index]
-                await self._follow(qmp, listener)
-                self.log.warning("domain %s: QMP connection to %s lost", self.domain,
-                                 self.qmp_socket)
+                try:
+                    await self._serve(qmp, listener, str(status["status"]))  # type: ignore[index]
+                except Exception as err:  # whatever ends a session, the next one follows
+                    self.log.warning("domain %s: session on %s ended: %s", self.domain,
+                                     self.qmp_socket, err)
+                    await asyncio.sleep(_FIRST_RETRY_DELAY)
             finally:
                 self._qmp = None
                 self.qemu_status = None
                 self._set_state(DomainState.DISCONNECTED)
                 await asyncio.shield(self._close_client(qmp))
+
+    async def _serve(self, qmp: QMPClient, listener: EventListener, status: str) -> None:
+        """One connected session: reconcile, then follow run-state events until it drops."""
+        self.log.info("domain %s: connected to %s", self.domain, self.qmp_socket)
+        if self._on_connect is not None:
+            try:
+                await self._on_connect(self)
+            except Exception:  # reconciling failed: still serve the domain
+                self.log.exception("domain %s: reconciling after connect failed", self.domain)
+            status = str((await qmp.execute("query-status"))["status"])  # type: ignore[index]
+        self._set_status(status)
+        await self._follow(qmp, listener)
+        self.log.warning("domain %s: QMP connection to %s lost", self.domain, self.qmp_socket)
 
     async def _follow(self, qmp: QMPClient, listener: EventListener) -> None:
         """Apply run-state events until the connection drops."""
