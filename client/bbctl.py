@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from .client import DEFAULT_SOCKET, Client
 from .errors import ApplicationError, BlockbackupError
-
-Command = Callable[[Client, argparse.Namespace], Any]
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

@@ -74,8 +74,6 @@ class DomainSession:
         # so requests never see a block graph that has not been reconciled.
         self._on_connect = on_connect
         self._state = DomainState.DISCONNECTED
-        #: QEMU's own run status (``running``, ``prelaunch``, ``paused``, ...).
-        self.qemu_status: str | None = None
         #: Why the last connection attempt failed, None once connected.
         self.last_error: str | None = None
         self._qmp: QMPClient | None = None
@@ -169,7 +167,6 @@ class DomainSession:
             self._on_state_change(self, old, state)
 
     def _set_status(self, status: str) -> None:
-        self.qemu_status = status
         running = status in _RUNNING_STATUSES
         self._set_state(DomainState.RUNNING if running else DomainState.PAUSED)
 
@@ -214,7 +211,6 @@ class DomainSession:
                     await asyncio.sleep(_FIRST_RETRY_DELAY)
             finally:
                 self._qmp = None
-                self.qemu_status = None
                 self._set_state(DomainState.DISCONNECTED)
                 await asyncio.shield(self._close_client(qmp))
 

@@ -46,9 +46,6 @@ class Peer(Protocol):
     def notify(self, method: str, params: dict[str, Any]) -> None: ...
 
 
-Handler = Callable[[Peer, Any], Awaitable[Any]]
-
-
 def describe_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():

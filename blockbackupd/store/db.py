@@ -263,12 +263,6 @@ class Store:
                        "checkpoint = ? AND disk = ? AND broken IS NULL",
                        (reason, domain, checkpoint, disk))
 
-    def drop_checkpoint_disk(self, domain: str, checkpoint: str, disk: str) -> None:
-        """Forget one disk of a checkpoint (its chain on that disk was cleaned up)."""
-        with self.transaction() as db:
-            db.execute("DELETE FROM checkpoint_disk WHERE domain = ? AND checkpoint = ? "
-                       "AND disk = ?", (domain, checkpoint, disk))
-
     # -- intents ----------------------------------------------------------------
 
     def add_intent(self, domain: str, kind: str, payload: dict[str, Any]) -> int:
