@@ -1,14 +1,29 @@
-"""``bbctl``: the command line of blockbackupd (virsh-like: ``bbctl domain list``)."""
+"""``bbctl``: the command line of blockbackupd, shaped like virsh.
+
+``bbctl [--socket PATH] [--json] AREA VERB ...`` covers every RPC method:
+``daemon info``, ``domain list|define|undefine|xml``,
+``snapshot create|delete|list|info|xml``,
+``checkpoint list|info|xml|delete|changes|redefine``,
+``export start|stop|list|server`` and ``events``. Human output by default,
+``--json`` for scripts; errors go to stderr with the contract's kind and a
+non-zero exit status.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
+from xml.sax.saxutils import escape, quoteattr
 
 from .client import DEFAULT_SOCKET, Client
 from .errors import ApplicationError, BlockbackupError
+
+#: A command returns what --json prints and what a person reads.
+Result = tuple[Any, str]
+Command = Callable[[Client, argparse.Namespace], Result]
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -17,77 +32,287 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
                      for r in [header, *rows])
 
 
-def _domain_list(c: Client, a: argparse.Namespace) -> Any:
-    domains = c.domain_list()
-    if a.json:
-        return domains
-    return _table([[d["name"], d["state"], d["qmp_socket"]] for d in domains],
-                  ["NAME", "STATE", "QMP SOCKET"])
+def _fields(info: dict[str, Any]) -> str:
+    return "\n".join(f"{k}: {json.dumps(v) if isinstance(v, (list, dict)) else v}"
+                     for k, v in info.items())
 
 
-def _domain_define(c: Client, a: argparse.Namespace) -> Any:
-    result = c.domain_define(a.name, a.qmp_socket)
-    return result if a.json else f"domain {result['name']} defined"
+def _read_xml(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
-def _domain_undefine(c: Client, a: argparse.Namespace) -> Any:
-    c.domain_undefine(a.name, force=a.force or None)
-    return {} if a.json else f"domain {a.name} undefined"
+# -- daemon and domains ----------------------------------------------------------
 
-
-def _domain_xml(c: Client, a: argparse.Namespace) -> Any:
-    xml = c.domain_get_xml(a.domain)
-    return {"xml": xml} if a.json else xml.rstrip("\n")
-
-
-def _daemon_info(c: Client, a: argparse.Namespace) -> Any:
+def _daemon_info(c: Client, a: argparse.Namespace) -> Result:
     info = c.daemon_info()
-    if a.json:
-        return info
-    return "\n".join(f"{k}: {v}" for k, v in info.items())
+    return info, _fields(info)
 
+
+def _domain_list(c: Client, a: argparse.Namespace) -> Result:
+    domains = c.domain_list()
+    return domains, _table([[d["name"], d["state"], d["qmp_socket"]] for d in domains],
+                           ["NAME", "STATE", "QMP SOCKET"])
+
+
+def _domain_define(c: Client, a: argparse.Namespace) -> Result:
+    result = c.domain_define(a.name, a.qmp_socket)
+    return result, f"domain {result['name']} defined"
+
+
+def _domain_undefine(c: Client, a: argparse.Namespace) -> Result:
+    return c.domain_undefine(a.name, force=a.force or None), f"domain {a.name} undefined"
+
+
+def _domain_xml(c: Client, a: argparse.Namespace) -> Result:
+    xml = c.domain_get_xml(a.domain)
+    return {"xml": xml}, xml.rstrip("\n")
+
+
+# -- snapshots -------------------------------------------------------------------
+
+def _snapshot_document(a: argparse.Namespace) -> str | None:
+    """The XML from --xml, or one built from --name and --disk NAME[=SCRATCH]."""
+    if a.xml is not None:
+        return _read_xml(a.xml)
+    if a.name is None and not a.disk:
+        return None
+    parts = ["<domainblocksnapshot>"]
+    if a.name is not None:
+        parts.append(f"<name>{escape(a.name)}</name>")
+    for spec in a.disk:
+        disk, _, scratch = spec.partition("=")
+        source = f"<source file={quoteattr(scratch)}/>" if scratch else ""
+        parts.append(f"<disk name={quoteattr(disk)} type='file'>{source}</disk>")
+    return "".join(parts + ["</domainblocksnapshot>"])
+
+
+def _snapshot_create(c: Client, a: argparse.Namespace) -> Result:
+    result = c.snapshot_create(a.domain, _snapshot_document(a), checkpoint=a.checkpoint or None)
+    what = "snapshot and checkpoint" if a.checkpoint else "snapshot"
+    return result, f"{what} {result['name']} created"
+
+
+def _snapshot_delete(c: Client, a: argparse.Namespace) -> Result:
+    return c.snapshot_delete(a.domain, a.name), f"snapshot {a.name} deleted"
+
+
+def _snapshot_list(c: Client, a: argparse.Namespace) -> Result:
+    names = c.snapshot_list(a.domain)
+    return names, "\n".join(names)
+
+
+def _snapshot_info(c: Client, a: argparse.Namespace) -> Result:
+    info = c.snapshot_lookup(a.domain, a.name)
+    return info, _fields(info)
+
+
+def _snapshot_xml(c: Client, a: argparse.Namespace) -> Result:
+    xml = c.snapshot_get_xml(a.domain, a.name)
+    return {"xml": xml}, xml.rstrip("\n")
+
+
+# -- checkpoints -----------------------------------------------------------------
+
+def _checkpoint_list(c: Client, a: argparse.Namespace) -> Result:
+    names = c.call("checkpoint.list", domain=a.domain)
+    return names, "\n".join(names)
+
+
+def _checkpoint_info(c: Client, a: argparse.Namespace) -> Result:
+    info = c.call("checkpoint.lookup", domain=a.domain, name=a.name)
+    return info, _fields(info)
+
+
+def _checkpoint_xml(c: Client, a: argparse.Namespace) -> Result:
+    xml = c.call("checkpoint.get_xml", domain=a.domain, name=a.name)
+    return {"xml": xml}, xml.rstrip("\n")
+
+
+def _checkpoint_delete(c: Client, a: argparse.Namespace) -> Result:
+    return c.call("checkpoint.delete", domain=a.domain, name=a.name), \
+        f"checkpoint {a.name} deleted"
+
+
+def _checkpoint_changes(c: Client, a: argparse.Namespace) -> Result:
+    params = {"until": a.until} if a.until else {}
+    result = c.call("checkpoint.changes", domain=a.domain, disk=a.disk, name=a.name, **params)
+    rows = [[str(off), str(length)] for off, length in result["extents"]]
+    return result, _table(rows, ["OFFSET", "LENGTH"]) + f"\n{result['bytes']} bytes changed"
+
+
+def _checkpoint_redefine(c: Client, a: argparse.Namespace) -> Result:
+    result = c.call("checkpoint.redefine", domain=a.domain, xml=_read_xml(a.xml))
+    return result, f"checkpoint {result['name']} redefined"
+
+
+# -- exports ---------------------------------------------------------------------
+
+def _export_document(a: argparse.Namespace) -> str:
+    """The XML from --xml, or one built from --snapshot and --disk NAME."""
+    if a.xml is not None:
+        return _read_xml(a.xml)
+    if not a.snapshot or not a.disk:
+        raise SystemExit("bbctl: error: give --xml, or --snapshot and at least one --disk")
+    extra = f" checkpoint={quoteattr(a.checkpoint)}" if getattr(a, "checkpoint", None) else ""
+    disks = "".join(f"<disk name={quoteattr(d)} snapshot={quoteattr(a.snapshot)}{extra}/>"
+                    for d in a.disk)
+    return f"<domainblockexport type='nbd'>{disks}</domainblockexport>"
+
+
+def _export_rows(exports: list[dict[str, Any]]) -> str:
+    return _table([[e["name"], e["disk"], e["snapshot"], e["checkpoint"] or "-",
+                    e["bitmap"] or "-"] for e in exports],
+                  ["EXPORT", "DISK", "SNAPSHOT", "CHECKPOINT", "META CONTEXT"])
+
+
+def _describe_server(server: dict[str, Any] | None) -> str:
+    if server is None:
+        return "no NBD server"
+    if server["transport"] == "unix":
+        return f"nbd+unix:///?socket={server['socket']}"
+    return f"nbd{'s' if server['tls'] else ''}://{server['host']}:{server['port']}/"
+
+
+def _export_start(c: Client, a: argparse.Namespace) -> Result:
+    result = c.export_start(a.domain, _export_document(a))
+    return result, f"{_describe_server(result['server'])}\n{_export_rows(result['exports'])}"
+
+
+def _export_stop(c: Client, a: argparse.Namespace) -> Result:
+    return c.export_stop(a.domain, _export_document(a)), "exports stopped"
+
+
+def _export_list(c: Client, a: argparse.Namespace) -> Result:
+    exports = c.export_list(a.domain)
+    return exports, _export_rows(exports)
+
+
+def _export_server(c: Client, a: argparse.Namespace) -> Result:
+    server = c.export_server(a.domain)
+    return server, _describe_server(server)
+
+
+# -- events ----------------------------------------------------------------------
+
+def _events(c: Client, a: argparse.Namespace) -> Result:
+    """Print events as they come, until interrupted or --count is reached."""
+    c.events_subscribe(a.domain or None)
+    print(f"watching events of {', '.join(a.domain) or 'every domain'} (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
+    seen = 0
+    while a.count is None or seen < a.count:
+        event = c.next_event(timeout=None)
+        seen += 1
+        if a.json:
+            print(json.dumps(event), flush=True)
+        else:
+            rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("domain", "type"))
+            print(f"{event['domain']} {event['type']} {rest}".rstrip(), flush=True)
+    return None, ""
+
+
+# -- the parser ------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bbctl", description="Control blockbackupd.")
     parser.add_argument("--socket", default=DEFAULT_SOCKET,
-                        help=f"daemon socket (default {DEFAULT_SOCKET}, "
-                             "or $BLOCKBACKUPD_SOCKET)")
+                        help=f"daemon socket (default {DEFAULT_SOCKET}, or $BLOCKBACKUPD_SOCKET)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     areas = parser.add_subparsers(dest="area", required=True, metavar="AREA")
 
-    daemon = areas.add_parser("daemon", help="the daemon itself").add_subparsers(
-        dest="verb", required=True, metavar="VERB")
-    daemon.add_parser("info", help="version and counts").set_defaults(run=_daemon_info)
+    def area(name: str, help: str) -> Any:
+        return areas.add_parser(name, help=help).add_subparsers(
+            dest="verb", required=True, metavar="VERB")
 
-    domain = areas.add_parser("domain", help="defined domains").add_subparsers(
-        dest="verb", required=True, metavar="VERB")
-    domain.add_parser("list", help="list domains and their state").set_defaults(run=_domain_list)
-    p = domain.add_parser("define", help="define a domain by its QMP socket")
-    p.add_argument("name")
-    p.add_argument("qmp_socket")
-    p.set_defaults(run=_domain_define)
-    p = domain.add_parser("undefine", help="forget a domain")
-    p.add_argument("name")
+    def verb(group: Any, name: str, run: Command, help: str,
+             *positional: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help, description=help)
+        for arg in positional:
+            p.add_argument(arg)
+        p.set_defaults(run=run)
+        return p
+
+    daemon = area("daemon", "the daemon itself")
+    verb(daemon, "info", _daemon_info, "version and counts")
+
+    domain = area("domain", "defined domains")
+    verb(domain, "list", _domain_list, "list domains and their state")
+    verb(domain, "define", _domain_define, "define a domain by its QMP socket",
+         "name", "qmp_socket")
+    p = verb(domain, "undefine", _domain_undefine, "forget a domain", "name")
     p.add_argument("--force", action="store_true", help="also drop its checkpoint metadata")
-    p.set_defaults(run=_domain_undefine)
-    p = domain.add_parser("xml", help="the live domain document")
-    p.add_argument("domain")
-    p.set_defaults(run=_domain_xml)
+    verb(domain, "xml", _domain_xml, "the live domain document", "domain")
+
+    snapshot = area("snapshot", "point-in-time views of disks")
+    p = verb(snapshot, "create", _snapshot_create,
+             "take a snapshot of the domain's disks (all writable ones by default)", "domain")
+    p.add_argument("--xml", help="a <domainblocksnapshot> document (file, or - for stdin)")
+    p.add_argument("--name", help="snapshot name (default: a UUID)")
+    p.add_argument("--disk", action="append", default=[], metavar="NAME[=SCRATCH]",
+                   help="a disk to include, optionally with its scratch file; repeatable")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="also create a checkpoint of the same name at the same instant")
+    verb(snapshot, "delete", _snapshot_delete, "delete a snapshot and its exports",
+         "domain", "name")
+    verb(snapshot, "list", _snapshot_list, "list snapshots, oldest first", "domain")
+    verb(snapshot, "info", _snapshot_info, "state, disks, scratch usage", "domain", "name")
+    verb(snapshot, "xml", _snapshot_xml, "the snapshot document", "domain", "name")
+
+    checkpoint = area("checkpoint", "change tracking between points in time")
+    verb(checkpoint, "list", _checkpoint_list, "list checkpoints, oldest first", "domain")
+    verb(checkpoint, "info", _checkpoint_info, "state, parent, disks", "domain", "name")
+    verb(checkpoint, "xml", _checkpoint_xml, "the checkpoint document", "domain", "name")
+    verb(checkpoint, "delete", _checkpoint_delete,
+         "delete a checkpoint (every other change set stays exact)", "domain", "name")
+    p = verb(checkpoint, "changes", _checkpoint_changes,
+             "extents changed on a disk since a checkpoint", "domain", "name")
+    p.add_argument("--disk", required=True, help="the disk")
+    p.add_argument("--until", help="a later checkpoint or a snapshot (default: now)")
+    p = verb(checkpoint, "redefine", _checkpoint_redefine,
+             "record a checkpoint whose bitmaps exist in the images", "domain")
+    p.add_argument("--xml", required=True, help="a <domaincheckpoint> document (file or -)")
+
+    export = area("export", "NBD exports of snapshots")
+    for name, run, help in (("start", _export_start, "export disks of a snapshot over NBD"),
+                            ("stop", _export_stop, "stop exports")):
+        p = verb(export, name, run, help, "domain")
+        p.add_argument("--xml", help="a <domainblockexport> document (file or -)")
+        p.add_argument("--snapshot", help="the snapshot (instead of --xml)")
+        p.add_argument("--disk", action="append", default=[], help="a disk; repeatable")
+        if name == "start":
+            p.add_argument("--checkpoint", help="also carry the changes since this checkpoint")
+    verb(export, "list", _export_list, "the domain's exports", "domain")
+    verb(export, "server", _export_server, "where the domain's NBD server listens", "domain")
+
+    p = areas.add_parser("events", help="print events as they happen",
+                         description="print events as they happen (Ctrl-C to stop)")
+    p.add_argument("--domain", action="append", default=[], help="only this domain; repeatable")
+    p.add_argument("--count", type=int, help="stop after this many events")
+    p.set_defaults(run=_events)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.socket) as client:
-            out = args.run(client, args)
+        with Client(args.socket, timeout=None if args.area == "events" else 300.0) as client:
+            data, text = args.run(client, args)
     except ApplicationError as err:
         print(f"bbctl: error: {err.message} [{err.kind}]", file=sys.stderr)
         return 1
     except BlockbackupError as err:
         print(f"bbctl: error: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(out, indent=2) if args.json else out)
+    except OSError as err:
+        print(f"bbctl: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.area != "events":
+        print(json.dumps(data, indent=2) if args.json else text)
     return 0
 
 
