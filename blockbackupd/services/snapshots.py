@@ -210,11 +210,11 @@ class SnapshotService:
         n = len(self._state(domain).snapshots)
         return f"it has {n} snapshot(s)" if n else None
 
-    # -- create ---------------------------------------------------------------
-
     def snapshots(self, domain: str) -> list[Snapshot]:
         """The domain's snapshots, oldest first (no lookup errors)."""
         return list(self._state(domain).snapshots.values())
+
+    # -- create ---------------------------------------------------------------
 
     async def create(self, domain_name: str, name: str | None,
                      disks: list[tuple[str, str | None]] | None,
