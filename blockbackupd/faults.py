@@ -9,6 +9,8 @@ production, it costs one dictionary lookup per step.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 
@@ -16,12 +18,22 @@ from .errors import OperationFailed
 
 ENV = "BLOCKBACKUPD_FAIL_AT"
 CRASH_ENV = "BLOCKBACKUPD_CRASH_AT"
+PAUSE_ENV = "BLOCKBACKUPD_PAUSE_AT"
+
+log = logging.getLogger("blockbackupd.faults")
 
 
-def check(step: str) -> None:
-    """:raise OperationFailed: when the environment asks to fail at this step."""
+async def check(step: str) -> None:
+    """Fail (``BLOCKBACKUPD_FAIL_AT=<step>``) or linger for a minute
+    (``BLOCKBACKUPD_PAUSE_AT=<step>``, so a test can cancel the operation there).
+
+    :raise OperationFailed: when the environment asks to fail at this step.
+    """
     if os.environ.get(ENV) == step:
         raise OperationFailed(f"injected failure at {step}")
+    if os.environ.get(PAUSE_ENV) == step:
+        log.warning("pausing at %s", step)
+        await asyncio.sleep(60)
 
 
 def crash_point(step: str) -> None:

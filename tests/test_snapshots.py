@@ -530,3 +530,37 @@ def test_daemon_exit_removes_its_snapshots(defined: tuple[Daemon, Vm]) -> None:
     assert vm.qmp("query-block-exports") == []
     assert list(scratch_dir(daemon).iterdir()) == []
     assert list(run_dir(daemon).iterdir()) == []
+
+
+def test_daemon_stopped_mid_create_rolls_back(make_vm: Callable[..., Vm],
+                                              make_daemon: Callable[..., Daemon]) -> None:
+    """SIGTERM while snapshot.create holds the disks on their filters: the
+    request is cancelled, undoes everything, and the daemon still exits 0."""
+    import threading
+
+    vm = make_vm()
+    daemon = make_daemon()
+    daemon.stop()
+    daemon.env = {"BLOCKBACKUPD_PAUSE_AT": "snapshot:switched"}
+    daemon.start()
+    define(daemon, vm)
+    before = graph(vm)
+    outcome: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            with daemon.client() as c:
+                c.snapshot_create("vm1", snapshot_xml("s1"))
+        except BaseException as err:  # the connection closes under it
+            outcome.append(err)
+
+    t = threading.Thread(target=create)
+    t.start()
+    wait_for(lambda: "pausing at snapshot:switched" in daemon.log(), what="the pause")
+    assert graph(vm) != before  # the disks sit on their filters now
+    assert daemon.stop() == 0
+    t.join(10)
+    assert outcome, "the request must not succeed"
+    assert graph(vm) == before
+    assert list(scratch_dir(daemon).iterdir()) == []
+    assert vm.status() == "running"

@@ -103,11 +103,14 @@ class Connection:
             await self._out.put(None)
             await writer_task
         finally:
-            # Reached early only when the daemon stops: cancel what still runs.
+            # Reached early only when the daemon stops: cancel what still runs,
+            # and let each request roll back what it made before we go on.
             for sub in self._subscriptions:
                 sub.close()
             for task in self._tasks:
                 task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             writer_task.cancel()
             self._closed = True
             self._writer.close()

@@ -145,7 +145,7 @@ class ExportService:
                     undo.push(f"export {export.name}",
                               partial(ops.export_del, export.export_id, self._settings.timeout))
                     made.append(export)
-                    faults.check("export:added")
+                    await faults.check("export:added")
             except BaseException:
                 await undo.rollback()
                 raise
@@ -226,7 +226,7 @@ class ExportService:
             _remove_socket(address.socket)  # left by a QEMU that was killed
         await ops.nbd_server_start(address, tls_object)
         undo.push("NBD server", lambda: self._stop_server(ops, address))
-        faults.check("export:server-started")
+        await faults.check("export:server-started")
         if address.socket is not None:
             try:
                 os.chmod(address.socket, self._settings.socket_mode)

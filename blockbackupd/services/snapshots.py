@@ -299,14 +299,14 @@ class SnapshotService:
             for result in made:
                 if isinstance(result, BaseException):
                     raise result
-            faults.check("snapshot:scratch-created")
+            await faults.check("snapshot:scratch-created")
             for part in parts:
                 await ops.add_scratch(part.scratch_node, str(part.scratch))
                 undo.push(part.scratch_node, partial(ops.delete_node, part.scratch_node))
                 await ops.add_cbw_filter(part.filter_node, part.source, part.scratch_node,
                                          self._settings.cbw_timeout)
                 undo.push(part.filter_node, partial(ops.delete_node, part.filter_node))
-                faults.check("snapshot:filter-added")
+                await faults.check("snapshot:filter-added")
 
             instant = None
             if self.instant_hook is not None:
@@ -318,7 +318,7 @@ class SnapshotService:
                 raise Unsupported("checkpoints are not available")
 
             window = await self._switch(ops, domain.name, name, parts, undo, instant)
-            faults.check("snapshot:switched")
+            await faults.check("snapshot:switched")
 
             for part in parts:
                 await ops.add_view(part.view_node, part.filter_node)
@@ -326,7 +326,7 @@ class SnapshotService:
                 await ops.add_probe(part.probe_window, part.probe_sink, part.view_node)
                 undo.push(part.probe_window, partial(ops.delete_node, part.probe_window))
                 undo.push(part.probe_sink, partial(ops.delete_node, part.probe_sink))
-                faults.check("snapshot:view-added")
+                await faults.check("snapshot:view-added")
             if instant is not None:
                 await instant.commit()
         except BaseException:
