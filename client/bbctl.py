@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from .backup import BackupError
 from .client import DEFAULT_SOCKET, Client
 from .errors import ApplicationError, BlockbackupError
 
 #: A command returns what --json prints and what a person reads.
 Result = tuple[Any, str]
-Command = Callable[[Client, argparse.Namespace], Result]
+Command = Callable[[Any, argparse.Namespace], Result]
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -214,6 +218,52 @@ def _events(c: Client, a: argparse.Namespace) -> Result:
     return None, ""
 
 
+# -- the backup application ---------------------------------------------------------
+
+def _backup(c: Client, a: argparse.Namespace) -> Result:
+    from tqdm import tqdm
+
+    from .backup import backup
+
+    with tqdm(unit="B", unit_scale=True, disable=not sys.stderr.isatty(),
+              desc=f"backup {a.domain}") as bar:
+        record = backup(c, a.domain, Path(a.dest), a.level, a.disk,
+                        say=lambda text: print(f"bbctl: {text}", file=sys.stderr),
+                        progress=bar.update)
+    read = sum(d["bytes_read"] for d in record["disks"].values())
+    return record, f"backup {record['id']} ({record['level']}): {read} bytes read"
+
+
+def _list(c: Client | None, a: argparse.Namespace) -> Result:
+    from .backup import Manifest
+
+    backups = Manifest.load(Path(a.dest), None).backups
+    rows = [[b["id"], b["level"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["time"])),
+             ",".join(b["disks"]), str(sum(d["bytes_written"] for d in b["disks"].values()))]
+            for b in backups]
+    return backups, _table(rows, ["ID", "LEVEL", "TIME", "DISKS", "BYTES"])
+
+
+def _restore(c: Client | None, a: argparse.Namespace) -> Result:
+    from .backup import restore
+
+    restore(Path(a.dest), a.disk, a.at, Path(a.output), a.format)
+    return {"output": a.output}, f"restored {a.disk} to {a.output}"
+
+
+def _verify(c: Client | None, a: argparse.Namespace) -> Result:
+    from .backup import BackupError, verify
+
+    bad = verify(Path(a.dest), a.at)
+    if bad:
+        raise BackupError("mismatch: " + ", ".join(bad))
+    return {"ok": True}, "all files match the manifest"
+
+
+#: Commands that work on a backup directory alone, without the daemon.
+_OFFLINE = {"list", "restore", "verify"}
+
+
 # -- the parser ------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +337,33 @@ def build_parser() -> argparse.ArgumentParser:
     verb(export, "list", _export_list, "the domain's exports", "domain")
     verb(export, "server", _export_server, "where the domain's NBD server listens", "domain")
 
+    p = areas.add_parser("backup", help="back up a domain's disks into a directory",
+                         description="take a snapshot with a checkpoint, pull it over NBD "
+                         "into qcow2 files (incrementals chained by backing file)")
+    p.add_argument("domain")
+    p.add_argument("--dest", required=True, help="the backup directory of this domain")
+    p.add_argument("--level", choices=["full", "inc", "auto"], default="auto")
+    p.add_argument("--disk", action="append", default=[], help="only this disk; repeatable")
+    p.set_defaults(run=_backup)
+    p = areas.add_parser("list", help="the backups in a directory",
+                         description="one line per backup, oldest first")
+    p.add_argument("dest")
+    p.set_defaults(run=_list)
+    p = areas.add_parser("restore", help="rebuild a disk as it was at a backup",
+                         description="rebuild a disk as it was at a backup (default latest)")
+    p.add_argument("dest")
+    p.add_argument("--disk", required=True)
+    p.add_argument("--at", help="backup id (default: the latest)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    p.set_defaults(run=_restore)
+    p = areas.add_parser("verify", help="check every file against the manifest",
+                         description="re-read every backup file (up to --at) and compare "
+                         "it with the manifest's checksum")
+    p.add_argument("dest")
+    p.add_argument("--at", help="backup id (default: all)")
+    p.set_defaults(run=_verify)
+
     p = areas.add_parser("events", help="print events as they happen",
                          description="print events as they happen (Ctrl-C to stop)")
     p.add_argument("--domain", action="append", default=[], help="only this domain; repeatable")
@@ -298,8 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.socket, timeout=None if args.area == "events" else 300.0) as client:
-            data, text = args.run(client, args)
+        if args.area in _OFFLINE:
+            data, text = args.run(None, args)
+        else:
+            with Client(args.socket, timeout=None if args.area == "events" else 300.0) as client:
+                data, text = args.run(client, args)
+    except BackupError as err:
+        print(f"bbctl: error: {err}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as err:
+        detail = err.stderr.decode(errors="replace").strip() if err.stderr else ""
+        print(f"bbctl: error: {' '.join(map(str, err.cmd[:2]))} failed: {detail}",
+              file=sys.stderr)
+        return 1
     except ApplicationError as err:
         print(f"bbctl: error: {err.message} [{err.kind}]", file=sys.stderr)
         return 1
