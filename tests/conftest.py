@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +33,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def bbctl(daemon: Daemon, *args: str, stdin: str | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    """Run the bbctl command line against the daemon, as a user would."""
+    return subprocess.run([sys.executable, "-m", "blockbackup_client.bbctl",
+                           "--socket", str(daemon.socket), *args],
+                          capture_output=True, text=True, timeout=120, input=stdin)
 
 
 def domain_state(daemon: Daemon, name: str) -> str | None:

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import domain_state, wait_for
+from tests.conftest import bbctl, domain_state, wait_for
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
-
-
-def bbctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockbackup_client.bbctl",
-                           "--socket", str(daemon.socket), *args],
-                          capture_output=True, text=True, timeout=120)
 
 
 def reference(vm: Vm, disk: str, out: Path) -> Path:

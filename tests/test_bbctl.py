@@ -8,15 +8,9 @@ import sys
 
 import pytest
 
+from tests.conftest import bbctl
 from tools.daemon import Daemon
 from tools.vm import Vm
-
-
-def bbctl(daemon: Daemon, *args: str, stdin: str | None = None
-          ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockbackup_client.bbctl",
-                           "--socket", str(daemon.socket), *args],
-                          capture_output=True, text=True, timeout=60, input=stdin)
 
 
 def ok(daemon: Daemon, *args: str, stdin: str | None = None) -> str:

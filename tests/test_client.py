@@ -18,7 +18,7 @@ from blockbackup_client import (
     NoSuchDomain,
     ProtocolError,
 )
-from tests.conftest import domain_state, wait_for
+from tests.conftest import bbctl, domain_state, wait_for
 from tools.daemon import Daemon
 from tools.vm import Vm
 
@@ -115,12 +115,6 @@ async def test_async_client_sees_daemon_go_away(daemon: Daemon) -> None:
         await asyncio.to_thread(daemon.stop)
         with pytest.raises(ConnectionLost):
             await c.daemon_info()
-
-
-def bbctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blockbackup_client.bbctl",
-                           "--socket", str(daemon.socket), *args],
-                          capture_output=True, text=True, timeout=30)
 
 
 def test_bbctl_domain_commands(daemon: Daemon, vm: Vm) -> None:
