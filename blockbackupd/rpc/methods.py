@@ -131,10 +131,9 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         return checkpoints.lookup(a.domain, a.name)
 
     async def checkpoint_get_xml(peer: Peer, a: p.SnapshotRef) -> str:
-        info = checkpoints.lookup(a.domain, a.name)
-        cp = checkpoints.get(a.domain, a.name)
+        cp, parent = checkpoints.with_parent(a.domain, a.name)
         return render_checkpoint(CheckpointDoc(
-            cp.name, info["parent"], info["created"], info["state"], info.get("reason"),
+            cp.name, parent, int(cp.created), cp.state, cp.broken,
             tuple((d.disk, d.bitmap) for d in cp.disks)))
 
     async def checkpoint_delete(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:

@@ -110,22 +110,25 @@ class CheckpointService:
 
     def get(self, domain: str, name: str) -> CheckpointRecord:
         """:raise NoSuchDomain: :raise NoSuchCheckpoint:"""
-        for cp in self.records(domain):
+        return self.with_parent(domain, name)[0]
+
+    def with_parent(self, domain: str, name: str) -> tuple[CheckpointRecord, str | None]:
+        """The checkpoint and the name of the one before it, from one read of the store.
+
+        :raise NoSuchDomain: :raise NoSuchCheckpoint:
+        """
+        records = self.records(domain)
+        for i, cp in enumerate(records):
             if cp.name == name:
-                return cp
+                return cp, records[i - 1].name if i else None
         raise NoSuchCheckpoint(f"domain {domain!r} has no checkpoint {name!r}")
 
-    def parent(self, domain: str, name: str) -> str | None:
-        names = self.names(domain)
-        i = names.index(name)
-        return names[i - 1] if i else None
-
     def lookup(self, domain: str, name: str) -> dict[str, Any]:
-        cp = self.get(domain, name)
+        cp, parent = self.with_parent(domain, name)
         result: dict[str, Any] = {
-            "name": cp.name, "created": int(cp.created), "parent": self.parent(domain, name),
+            "name": cp.name, "created": int(cp.created), "parent": parent,
             "disks": [d.disk for d in cp.disks],
-            "state": "broken" if cp.broken else "valid",
+            "state": cp.state,
         }
         if cp.broken:
             result["reason"] = cp.broken

@@ -96,6 +96,11 @@ class CheckpointRecord:
                 return f"disk {d.disk}: {d.broken}"
         return None
 
+    @property
+    def state(self) -> str:
+        """``valid`` or ``broken``, as the contract names them."""
+        return "broken" if self.broken else "valid"
+
     def disk(self, name: str) -> CheckpointDiskRecord | None:
         return next((d for d in self.disks if d.disk == name), None)
 
