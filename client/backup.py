@@ -10,24 +10,26 @@ and per disk the file, its size, bytes read and written, and a SHA-256.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import pull
 from .client import Client
 from .errors import ApplicationError
 
 MANIFEST = "manifest.json"
-#: Largest NBD request QEMU's server accepts.
-MAX_REQUEST = 32 * 1024 * 1024
 
 
 class BackupError(Exception):
@@ -57,9 +59,19 @@ class Manifest:
         return list(self.data["backups"])
 
     def save(self) -> None:
+        """Replace the manifest atomically and durably: a crash leaves the old
+        one or the new one, never a mix, and never one naming unwritten files."""
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.path)  # never a half-written manifest
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def find(self, backup_id: str | None) -> dict[str, Any]:
         if not self.backups:
@@ -80,58 +92,68 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pull_changes(socket_path: str, export: str, context: str, target: Path,
-                  progress: Callable[[int], None]) -> int:
-    """Copy the extents a dirty-bitmap context flags from the export into a
-    qcow2 file (served by a qemu-nbd we start and stop); returns bytes read."""
-    import nbd
+def _pause(step: str) -> None:
+    """Stop here if ``BBCTL_PAUSE_AT`` names this step: the tests interrupt a
+    backup at a known point with a real SIGINT."""
+    if os.environ.get("BBCTL_PAUSE_AT") == step:
+        print(f"bbctl: paused at {step}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
 
-    # The daemon's own reader of dirty-bitmap contexts (same distribution).
-    from blockbackupd.qemu.nbdread import dirty_extents
 
-    extents = dirty_extents(socket_path, export, context)
-    src = nbd.NBD()
-    src.set_export_name(export)
-    src.connect_unix(socket_path)
+@contextlib.contextmanager
+def _served(target: Path, connections: int) -> Iterator[str]:
+    """Serve a qcow2 file writable over NBD (qemu-nbd, in its own session so a
+    Ctrl-C on the terminal reaches only us); yields its socket path."""
     with tempfile.TemporaryDirectory(prefix="bbctl-") as tmp:
         sock = os.path.join(tmp, "target.sock")
-        server = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", "qcow2", "--cache=unsafe",
-                                   "--discard=unmap", str(target)])
+        server = subprocess.Popen(
+            ["qemu-nbd", "--socket", sock, "--format", "qcow2", "--shared", str(connections),
+             "--cache", "writeback", "--discard", "unmap", str(target)],
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             deadline = time.monotonic() + 10
             while not os.path.exists(sock):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise BackupError(f"qemu-nbd could not serve {target}")
-                time.sleep(0.02)
-            dst = nbd.NBD()
-            dst.connect_unix(sock)
-            copied = 0
-            for offset, length in extents:
-                end = offset + length
-                while offset < end:
-                    n = min(MAX_REQUEST, end - offset)
-                    dst.pwrite(src.pread(n, offset), offset)
-                    offset += n
-                    copied += n
-                    progress(n)
-            dst.flush()
-            dst.shutdown()
+                if server.poll() is not None:
+                    detail = server.stderr.read().decode(errors="replace").strip() \
+                        if server.stderr else ""
+                    raise BackupError(f"qemu-nbd could not serve {target}: {detail}")
+                if time.monotonic() > deadline:
+                    raise BackupError(f"qemu-nbd did not serve {target} within 10 s")
+                time.sleep(0.01)
+            yield sock
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(10)
-    src.shutdown()
-    return copied
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+            server.wait(30)
+            if server.stderr:
+                server.stderr.close()
 
 
-def _pull_full(socket_path: str, export: str, target: Path) -> int:
-    """Copy the allocated, non-zero data of the export into a new qcow2 file
-    (qemu-img convert reads block status and writes holes as holes)."""
-    uri = f"nbd+unix:///{export}?socket={socket_path}"
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", uri, str(target)],
-                   check=True, capture_output=True)
-    out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", uri],
-                         check=True, capture_output=True, text=True).stdout
-    return sum(int(e["length"]) for e in json.loads(out) if e.get("data") and not e.get("zero"))
+def _pull(socket_path: str, export: str, changes: str | None, target: Path,
+          progress: Callable[[int], None]) -> pull.Stats:
+    """Copy an export's data (or only its changes) into ``target`` and flush it."""
+    runs = pull.plan(socket_path, export, changes)
+
+    def report(n: int) -> None:
+        progress(n)
+        _pause("pull")
+
+    with _served(target, pull.CONNECTIONS) as sock:
+        return pull.copy(socket_path, export, sock, runs, progress=report)
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C off while undoing a backup, so the undo itself is never cut."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str],
@@ -159,56 +181,62 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
     made: list[Path] = []
     created = False
     try:
-        snap = client.snapshot_create(domain, xml, checkpoint=True)
+        client.snapshot_create(domain, xml, checkpoint=True)
         created = True
-        info = client.snapshot_lookup(domain, snap["name"])
+        _pause("snapshot")
+        info = client.snapshot_lookup(domain, backup_id)
         checkpoint = previous["checkpoint"] if level == "inc" and previous else None
         export_xml = '<domainblockexport type="nbd">' + "".join(
             f'<disk name="{d}" snapshot="{backup_id}"'
             + (f' checkpoint="{checkpoint}"' if checkpoint else "") + "/>"
             for d in info["disks"]) + "</domainblockexport>"
         started = client.export_start(domain, export_xml)
+        _pause("export")
         socket_path = started["server"]["socket"]
         record: dict[str, Any] = {"id": backup_id, "level": level, "time": int(time.time()),
                                   "checkpoint": backup_id, "disks": {}}
         for export, scratch in zip(started["exports"], info["scratch"], strict=True):
             disk = export["disk"]
             target = dest / f"{backup_id}-{disk}.qcow2"
+            backing = previous["disks"][disk]["file"] if level == "inc" and previous else None
             made.append(target)
-            if level == "full":
-                read = _pull_full(socket_path, export["name"], target)
-                progress(read)
-                backing = None
-            else:
-                assert previous is not None
-                backing = previous["disks"][disk]["file"]
-                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing,
-                                "-F", "qcow2", str(target), str(scratch["size"])],
-                               check=True, capture_output=True, cwd=dest)
-                read = _pull_changes(socket_path, export["name"], export["bitmap"], target,
-                                     progress)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2"]
+                           + (["-b", backing, "-F", "qcow2"] if backing else [])
+                           + [target.name, str(scratch["size"])],
+                           check=True, capture_output=True, cwd=dest)
+            began = time.monotonic()
+            stats = _pull(socket_path, export["name"], export.get("bitmap") if backing else None,
+                          target, progress)
             record["disks"][disk] = {
                 "file": target.name, "backing": backing, "size": scratch["size"],
-                "bytes_read": read, "bytes_written": target.stat().st_blocks * 512,
+                "bytes_read": stats.bytes_read, "bytes_zeroed": stats.bytes_zeroed,
+                "bytes_written": target.stat().st_blocks * 512,
+                "seconds": round(time.monotonic() - began, 3),
                 "sha256": sha256(target)}
+        _pause("manifest")
         manifest.data["backups"].append(record)
         manifest.save()
         return record
     except BaseException:
-        for path in made:
-            path.unlink(missing_ok=True)
-        if created:
-            try:
-                client.call("checkpoint.delete", domain=domain, name=backup_id)
-            except ApplicationError:
-                pass
+        with _uninterrupted():
+            for path in made:
+                path.unlink(missing_ok=True)
+            if created:
+                # The snapshot first: its checkpoint then has nothing to fold into.
+                created = False
+                for method in ("snapshot.delete", "checkpoint.delete"):
+                    try:
+                        client.call(method, domain=domain, name=backup_id)
+                    except ApplicationError:
+                        pass
         raise
     finally:
         if created:
-            try:
-                client.snapshot_delete(domain, backup_id)
-            except ApplicationError:
-                pass
+            with _uninterrupted():
+                try:
+                    client.snapshot_delete(domain, backup_id)
+                except ApplicationError:
+                    pass
 
 
 def _incremental_blocker(client: Client, domain: str, previous: dict[str, Any] | None,

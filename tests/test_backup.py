@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import bbctl, domain_state, wait_for
 from tools.daemon import Daemon
@@ -32,20 +38,26 @@ def test_full_then_incrementals_restore_every_point(defined: tuple[Daemon, Vm],
     writes = [[("sda", 0, 1 * MiB, 0x11), ("sdb", 4 * MiB, 64 * 1024, 0x12)],
               [("sda", 2 * MiB, 64 * 1024, 0x21), ("sdb", 32 * MiB, 3 * 64 * 1024, 0x22),
                ("sda", 63 * MiB, 64 * 1024, 0x23)],
-              [("sda", 0, 64 * 1024, 0x31)]]
+              [("sda", 0, 64 * 1024, 0x31), ("sdb", 4 * MiB, 64 * 1024, None)]]
     levels = []
     for i, batch in enumerate(writes):
         for disk, offset, length, pattern in batch:
-            vm.write(disk, offset, length, pattern)
+            if pattern is None:
+                vm.zero(disk, offset, length)
+            else:
+                vm.write(disk, offset, length, pattern)
         r = bbctl(daemon, "--json", "backup", "vm1", "--dest", str(dest),
                   "--level", ["full", "inc", "auto"][i])
         assert r.returncode == 0, r.stderr
         record = json.loads(r.stdout)
         levels.append(record["level"])
         refs.append({d: reference(vm, d, workdir / f"ref{i}-{d}.qcow2") for d in ("sda", "sdb")})
-        if i == 1:  # an incremental reads only what changed: 64 KiB + 192 KiB + 64 KiB
-            assert {d: e["bytes_read"] for d, e in record["disks"].items()} == {
-                "sda": 128 * 1024, "sdb": 192 * 1024}
+        read = {d: (e["bytes_read"], e["bytes_zeroed"]) for d, e in record["disks"].items()}
+        # A full reads only the data; an incremental only what changed, and
+        # changed blocks that now read as zeros become zero writes, unread.
+        assert read == [{"sda": (MiB, 0), "sdb": (64 * 1024, 0)},
+                        {"sda": (128 * 1024, 0), "sdb": (192 * 1024, 0)},
+                        {"sda": (64 * 1024, 0), "sdb": (0, 64 * 1024)}][i]
     assert levels == ["full", "inc", "inc"]
     listing = bbctl(daemon, "list", str(dest)).stdout.splitlines()
     assert listing[0].split() == ["ID", "LEVEL", "TIME", "DISKS", "BYTES"]
@@ -115,3 +127,66 @@ def test_a_directory_of_another_domain_is_refused(defined: tuple[Daemon, Vm],
     assert r.returncode == 1 and "holds backups of domain 'other'" in r.stderr
     with daemon.client() as c:
         assert c.snapshot_list("vm1") == [] and c.call("checkpoint.list", domain="vm1") == []
+
+
+def _running_with(path: Path) -> list[int]:
+    """PIDs of processes whose command line names a file in ``path`` (our temp dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (str(path) + "/").encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.parametrize("step", ["snapshot", "export", "pull", "manifest"])
+def test_ctrl_c_mid_backup_leaves_nothing_behind(defined: tuple[Daemon, Vm], workdir: Path,
+                                                 step: str) -> None:
+    daemon, vm = defined
+    dest = workdir / "b"
+    vm.write("sda", 0, MiB, 0x11)
+    assert bbctl(daemon, "backup", "vm1", "--dest", str(dest)).returncode == 0
+    manifest = (dest / "manifest.json").read_bytes()
+    files = sorted(p.name for p in dest.iterdir())
+    nodes = vm.node_names()
+    scratch = sorted(p.name for p in (workdir / "state" / "scratch").iterdir())
+    with daemon.client() as c:
+        checkpoints = c.call("checkpoint.list", domain="vm1")
+    vm.write("sda", 2 * MiB, 8 * MiB, 0x22)
+    vm.write("sdb", 0, 8 * MiB, 0x23)
+    proc = subprocess.Popen([sys.executable, "-m", "blockbackup_client.bbctl", "--socket",
+                             str(daemon.socket), "backup", "vm1", "--dest", str(dest),
+                             "--level", "inc"], env={**os.environ, "BBCTL_PAUSE_AT": step},
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 60)
+        assert ready, "bbctl did not reach the step"
+        assert proc.stderr.readline().strip() == f"bbctl: paused at {step}"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C on a terminal does
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    # The directory and the daemon are as they were before the backup began.
+    assert (dest / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in dest.iterdir()) == files
+    assert _running_with(dest) == []  # no qemu-nbd left writing a partial file
+    with daemon.client() as c:
+        assert c.snapshot_list("vm1") == [] and c.export_list("vm1") == []
+        assert c.call("checkpoint.list", domain="vm1") == checkpoints
+    assert vm.node_names() == nodes
+    assert sorted(p.name for p in (workdir / "state" / "scratch").iterdir()) == scratch
+    # The chain goes on from the last good backup: the next one is incremental.
+    r = bbctl(daemon, "--json", "backup", "vm1", "--dest", str(dest), "--level", "auto")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["level"] == "inc"
+    assert {d: e["bytes_read"] for d, e in record["disks"].items()} == {
+        "sda": 8 * MiB, "sdb": 8 * MiB}

@@ -197,6 +197,12 @@ class Vm:
         if "wrote" not in out:
             raise RuntimeError(f"guest write failed on {disk}: {out}")
 
+    def zero(self, disk: str, offset: int, length: int) -> None:
+        """A guest write of zeros (WRITE ZEROES, as a discarding guest sends)."""
+        out = self.qemu_io(disk, f"write -z {offset} {length}")
+        if "wrote" not in out:
+            raise RuntimeError(f"guest write of zeros failed on {disk}: {out}")
+
     def node_names(self) -> set[str]:
         return {n["node-name"] for n in self.qmp("query-named-block-nodes", flat=True)}
 
