@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import stat
@@ -110,3 +111,30 @@ def test_regular_file_at_socket_path_is_refused(make_daemon: Callable[..., Daemo
     with pytest.raises(RuntimeError, match="exists and is not a socket"):
         make_daemon()
     assert (workdir / "bb.sock").read_text() == "precious"
+
+
+def test_systemd_notify_ready_only_once_serving_then_stopping(workdir: Path) -> None:
+    """Type=notify: READY=1 comes when the RPC socket already answers; STOPPING=1
+    comes on SIGTERM."""
+    notify = workdir / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(notify))
+    receiver.settimeout(20)
+    d = Daemon(workdir)
+    d.env = {"NOTIFY_SOCKET": str(notify)}
+    d.write_config()
+    with open(d.log_path, "ab") as log:
+        d.proc = subprocess.Popen([sys.executable, "-m", "blockbackupd", "--config",
+                                   str(d.config_path)], stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **d.env})
+    try:
+        assert receiver.recv(4096) == b"READY=1"
+        with d.client(timeout=5) as c:  # no retry: it must answer at once
+            assert c.daemon_info()["version"] == __version__
+        d.proc.send_signal(signal.SIGTERM)
+        assert receiver.recv(4096) == b"STOPPING=1"
+        assert d.proc.wait(20) == 0
+    finally:
+        d.kill()
+        receiver.close()
+
