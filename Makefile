@@ -44,6 +44,7 @@ demo: deps
 bench: deps
 	$(PYTHON) -m bench.snapshot_window
 	$(PYTHON) -m bench.checkpoint_writes
+	$(PYTHON) -m bench.full_pull
 
 lint: deps
 	$(VENV)/bin/ruff check blockbackupd client tests tools bench

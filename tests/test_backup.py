@@ -87,18 +87,26 @@ def test_full_then_incrementals_restore_every_point(defined: tuple[Daemon, Vm],
         assert c.call("checkpoint.list", domain="vm1") == ids
 
 
-def test_verify_catches_a_flipped_byte(defined: tuple[Daemon, Vm], workdir: Path) -> None:
+def test_verify_catches_a_flipped_byte_in_any_file(defined: tuple[Daemon, Vm],
+                                                   workdir: Path) -> None:
     daemon, vm = defined
     dest = workdir / "b"
     vm.write("sda", 0, 64 * 1024, 0x55)
     assert bbctl(daemon, "backup", "vm1", "--dest", str(dest)).returncode == 0
+    vm.write("sdb", 0, 64 * 1024, 0x56)
+    assert bbctl(daemon, "backup", "vm1", "--dest", str(dest), "--level", "inc").returncode == 0
     assert bbctl(daemon, "verify", str(dest)).returncode == 0
-    victim = next(dest.glob("*-sdb.qcow2"))
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
-    r = bbctl(daemon, "verify", str(dest))
-    assert r.returncode == 1 and victim.name in r.stderr
+    files = sorted(dest.glob("*.qcow2"))
+    assert len(files) == 4
+    for victim in files:
+        original = victim.read_bytes()
+        data = bytearray(original)
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+        r = bbctl(daemon, "verify", str(dest))
+        assert r.returncode == 1 and r.stderr.strip() == f"bbctl: error: mismatch: {victim.name}"
+        victim.write_bytes(original)
+    assert bbctl(daemon, "verify", str(dest)).returncode == 0
 
 
 def test_auto_after_a_crash_takes_a_full_and_says_why(defined: tuple[Daemon, Vm],
