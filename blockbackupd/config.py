@@ -7,6 +7,8 @@ or a bad value stops start-up with a message naming the key
 
 from __future__ import annotations
 
+import grp
+import pwd
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +37,22 @@ def _octal(value: str) -> str:
     return value
 
 
+def _group_id(value: str | int) -> int:
+    """A group name or number, as a gid; the group must exist."""
+    try:
+        return grp.getgrgid(value).gr_gid if isinstance(value, int) else grp.getgrnam(value).gr_gid
+    except (KeyError, OverflowError):
+        raise ValueError(f"no group {value!r} on this host") from None
+
+
+def _user_id(value: str | int) -> int:
+    """A user name or number, as a uid; the user must exist."""
+    try:
+        return pwd.getpwuid(value).pw_uid if isinstance(value, int) else pwd.getpwnam(value).pw_uid
+    except (KeyError, OverflowError):
+        raise ValueError(f"no user {value!r} on this host") from None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,6 +71,14 @@ class DaemonSection(_Section):
     reconnect_max_delay: float = Field(default=2.0, gt=0, le=300)
     # Added: directories besides scratch_dir where a client may place scratch images.
     extra_scratch_dirs: list[Path] = []
+    # Added: the group that owns the RPC socket and the NBD unix sockets (name or
+    # number; empty: the daemon's own group). With mode 0660 its members can connect.
+    socket_group: str | int = ""
+    # Added: who may call methods, checked against the peer's credentials from
+    # the kernel (SO_PEERCRED, SO_PEERGROUPS). root and the daemon's own user
+    # always may; anyone else must be listed, by user or by one of its groups.
+    allowed_users: list[str | int] = []
+    allowed_groups: list[str | int] = []
     # Added: the longest a guest write may wait for its old data to reach the
     # scratch image; past it the snapshot breaks instead of the guest stalling.
     cbw_timeout: int = Field(default=10, ge=1, le=600)
@@ -69,6 +95,40 @@ class DaemonSection(_Section):
     @classmethod
     def _absolute_list(cls, value: list[Path]) -> list[Path]:
         return [_absolute_path(v) for v in value]
+
+    @field_validator("socket_group")
+    @classmethod
+    def _existing_group(cls, value: str | int) -> str | int:
+        if value != "":
+            _group_id(value)
+        return value
+
+    @field_validator("allowed_users")
+    @classmethod
+    def _existing_users(cls, value: list[str | int]) -> list[str | int]:
+        for v in value:
+            _user_id(v)
+        return value
+
+    @field_validator("allowed_groups")
+    @classmethod
+    def _existing_groups(cls, value: list[str | int]) -> list[str | int]:
+        for v in value:
+            _group_id(v)
+        return value
+
+    @property
+    def socket_gid(self) -> int | None:
+        """The gid to give the sockets, or None to leave the daemon's own."""
+        return None if self.socket_group == "" else _group_id(self.socket_group)
+
+    @property
+    def allowed_uids(self) -> frozenset[int]:
+        return frozenset(_user_id(v) for v in self.allowed_users)
+
+    @property
+    def allowed_gids(self) -> frozenset[int]:
+        return frozenset(_group_id(v) for v in self.allowed_groups)
 
     @property
     def scratch_dirs(self) -> list[Path]:

@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 
 from . import __version__
 from .config import Config
+from .rpc.access import AccessPolicy
 from .rpc.methods import build_methods
 from .rpc.server import RpcServer
 from .runtime import Lock, bind_unix_socket, make_dirs, sd_notify
@@ -46,22 +47,23 @@ async def run(config: Config) -> None:
         domains = DomainService(store, events, DomainSettings(
             qmp_timeout=d.qmp_timeout, reconnect_max_delay=d.reconnect_max_delay))
         stack.push_async_callback(domains.close)
-        snapshots = SnapshotService(domains, events, SnapshotSettings(
+        snapshots = SnapshotService(domains, events, store, SnapshotSettings(
             scratch_dirs=d.scratch_dirs, cbw_timeout=d.cbw_timeout,
             probe_interval=d.snapshot_probe_interval, probe_timeout=d.qmp_timeout))
         stack.push_async_callback(snapshots.close)
         checkpoints = CheckpointService(domains, snapshots, events, store)
-        exports = ExportService(domains, snapshots, checkpoints, events, ExportSettings(
-            run_dir=d.run_dir, socket_mode=config.nbd.socket_mode_bits,
+        exports = ExportService(domains, snapshots, checkpoints, events, store, ExportSettings(
+            run_dir=d.run_dir, socket_mode=config.nbd.socket_mode_bits, socket_gid=d.socket_gid,
             tls_dir=config.nbd.tls_dir, tls_verify_peer=config.nbd.tls_verify_peer,
             allow_plain_tcp=config.nbd.allow_plain_tcp, timeout=d.qmp_timeout))
         # Sessions start once every service has hooked in, so the first
         # connect is reconciled like every later one.
         domains.start((c.name, str(c.qmp_socket)) for c in config.domain)
 
-        server = RpcServer(d.socket, d.socket_mode_bits,
-                           build_methods(domains, snapshots, checkpoints, exports, events))
-        await server.start(bind_unix_socket(d.socket, d.socket_mode_bits))
+        server = RpcServer(d.socket,
+                           build_methods(domains, snapshots, checkpoints, exports, events),
+                           AccessPolicy(d.allowed_uids, d.allowed_gids))
+        await server.start(bind_unix_socket(d.socket, d.socket_mode_bits, d.socket_gid))
         stack.push_async_callback(server.close)
 
         log.info("blockbackupd %s listening on %s", __version__, d.socket)

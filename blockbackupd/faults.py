@@ -24,11 +24,13 @@ log = logging.getLogger("blockbackupd.faults")
 
 
 async def check(step: str) -> None:
-    """Fail (``BLOCKBACKUPD_FAIL_AT=<step>``) or linger for a minute
-    (``BLOCKBACKUPD_PAUSE_AT=<step>``, so a test can cancel the operation there).
+    """Fail (``BLOCKBACKUPD_FAIL_AT=<step>``), linger for a minute
+    (``BLOCKBACKUPD_PAUSE_AT=<step>``, so a test can cancel the operation there)
+    or die (``BLOCKBACKUPD_CRASH_AT=<step>``, see :func:`crash_point`).
 
     :raise OperationFailed: when the environment asks to fail at this step.
     """
+    crash_point(step)
     if os.environ.get(ENV) == step:
         raise OperationFailed(f"injected failure at {step}")
     if os.environ.get(PAUSE_ENV) == step:

@@ -56,8 +56,8 @@ class Lock:
         os.close(self._fd)
 
 
-def bind_unix_socket(path: Path, mode: int) -> socket.socket:
-    """Bind and listen on a UNIX socket with the given mode.
+def bind_unix_socket(path: Path, mode: int, gid: int | None = None) -> socket.socket:
+    """Bind and listen on a UNIX socket with the given mode (and group).
 
     A socket file that nothing answers on is stale and replaced; one that
     answers belongs to a live daemon and start-up is refused. A path that is
@@ -83,9 +83,13 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o777 & ~mode)  # no window in which the socket is more open
+    # Owner only until the group and mode are set: no window in which the
+    # socket is open to more than the final group and mode allow.
+    old_umask = os.umask(0o077 | (0o777 & ~mode))
     try:
         sock.bind(str(path))
+        if gid is not None:
+            os.chown(path, -1, gid)
         os.chmod(path, mode)
         sock.listen(128)
     except OSError as err:

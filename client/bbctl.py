@@ -52,7 +52,17 @@ def _read_xml(path: str) -> str:
 
 def _daemon_info(c: Client, a: argparse.Namespace) -> Result:
     info = c.daemon_info()
-    return info, _fields(info)
+    text = _fields({k: v for k, v in info.items() if k != "per_domain"})
+    rows = [[d["name"], d["state"], str(d["snapshots"]), str(d["exports"]),
+             str(d["checkpoints"]),
+             "-" if d["last_error"] is None else
+             time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(d["last_error"]["time"]))
+             + d["last_error"]["message"]]
+            for d in info.get("per_domain", [])]
+    if rows:
+        text += "\n\n" + _table(rows, ["DOMAIN", "STATE", "SNAPSHOTS", "EXPORTS",
+                                        "CHECKPOINTS", "LAST ERROR"])
+    return info, text
 
 
 def _domain_list(c: Client, a: argparse.Namespace) -> Result:

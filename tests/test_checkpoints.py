@@ -4,7 +4,6 @@ restarts, crashes, and read back over NBD with libnbd."""
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from lxml import etree
 from blockbackup_client import (
     AlreadyExists,
     CheckpointBroken,
-    ConnectionLost,
     InvalidArgument,
     NoSuchCheckpoint,
     NoSuchDisk,
@@ -297,56 +295,6 @@ def test_checkpoints_survive_daemon_restart(defined: tuple[Daemon, Vm]) -> None:
     with daemon.client() as c:
         assert c.call("checkpoint.list", domain="vm1") == ["cp1"]
         assert changes(c, "cp1") == runs({4, 5})
-
-
-@pytest.mark.parametrize("step", ["checkpoint-create:before-store",
-                                  "checkpoint-delete:before-store"])
-def test_daemon_killed_between_qemu_and_store(make_vm: Callable[..., Vm],
-                                              make_daemon: Callable[..., Daemon],
-                                              step: str) -> None:
-    vm = make_vm()
-    daemon = make_daemon()
-    g = Guest(vm)
-    with daemon.client() as c:
-        c.domain_define("vm1", str(vm.daemon_qmp))
-        wait_for(lambda: domain_state(daemon, "vm1") == "running")
-        checkpoint(c, "cp1")
-        g.write("sda", 1)
-    daemon.stop()
-    daemon.env = {"BLOCKBACKUPD_CRASH_AT": step}
-    daemon.start()
-    wait_for(lambda: domain_state(daemon, "vm1") == "running")
-    client = daemon.client()
-    with pytest.raises(ConnectionLost):
-        if step.startswith("checkpoint-create"):
-            client.snapshot_create("vm1", snapshot_xml("cp2"), checkpoint=True)
-        else:
-            client.call("checkpoint.delete", domain="vm1", name="cp1")
-    client.close()
-    assert daemon.proc is not None
-    assert daemon.proc.wait(10) == -signal.SIGKILL
-    daemon.proc = None
-    daemon.env = {}
-    daemon.start()
-    wait_for(lambda: domain_state(daemon, "vm1") == "running")
-    g.write("sda", 2)
-    bitmaps = bitmap_names(vm)
-    with daemon.client() as c:
-        names = c.call("checkpoint.list", domain="vm1")
-        if step.startswith("checkpoint-create"):
-            # QEMU had made the checkpoint: the restart finished recording it.
-            assert names == ["cp1", "cp2"] and bitmaps == {"cp1", "cp2"}
-            assert changes(c, "cp2") == runs({2})
-            assert changes(c, "cp1") == runs({1, 2})
-        else:
-            assert names == [] and bitmaps == set()
-        # Nothing of the interrupted snapshot is left in QEMU or on disk.
-        assert c.snapshot_list("vm1") == []
-    assert not any(n.startswith("bb-") for n in vm.node_names())
-    assert all(not n.startswith("bb-") for n in vm.top_nodes().values())
-    assert os.listdir(daemon.daemon_keys["scratch_dir"]) == []
-    if step.startswith("checkpoint-create"):
-        assert "left by an earlier daemon" in daemon.log()
 
 
 def test_redefine_after_the_store_is_lost(defined: tuple[Daemon, Vm]) -> None:

@@ -42,6 +42,12 @@ def test_defaults_are_the_contracts() -> None:
     ('[[domain]]\nname = "a"\nqmp_socket = "/q"\n[[domain]]\nname = "a"\nqmp_socket = "/r"\n',
      "domain: Value error, domain 'a' is defined twice"),
     ('[daemon\n', "not valid TOML"),
+    ('[daemon]\nsocket_group = "no-such-group"\n',
+     "daemon.socket_group: Value error, no group 'no-such-group' on this host"),
+    ('[daemon]\nallowed_users = ["root", "no-such-user"]\n',
+     "daemon.allowed_users: Value error, no user 'no-such-user' on this host"),
+    ('[daemon]\nallowed_groups = [4000000]\n',
+     "daemon.allowed_groups: Value error, no group 4000000 on this host"),
 ])
 def test_bad_config_names_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -8,13 +8,17 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from blockbackup_client import OperationFailed
 from blockbackupd import __version__
+from tests.conftest import bbctl, domain_state, export_xml, snapshot_xml, wait_for
 from tools.daemon import Daemon
+from tools.vm import Vm
 
 
 def test_creates_directories_and_socket_with_mode(make_daemon: Callable[..., Daemon],
@@ -34,7 +38,7 @@ def test_default_socket_mode_is_0660(daemon: Daemon) -> None:
 
 def test_daemon_info(daemon: Daemon) -> None:
     with daemon.client() as c:
-        assert c.daemon_info() == {"version": __version__, "domains": 0}
+        assert c.daemon_info() == {"version": __version__, "domains": 0, "per_domain": []}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -138,3 +142,35 @@ def test_systemd_notify_ready_only_once_serving_then_stopping(workdir: Path) -> 
         d.kill()
         receiver.close()
 
+
+
+def test_daemon_info_per_domain(make_daemon: Callable[..., Daemon],
+                                make_vm: Callable[..., Vm]) -> None:
+    d = make_daemon()
+    d.stop()
+    d.env = {"BLOCKBACKUPD_FAIL_AT": "export:added"}
+    d.start()
+    vm = make_vm()
+    with d.client() as c:
+        c.domain_define("vm1", str(vm.daemon_qmp))
+        c.domain_define("vm2", str(vm.workdir / "nothing.qmp"))
+        wait_for(lambda: domain_state(d, "vm1") == "running")
+        c.snapshot_create("vm1", snapshot_xml("s1"), checkpoint=True)
+        c.snapshot_create("vm1", snapshot_xml("s2"))
+        with pytest.raises(OperationFailed):
+            c.export_start("vm1", export_xml([("sda", "s1")]))
+        before = int(time.time())
+        info = c.daemon_info()
+    assert info["domains"] == 2
+    error = info["per_domain"][0].pop("last_error")
+    assert error["message"] == "export.start: injected failure at export:added"
+    assert abs(error["time"] - before) <= 1
+    assert info["per_domain"] == [
+        {"name": "vm1", "state": "running", "snapshots": 2, "exports": 0, "checkpoints": 1},
+        {"name": "vm2", "state": "disconnected", "snapshots": 0, "exports": 0,
+         "checkpoints": 0, "last_error": None}]
+    r = bbctl(d, "daemon", "info")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[3].split()[:5] == ["DOMAIN", "STATE", "SNAPSHOTS", "EXPORTS",
+                                                     "CHECKPOINTS"]
+    assert "injected failure at export:added" in r.stdout

@@ -16,7 +16,7 @@ from jsonrpcserver import Error, Result, Success
 from pydantic import ValidationError
 
 from .. import __version__
-from ..errors import BlockbackupError
+from ..errors import BlockbackupError, NoSuchDomain, OperationFailed
 from ..services.checkpoints import CheckpointService
 from ..services.domains import DomainService
 from ..services.events import EventBus, Subscription
@@ -55,8 +55,8 @@ def describe_validation_error(err: ValidationError) -> str:
     return "invalid params: " + "; ".join(parts)
 
 
-def _wrap(name: str, model: type[P], handler: Callable[[Peer, P], Awaitable[Any]]
-          ) -> Callable[..., Awaitable[Result]]:
+def _wrap(name: str, model: type[P], handler: Callable[[Peer, P], Awaitable[Any]],
+          failed: Callable[[str, str], None]) -> Callable[..., Awaitable[Result]]:
     # No functools.wraps: jsonrpcserver binds params against this signature.
     async def method(peer: Peer, *positional: Any, **raw: Any) -> Result:
         if positional:
@@ -69,6 +69,9 @@ def _wrap(name: str, model: type[P], handler: Callable[[Peer, P], Awaitable[Any]
             return Success(await handler(peer, params))
         except BlockbackupError as err:
             log.info("%s from %s failed: %s (%s)", name, peer.name, err.message, err.kind)
+            domain = getattr(params, "domain", None)
+            if isinstance(err, OperationFailed) and isinstance(domain, str):
+                failed(domain, f"{name}: {err.message}")
             return Error(err.code, err.message, {"kind": err.kind})
         except asyncio.CancelledError:
             raise
@@ -84,7 +87,19 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
     """The jsonrpcserver method table for the daemon's services."""
 
     async def daemon_info(peer: Peer, _: p.NoParams) -> dict[str, Any]:
-        return {"version": __version__, "domains": len(domains)}
+        return {"version": __version__, "domains": len(domains), "per_domain": [
+            {"name": d.name, "state": d.state.value,
+             "snapshots": len(snapshots.names(d.name)),
+             "exports": len(exports.exports(d.name)),
+             "checkpoints": len(checkpoints.names(d.name)),
+             "last_error": d.last_error}
+            for d in domains.all()]}
+
+    def failed(domain: str, message: str) -> None:
+        try:
+            domains.get(domain).note_error(message)
+        except NoSuchDomain:
+            pass
 
     async def domain_define(peer: Peer, a: p.DomainDefine) -> dict[str, Any]:
         domain = await domains.define(a.name, a.qmp_socket)
@@ -198,4 +213,5 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         "export.list": (p.DomainRef, export_list),
         "events.subscribe": (p.EventsSubscribe, events_subscribe),
     }
-    return {name: _wrap(name, model, handler) for name, (model, handler) in table.items()}
+    return {name: _wrap(name, model, handler, failed)
+            for name, (model, handler) in table.items()}

@@ -18,14 +18,15 @@ import json
 import logging
 import os
 import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jsonrpcserver import async_dispatch
+from jsonrpcserver import Error, Result, async_dispatch
 
+from ..errors import PermissionDenied
 from ..services.events import Subscription
+from .access import AccessPolicy, Credentials
 
 log = logging.getLogger("blockbackupd.rpc")
 
@@ -48,21 +49,20 @@ class Connection:
     _counter = 0
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 methods: dict[str, Callable[..., Any]]) -> None:
+                 methods: dict[str, Callable[..., Any]], policy: AccessPolicy) -> None:
         Connection._counter += 1
         self.name = f"client#{Connection._counter}"
         self._reader = reader
         self._writer = writer
-        self._methods = methods
+        #: The peer's credentials, from the kernel.
+        self.credentials = Credentials.of(writer.get_extra_info("socket"))
+        self.allowed = policy.allows(self.credentials)
+        self._methods = methods if self.allowed else {name: _denied for name in methods}
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED)
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
         self._closed = False
-        cred = writer.get_extra_info("socket").getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        #: (pid, uid, gid) of the peer, from the kernel.
-        self.credentials: tuple[int, int, int] = struct.unpack("3i", cred)
 
     # -- Peer -----------------------------------------------------------------
 
@@ -89,7 +89,13 @@ class Connection:
         self._writer.transport.abort()
 
     async def serve(self) -> None:
-        log.debug("%s connected (pid=%d uid=%d gid=%d)", self.name, *self.credentials)
+        c = self.credentials
+        if self.allowed:
+            log.debug("%s connected (pid=%d uid=%d gid=%d)", self.name, c.pid, c.uid, c.gid)
+        else:
+            log.warning("%s: pid %d uid %d gid %d is not allowed to call methods "
+                        "(daemon.allowed_users, daemon.allowed_groups)",
+                        self.name, c.pid, c.uid, c.gid)
         writer_task = asyncio.create_task(self._write_loop())
         try:
             try:
@@ -178,13 +184,19 @@ class Connection:
                 self._closed = True
 
 
+async def _denied(peer: Connection, *args: Any, **kwargs: Any) -> Result:
+    err = PermissionDenied(f"uid {peer.credentials.uid} may not call methods of this daemon")
+    return Error(err.code, err.message, {"kind": err.kind})
+
+
 class RpcServer:
     """Listens on the UNIX socket and serves every connection concurrently."""
 
-    def __init__(self, path: Path, mode: int, methods: dict[str, Callable[..., Any]]) -> None:
+    def __init__(self, path: Path, methods: dict[str, Callable[..., Any]],
+                 policy: AccessPolicy) -> None:
         self.path = path
-        self.mode = mode
         self._methods = methods
+        self._policy = policy
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -197,7 +209,7 @@ class RpcServer:
         assert task is not None
         self._connections.add(task)
         try:
-            await Connection(reader, writer, self._methods).serve()
+            await Connection(reader, writer, self._methods, self._policy).serve()
         finally:
             self._connections.discard(task)
 

@@ -198,6 +198,7 @@ class CheckpointService:
         if checkpoint:
             intent = self._store.add_intent(domain.name, "checkpoint-create", {
                 "name": name, "disks": [d.disk for d in new_disks]})
+            faults.crash_point("checkpoint-create:intent-recorded")
         created = time.time()
 
         async def undo() -> None:
@@ -368,6 +369,7 @@ class CheckpointService:
                                               name=usable.record.bitmap))
                 actions.append(action("block-dirty-bitmap-remove", node=node, name=rec.bitmap))
             intent = self._store.add_intent(domain_name, "checkpoint-delete", {"name": name})
+            faults.crash_point("checkpoint-delete:intent-recorded")
             try:
                 await Bitmaps(domain.session).transaction(actions)
             except BaseException:
@@ -454,7 +456,8 @@ class CheckpointService:
         bitmaps = await Bitmaps(domain.session).on_nodes()
         disks = {d.name: d for d in await query_disks(domain.session)}
         for intent in self._store.intents(domain.name):
-            self._settle(domain, intent, disks, bitmaps)
+            if intent.kind in ("checkpoint-create", "checkpoint-delete"):
+                self._settle(domain, intent, disks, bitmaps)
         self._check(domain.name, disks, bitmaps)
 
     def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk],

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import AlreadyExists, Busy, DomainNotConnected, InvalidArgument, NoSuchDomain
 from ..model import DomainState, ExportDiskSpec
@@ -33,10 +35,16 @@ class Domain:
     #: Held by every operation that changes the domain's block graph
     #: (snapshots, exports, probes), so they never interleave.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The last thing that went wrong with the domain, for operators
+    #: (daemon.info): {"time": unix seconds, "message": ...}, or None.
+    last_error: dict[str, Any] | None = None
 
     @property
     def state(self) -> DomainState:
         return self.session.state
+
+    def note_error(self, message: str) -> None:
+        self.last_error = {"time": int(time.time()), "message": message}
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class DomainService:
     def __init__(self, store: Store, events: EventBus, settings: DomainSettings) -> None:
         self._store = store
         self._events = events
+        events.subscribe(None, self._on_event)
         self._settings = settings
         self._domains: dict[str, Domain] = {}
         self._usage_checks: list[Callable[[str], str | None]] = []
@@ -64,9 +73,26 @@ class DomainService:
         #: Set by the export service: the domain's exports.
         self.exports_of: Callable[[str], Iterable[ExportDiskSpec]] = lambda domain: ()
 
-    def add_connect_hook(self, hook: Callable[[Domain], Awaitable[None]]) -> None:
-        """hook(domain) runs on every (re)connect, before the domain counts as connected."""
-        self._connect_hooks.append(hook)
+    def _on_event(self, event: dict[str, Any]) -> None:
+        """Breaks are what an operator must hear about: keep the last one."""
+        domain = self._domains.get(event["domain"])
+        if domain is None:
+            return
+        if event["type"] == "snapshot-broken":
+            domain.note_error(f"snapshot {event['snapshot']} broke on disk {event['disk']}: "
+                              f"{event['reason']}")
+        elif event["type"] == "checkpoint-broken":
+            domain.note_error(f"checkpoint {event.get('checkpoint')} broke: "
+                              f"{event.get('reason')}")
+
+    def add_connect_hook(self, hook: Callable[[Domain], Awaitable[None]],
+                         first: bool = False) -> None:
+        """hook(domain) runs on every (re)connect, before the domain counts as
+        connected; in the order added, or before all others with ``first``."""
+        if first:
+            self._connect_hooks.insert(0, hook)
+        else:
+            self._connect_hooks.append(hook)
 
     async def _connected_hooks(self, session: DomainSession) -> None:
         domain = self._domains.get(session.domain)

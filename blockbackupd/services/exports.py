@@ -23,6 +23,7 @@ from ..errors import AlreadyExists, Busy, InvalidArgument, OperationFailed, Unsu
 from ..model import ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
 from ..qemu.blockops import Bitmaps, BlockOps
 from ..qemu.nbdread import dirty_extents
+from ..store.db import Store
 from .checkpoints import CheckpointService
 from .domains import Domain, DomainService
 from .events import EventBus
@@ -36,6 +37,7 @@ log = logging.getLogger("blockbackupd.exports")
 class ExportSettings:
     run_dir: Path
     socket_mode: int
+    socket_gid: int | None
     tls_dir: str
     tls_verify_peer: bool
     allow_plain_tcp: bool
@@ -67,14 +69,22 @@ class Export:
 class _Server:
     address: NbdAddress
     tls_object: str | None
+    #: The store's record that this server runs, so that a daemon killed at
+    #: any moment stops it on the next connect.
+    record: int
     exports: dict[str, Export] = field(default_factory=dict)  # by NBD export name
+
+
+#: Kind of the store records that say the daemon started a domain's NBD server.
+SERVER_RECORD = "nbd-server"
 
 
 class ExportService:
     def __init__(self, domains: DomainService, snapshots: SnapshotService,
-                 checkpoints: CheckpointService, events: EventBus,
+                 checkpoints: CheckpointService, events: EventBus, store: Store,
                  settings: ExportSettings) -> None:
         self._domains = domains
+        self._store = store
         self._snapshots = snapshots
         self._checkpoints = checkpoints
         checkpoints.bitmap_reader = self.read_bitmaps
@@ -84,6 +94,8 @@ class ExportService:
         events.subscribe(None, self._on_event)
         domains.add_usage_check(self._usage)
         domains.exports_of = lambda d: [e.spec() for e in self.exports(d)]
+        # Before the snapshot service's: exports go before the nodes they read.
+        domains.add_connect_hook(self.clean_leftovers, first=True)
 
     # -- queries ----------------------------------------------------------------
 
@@ -222,23 +234,59 @@ class ExportService:
             tls_object = creds = f"{PREFIX}tls-{secrets.token_hex(4)}"
             await ops.add_tls_creds(creds, self._settings.tls_dir, self._settings.tls_verify_peer)
             undo.push(f"TLS credentials {creds}", lambda: ops.delete_object(creds))
-        if address.socket is not None:
-            _remove_socket(address.socket)  # left by a QEMU that was killed
-        await ops.nbd_server_start(address, tls_object)
-        undo.push("NBD server", lambda: self._stop_server(ops, address))
+        record = await self._start_nbd(domain, ops, address, tls_object, undo)
         await faults.check("export:server-started")
         if address.socket is not None:
             try:
+                if self._settings.socket_gid is not None:
+                    os.chown(address.socket, -1, self._settings.socket_gid)
                 os.chmod(address.socket, self._settings.socket_mode)
             except OSError as err:
-                raise OperationFailed(f"cannot set the mode of {address.socket}: {err}") from err
+                raise OperationFailed(f"cannot set the group or mode of {address.socket}: "
+                                      f"{err}") from err
         log.info("domain %s: NBD server listening on %s", domain.name, _describe(address))
-        return _Server(address, tls_object)
+        return _Server(address, tls_object, record)
 
-    async def _stop_server(self, ops: BlockOps, address: NbdAddress) -> None:
+    async def _start_nbd(self, domain: Domain, ops: BlockOps, address: NbdAddress,
+                         tls_object: str | None, undo: Undo) -> int:
+        """Start the domain's NBD server, recorded in the store first."""
+        record = self._store.add_intent(domain.name, SERVER_RECORD, {"socket": address.socket})
+        undo.push("record of the NBD server", partial(self._store.drop_intent, record))
+        if address.socket is not None:
+            _remove_socket(address.socket)  # left by a QEMU that was killed
+        await ops.nbd_server_start(address, tls_object)
+        undo.push("NBD server", partial(self._stop_server, ops, address, None))
+        return record
+
+    async def _stop_server(self, ops: BlockOps, address: NbdAddress,
+                           record: int | None) -> None:
         await ops.nbd_server_stop()
         if address.socket is not None:
             _remove_socket(address.socket)
+        if record is not None:
+            self._store.drop_intent(record)
+
+    async def clean_leftovers(self, domain: Domain) -> None:
+        """Remove the exports a daemon that died left in this QEMU, and the NBD
+        server the store says it started (unless someone else exports on it)."""
+        ops = BlockOps(domain.session)
+        exports = await domain.session.execute("query-block-exports")
+        ours = [e["id"] for e in exports if e["id"].startswith(PREFIX)]
+        for export_id in ours:
+            await ops.export_del(export_id, self._settings.timeout)
+        records = [r for r in self._store.intents(domain.name) if r.kind == SERVER_RECORD]
+        if (records or ours) and len(ours) == len(exports):
+            try:
+                await ops.nbd_server_stop()
+            except OperationFailed as err:  # it was not running
+                log.debug("domain %s: nbd-server-stop: %s", domain.name, err)
+        for record in records:
+            if record.payload.get("socket"):
+                _remove_socket(record.payload["socket"])
+            self._store.drop_intent(record.id)
+        if ours or records:
+            log.warning("domain %s: removed %d export(s) and the NBD server left by an earlier "
+                        "daemon", domain.name, len(ours))
 
     # -- stop -------------------------------------------------------------------
 
@@ -286,8 +334,9 @@ class ExportService:
                 await Bitmaps(domain.session).remove(export.view_node, export.checkpoint)
             del server.exports[export.name]
             log.info("export %s/%s stopped", domain.name, export.name)
+        await faults.check("export-stop:removed")
         if not server.exports:
-            await self._stop_server(ops, server.address)
+            await self._stop_server(ops, server.address, server.record)
             if server.tls_object is not None:
                 await ops.delete_object(server.tls_object)
             del self._servers[domain.name]
@@ -321,11 +370,10 @@ class ExportService:
             address = server.address if server is not None else NbdAddress(
                 "unix", socket=str(self._settings.run_dir / f"{domain.name}.nbd"))
             if server is None:
-                _remove_socket(str(address.socket))
-                await ops.nbd_server_start(address, None)
-                undo.push("NBD server", lambda: self._stop_server(ops, address))
+                await self._start_nbd(domain, ops, address, None, undo)
             await ops.export_add(export_id, node, name, ["changes"])
             undo.push(name, partial(ops.export_del, export_id, self._settings.timeout))
+            await faults.check("changes:exported")
             try:
                 return await asyncio.to_thread(dirty_extents, str(address.socket), name,
                                                "qemu:dirty-bitmap:changes")
@@ -339,8 +387,10 @@ class ExportService:
     def _on_event(self, event: dict[str, Any]) -> None:
         if event["type"] == "domain-disconnected":
             server = self._servers.pop(event["domain"], None)
-            if server is not None and server.address.socket is not None:
-                _remove_socket(server.address.socket)
+            if server is not None:
+                if server.address.socket is not None:
+                    _remove_socket(server.address.socket)
+                self._store.drop_intent(server.record)
 
 
 def _remove_socket(path: str) -> None:

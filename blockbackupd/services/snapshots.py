@@ -42,6 +42,7 @@ from ..model import Disk, SnapshotDiskView, SnapshotState, SnapshotView
 from ..names import check_name
 from ..qemu.blockgraph import query_disks
 from ..qemu.blockops import Bitmaps, BlockOps
+from ..store.db import Store
 from . import scratch
 from .domains import Domain, DomainService
 from .events import EventBus
@@ -86,6 +87,9 @@ class SnapshotDisk:
     #: from X up to ``boundary`` (excluded) plus ``tail``.
     boundary: str | None = None
     tail: str | None = None
+    #: The store's record of the scratch file, kept while the file exists, so
+    #: that a daemon killed at any moment removes it on the next connect.
+    record: int | None = None
 
     def nodes(self) -> list[str]:
         """Our nodes, in the order they can be deleted."""
@@ -150,11 +154,16 @@ class Instant:
 InstantHook = Callable[[Domain, str, list[SnapshotDisk], bool], Awaitable[Instant]]
 
 
+#: Kind of the store records that say a scratch file exists.
+SCRATCH_RECORD = "scratch"
+
+
 class SnapshotService:
-    def __init__(self, domains: DomainService, events: EventBus,
+    def __init__(self, domains: DomainService, events: EventBus, store: Store,
                  settings: SnapshotSettings) -> None:
         self._domains = domains
         self._events = events
+        self._store = store
         self._settings = settings
         self._by_domain: dict[str, _DomainSnapshots] = {}
         self._before_delete: list[BeforeDelete] = []
@@ -290,6 +299,11 @@ class SnapshotService:
                     filter_node=f"{base}-filter", view_node=f"{base}-view",
                     probe_window=f"{base}-probe", probe_sink=f"{base}-sink")
                 parts.append(part)
+            for part in parts:
+                part.record = self._store.add_intent(domain.name, SCRATCH_RECORD, {
+                    "name": name, "disk": part.disk.name, "file": str(part.scratch)})
+                undo.push(f"record of {part.scratch}", partial(self._store.drop_intent,
+                                                                part.record))
             # qemu-img runs once per disk: run them side by side.
             made = await asyncio.gather(*(scratch.create(p.scratch, p.disk.size) for p in parts),
                                         return_exceptions=True)
@@ -401,6 +415,7 @@ class SnapshotService:
                 for node in part.nodes()[:3]:  # probe nodes and the view
                     if node in existing:
                         await ops.delete_node(node)
+                await faults.check("snapshot-delete:view-removed")
                 if part not in state.retired:
                     state.retired.append(part)
             del state.snapshots[name]
@@ -423,11 +438,13 @@ class SnapshotService:
                 if top == part.filter_node:
                     await ops.set_drive(part.disk.qdev, part.source)
                     tops[part.disk.name] = part.source
+                    await faults.check("snapshot-delete:path-restored")
                 for node in part.nodes()[3:]:  # filter, scratch node
                     if node in existing:
                         await ops.delete_node(node)
                         existing.discard(node)
-                scratch.remove(part.scratch)
+                    await faults.check("snapshot-delete:node-removed")
+                self._remove_scratch(part)
                 state.retired.remove(part)
                 progress = True
 
@@ -473,19 +490,12 @@ class SnapshotService:
 
     async def clean_leftovers(self, domain: Domain) -> None:
         """Remove what a daemon that died left in this QEMU: snapshot filters
-        (the disk's I/O path restored), their nodes, exports, scratch files
-        and non-persistent bitmaps, all named with our prefix."""
+        (the disk's I/O path restored), their nodes, scratch files and
+        non-persistent bitmaps, all named with our prefix, and the scratch
+        files the store says were made, even those no node used yet.
+        (The export service removed its exports just before.)"""
         session = domain.session
         ops = BlockOps(session)
-        exports = await session.execute("query-block-exports")
-        our_exports = [e["id"] for e in exports if e["id"].startswith(PREFIX)]
-        for export_id in our_exports:
-            await ops.export_del(export_id, 10.0)
-        if our_exports and len(our_exports) == len(exports):
-            try:
-                await ops.nbd_server_stop()
-            except Exception as err:  # no server, or not ours to stop
-                log.debug("domain %s: nbd-server-stop: %s", domain.name, err)
         nodes = await session.execute("query-named-block-nodes", {"flat": True})
         ours = [n["node-name"] for n in nodes if n["node-name"].startswith(PREFIX)]
         files = [n.get("file", "") for n in nodes
@@ -529,10 +539,26 @@ class SnapshotService:
         for obj in await session.execute("qom-list", {"path": "/objects"}):
             if obj["name"].startswith(PREFIX):
                 await ops.delete_object(obj["name"])
-        if our_exports or ours:
-            log.warning("domain %s: removed %d node(s), %d export(s), %d scratch file(s) left "
-                        "by an earlier daemon", domain.name, len(ours), len(our_exports),
-                        len(files))
+        live = {part.record for snap in self._state(domain.name).snapshots.values()
+                for part in snap.disks} | {part.record for part in self._state(domain.name).retired}
+        for record in self._store.intents(domain.name):
+            if record.kind == SCRATCH_RECORD and record.id not in live:
+                path = Path(record.payload["file"])
+                if path.exists() and str(path) not in files:
+                    files.append(str(path))
+                if any(path.parent.resolve().is_relative_to(d.resolve())
+                       for d in self._settings.scratch_dirs):
+                    scratch.remove(path)
+                self._store.drop_intent(record.id)
+        if ours or files:
+            log.warning("domain %s: removed %d node(s) and %d scratch file(s) left by an "
+                        "earlier daemon", domain.name, len(ours), len(files))
+
+    def _remove_scratch(self, part: SnapshotDisk) -> None:
+        scratch.remove(part.scratch)
+        if part.record is not None:
+            self._store.drop_intent(part.record)
+            part.record = None
 
     # -- QEMU gone ----------------------------------------------------------------
 
@@ -548,10 +574,10 @@ class SnapshotService:
         if state.prober is not None:
             state.prober.cancel()
         for part in state.retired:
-            scratch.remove(part.scratch)
+            self._remove_scratch(part)
         for snapshot in state.snapshots.values():
             for part in snapshot.disks:
-                scratch.remove(part.scratch)
+                self._remove_scratch(part)
             log.warning("snapshot %s/%s dropped: its QEMU went away", domain, snapshot.name)
 
 
