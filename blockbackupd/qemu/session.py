@@ -52,6 +52,10 @@ class _Listener(EventListener):
             await self._queue.put(event)
 
 
+class NoAnswer(OperationFailed):
+    """QEMU did not answer in time: unlike a refusal, the command may still run."""
+
+
 class DomainSession:
     """A self-reconnecting QMP session to one domain's QEMU."""
 
@@ -131,7 +135,7 @@ class DomainSession:
                 raise DomainNotConnected(self.domain, "QEMU reset its monitor") from err
             raise OperationFailed(f"QEMU refused {command}: {err}") from err
         except TimeoutError as err:
-            raise OperationFailed(
+            raise NoAnswer(
                 f"QEMU did not answer {command} within {self.command_timeout:g} s"
             ) from err
         except (ExecInterruptedError, ConnectionError, EOFError) as err:

@@ -35,12 +35,14 @@ from ..errors import (
     InvalidArgument,
     NoSuchCheckpoint,
     NoSuchDisk,
+    OperationFailed,
     Unsupported,
 )
 from ..model import Disk
 from ..names import check_name
 from ..qemu.blockgraph import query_disks
 from ..qemu.blockops import Bitmaps, action, bitmap_ref
+from ..qemu.session import DomainSession, NoAnswer
 from ..store import Store
 from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
 from .domains import Domain, DomainService
@@ -195,25 +197,21 @@ class CheckpointService:
                 bounds[disk.name] = (recording.name, tail)
 
         intent = None
+        payload = {"name": name, "disks": [d.disk for d in new_disks],
+                   "added": added, "disabled": disabled}
         if checkpoint:
-            intent = self._store.add_intent(domain.name, "checkpoint-create", {
-                "name": name, "disks": [d.disk for d in new_disks]})
+            intent = self._store.add_intent(domain.name, "checkpoint-create", payload)
             faults.crash_point("checkpoint-create:intent-recorded")
         created = time.time()
 
         async def undo() -> None:
-            ops = Bitmaps(domain.session)
-            now = await ops.on_nodes()
-            if not any(b in now.get(n, {}) for n, b in added):
-                return  # the transaction never ran
-            for node, bitmap in disabled:
-                newer = next((b for n, b in added if n == node and b == name), None)
-                if newer is not None and newer in now.get(node, {}):
-                    await ops.merge(node, bitmap, [bitmap_ref(node, newer)])
-                await ops.enable(node, bitmap)
-            for node, bitmap in added:
-                if bitmap in now.get(node, {}):
-                    await ops.remove(node, bitmap)
+            await _revert_instant(domain.session, added, disabled, name)
+
+        def keep() -> None:
+            # The snapshot failed but QEMU may hold the new bitmaps: the next
+            # connect reverts them, as the failed request meant to.
+            if intent is not None:
+                self._store.update_intent(intent, {**payload, "rollback": True})
 
         async def commit() -> None:
             if intent is None:
@@ -232,7 +230,7 @@ class CheckpointService:
             if intent is not None:
                 self._store.drop_intent(intent)
 
-        return Instant(actions, bounds, undo, commit, abort)
+        return Instant(actions, bounds, undo, commit, abort, keep)
 
     # -- change sets ---------------------------------------------------------------
 
@@ -372,9 +370,12 @@ class CheckpointService:
             faults.crash_point("checkpoint-delete:intent-recorded")
             try:
                 await Bitmaps(domain.session).transaction(actions)
-            except BaseException:
-                self._store.drop_intent(intent)
+            except OperationFailed as err:
+                if not isinstance(err, NoAnswer):
+                    self._store.drop_intent(intent)  # QEMU refused: nothing happened
                 raise
+            # Otherwise (connection lost, cancelled) QEMU may have run it: the
+            # intent stays, and the next connect settles it by what QEMU shows.
             for part, boundary, tail in moves:
                 part.boundary, part.tail = boundary, tail
             faults.crash_point("checkpoint-delete:before-store")
@@ -456,7 +457,14 @@ class CheckpointService:
         bitmaps = await Bitmaps(domain.session).on_nodes()
         disks = {d.name: d for d in await query_disks(domain.session)}
         for intent in self._store.intents(domain.name):
-            if intent.kind in ("checkpoint-create", "checkpoint-delete"):
+            if intent.kind == "checkpoint-create" and intent.payload.get("rollback"):
+                await _revert_instant(domain.session, intent.payload["added"],
+                                      intent.payload["disabled"], intent.payload["name"])
+                self._store.drop_intent(intent.id)
+                log.warning("checkpoint %s/%s: its snapshot failed mid-way; reverted its "
+                            "bitmaps", domain.name, intent.payload["name"])
+                bitmaps = await Bitmaps(domain.session).on_nodes()
+            elif intent.kind in ("checkpoint-create", "checkpoint-delete"):
                 self._settle(domain, intent, disks, bitmaps)
         self._check(domain.name, disks, bitmaps)
 
@@ -526,6 +534,25 @@ class CheckpointService:
                 log.error("checkpoint %s/%s broken: %s", domain, cp.name, cp.broken)
                 self._events.publish(domain, "checkpoint-broken", checkpoint=cp.name,
                                      reason=cp.broken)
+
+async def _revert_instant(session: DomainSession, added: Sequence[Sequence[str]],
+                          disabled: Sequence[Sequence[str]], name: str) -> None:
+    """Undo a snapshot instant's bitmap transaction, judging by what QEMU shows
+    (safe whether or not it ran): what the new segment recorded goes back into
+    the segment it replaced, which records again; the added bitmaps go."""
+    ops = Bitmaps(session)
+    now = await ops.on_nodes()
+    if not any(b in now.get(n, {}) for n, b in added):
+        return  # the transaction never ran
+    for node, bitmap in disabled:
+        newer = next((b for n, b in added if n == node and b == name), None)
+        if newer is not None and newer in now.get(node, {}):
+            await ops.merge(node, bitmap, [bitmap_ref(node, newer)])
+        await ops.enable(node, bitmap)
+    for node, bitmap in added:
+        if bitmap in now.get(node, {}):
+            await ops.remove(node, bitmap)
+
 
 def _bitmap_problem(info: dict[str, Any] | None, bitmap: str, disk: Disk,
                     granularity: int | None = None) -> str | None:

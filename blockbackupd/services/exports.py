@@ -158,8 +158,8 @@ class ExportService:
                               partial(ops.export_del, export.export_id, self._settings.timeout))
                     made.append(export)
                     await faults.check("export:added")
-            except BaseException:
-                await undo.rollback()
+            except BaseException as err:
+                await undo.rollback(err)
                 raise
             undo.discard()
             for export in made:
@@ -251,7 +251,7 @@ class ExportService:
                          tls_object: str | None, undo: Undo) -> int:
         """Start the domain's NBD server, recorded in the store first."""
         record = self._store.add_intent(domain.name, SERVER_RECORD, {"socket": address.socket})
-        undo.push("record of the NBD server", partial(self._store.drop_intent, record))
+        undo.push_record("record of the NBD server", partial(self._store.drop_intent, record))
         if address.socket is not None:
             _remove_socket(address.socket)  # left by a QEMU that was killed
         await ops.nbd_server_start(address, tls_object)
@@ -379,8 +379,11 @@ class ExportService:
                                                "qemu:dirty-bitmap:changes")
             except (RuntimeError, OSError) as err:
                 raise OperationFailed(f"cannot read the change set: {err}") from err
+        except BaseException as err:
+            await undo.rollback(err)
+            raise
         finally:
-            await undo.rollback()
+            await undo.rollback()  # the temporary export goes in any case
 
     # -- QEMU gone ----------------------------------------------------------------
 

@@ -141,7 +141,8 @@ class Instant:
     ``actions`` run in one ``transaction`` inside the held-I/O window;
     ``bounds`` gives each disk's (boundary, tail); ``undo`` reverts the actions
     judging by what QEMU shows (safe whether or not they ran); ``commit``
-    records the result once the snapshot is complete; ``abort`` forgets it.
+    records the result once the snapshot is complete; ``abort`` forgets it;
+    ``keep`` marks it for the next connect to revert, when ``undo`` could not.
     """
 
     actions: list[dict[str, Any]]
@@ -149,6 +150,7 @@ class Instant:
     undo: Callable[[], Awaitable[None]]
     commit: Callable[[], Awaitable[None]]
     abort: Callable[[], None]
+    keep: Callable[[], None]
 
 
 InstantHook = Callable[[Domain, str, list[SnapshotDisk], bool], Awaitable[Instant]]
@@ -156,6 +158,8 @@ InstantHook = Callable[[Domain, str, list[SnapshotDisk], bool], Awaitable[Instan
 
 #: Kind of the store records that say a scratch file exists.
 SCRATCH_RECORD = "scratch"
+#: Kind of the store records that say the daemon stopped the guest's vCPUs.
+HELD_IO_RECORD = "held-io"
 
 
 class SnapshotService:
@@ -302,8 +306,8 @@ class SnapshotService:
             for part in parts:
                 part.record = self._store.add_intent(domain.name, SCRATCH_RECORD, {
                     "name": name, "disk": part.disk.name, "file": str(part.scratch)})
-                undo.push(f"record of {part.scratch}", partial(self._store.drop_intent,
-                                                                part.record))
+                undo.push_record(f"record of {part.scratch}",
+                                 partial(self._store.drop_intent, part.record))
             # qemu-img runs once per disk: run them side by side.
             made = await asyncio.gather(*(scratch.create(p.scratch, p.disk.size) for p in parts),
                                         return_exceptions=True)
@@ -325,7 +329,7 @@ class SnapshotService:
             instant = None
             if self.instant_hook is not None:
                 instant = await self.instant_hook(domain, name, parts, checkpoint)
-                undo.push("checkpoint intent", instant.abort)
+                undo.push_record("checkpoint intent", instant.abort, instant.keep)
                 for part in parts:
                     part.boundary, part.tail = instant.bounds.get(part.disk.name, (None, None))
             elif checkpoint:
@@ -343,8 +347,8 @@ class SnapshotService:
                 await faults.check("snapshot:view-added")
             if instant is not None:
                 await instant.commit()
-        except BaseException:
-            await undo.rollback()
+        except BaseException as err:
+            await undo.rollback(err)
             raise
         undo.discard()
         return Snapshot(domain.name, name, time.time(), window, parts)
@@ -375,6 +379,13 @@ class SnapshotService:
             if running and await ops.run_status() != "running":
                 await ops.cont()
 
+        held = None
+        if running:
+            # A guest left stopped is the one failure the guest pays for: record
+            # it, so that whoever connects next resumes it if we cannot.
+            held = self._store.add_intent(domain, HELD_IO_RECORD, {"snapshot": name})
+            undo.push_record("record of the stopped guest",
+                             partial(self._store.drop_intent, held))
         undo.push("I/O paths and run state", restore)
         steps = [ops.set_drive(p.disk.qdev, p.filter_node) for p in parts]
         if instant is not None and instant.actions:
@@ -388,6 +399,8 @@ class SnapshotService:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        if held is not None:
+            self._store.drop_intent(held)
         return window
 
     # -- delete ---------------------------------------------------------------
@@ -553,6 +566,14 @@ class SnapshotService:
         if ours or files:
             log.warning("domain %s: removed %d node(s) and %d scratch file(s) left by an "
                         "earlier daemon", domain.name, len(ours), len(files))
+        for record in self._store.intents(domain.name):
+            if record.kind == HELD_IO_RECORD:
+                # Last: the I/O paths are whole again before the guest runs.
+                if await ops.run_status() == "paused":
+                    await ops.cont()
+                    log.warning("domain %s: resumed the guest a cut-short snapshot %s had "
+                                "stopped", domain.name, record.payload.get("snapshot"))
+                self._store.drop_intent(record.id)
 
     def _remove_scratch(self, part: SnapshotDisk) -> None:
         scratch.remove(part.scratch)

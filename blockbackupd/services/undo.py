@@ -6,9 +6,19 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from ..errors import DomainNotConnected
+from ..qemu.session import NoAnswer
+
 log = logging.getLogger("blockbackupd.undo")
 
 Step = Callable[[], Awaitable[None] | None]
+
+
+class _Record:
+    """The inverse of a store record: see :meth:`Undo.push_record`."""
+
+    def __init__(self, drop: Callable[[], None], keep: Callable[[], None] | None) -> None:
+        self.drop, self.keep = drop, keep
 
 
 class Undo:
@@ -21,17 +31,31 @@ class Undo:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self._steps: list[tuple[str, Step]] = []
+        self._steps: list[tuple[str, Step | _Record]] = []
 
-    def push(self, label: str, step: Step) -> None:
+    def push(self, label: str, step: Step | _Record) -> None:
         self._steps.append((label, step))
+
+    def push_record(self, label: str, drop: Callable[[], None],
+                    keep: Callable[[], None] | None = None) -> None:
+        """The store's record of something this operation is about to make in
+        QEMU or on the host. A rollback drops it only when every inverse step
+        run before it worked; otherwise it stays (and ``keep`` runs), so the
+        next connect, judging by what QEMU shows, finishes the cleanup. (A
+        QMP connection lost mid-operation fails the QEMU-side inverses.)"""
+        self._steps.append((label, _Record(drop, keep)))
 
     def discard(self) -> None:
         self._steps.clear()
 
-    async def rollback(self) -> None:
+    async def rollback(self, cause: BaseException | None = None) -> None:
+        """Run the inverse steps, newest first. ``cause``, the exception that
+        stopped the operation, tells whether the last QMP command's outcome is
+        unknown (connection lost, no answer, cancelled mid-command): then the
+        store keeps every record, since QEMU may hold what it names."""
         steps, self._steps = self._steps, []
-        task = asyncio.ensure_future(self._run(steps))
+        uncertain = isinstance(cause, (DomainNotConnected, NoAnswer, asyncio.CancelledError))
+        task = asyncio.ensure_future(self._run(steps, uncertain))
         cancelled = False
         while not task.done():
             try:
@@ -41,13 +65,24 @@ class Undo:
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _run(self, steps: list[tuple[str, Step]]) -> None:
+    async def _run(self, steps: list[tuple[str, Step | _Record]], uncertain: bool) -> None:
+        failed = uncertain
         for label, step in reversed(steps):
             try:
+                if isinstance(step, _Record):
+                    if not failed:
+                        step.drop()
+                    else:
+                        log.warning("%s: %s kept for the next connect to finish", self.what,
+                                    label)
+                        if step.keep is not None:
+                            step.keep()
+                    continue
                 result = step()
                 if result is not None:
                     await result
             except Exception as err:  # keep undoing the rest
+                failed = True
                 log.error("%s: rollback step %r failed: %s", self.what, label, err)
             else:
                 log.debug("%s: rolled back %s", self.what, label)

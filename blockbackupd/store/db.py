@@ -278,6 +278,10 @@ class Store:
                              (domain, kind, json.dumps(payload), time.time()))
             return int(cur.lastrowid or 0)
 
+    def update_intent(self, intent: int, payload: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE intent SET payload = ? WHERE id = ?", (json.dumps(payload), intent))
+
     def intents(self, domain: str) -> list[IntentRecord]:
         with self.transaction() as db:
             rows = db.execute("SELECT id, domain, kind, payload FROM intent WHERE domain = ? "
