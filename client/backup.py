@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import pull
+from . import pull, qcow2
 from .client import Client
 from .errors import ApplicationError
 
@@ -101,46 +100,33 @@ def _pause(step: str) -> None:
             time.sleep(3600)
 
 
-@contextlib.contextmanager
-def _served(target: Path, connections: int) -> Iterator[str]:
-    """Serve a qcow2 file writable over NBD (qemu-nbd, in its own session so a
-    Ctrl-C on the terminal reaches only us); yields its socket path."""
-    with tempfile.TemporaryDirectory(prefix="bbctl-") as tmp:
-        sock = os.path.join(tmp, "target.sock")
-        server = subprocess.Popen(
-            ["qemu-nbd", "--socket", sock, "--format", "qcow2", "--shared", str(connections),
-             "--cache", "writeback", "--discard", "unmap", str(target)],
-            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 10
-            while not os.path.exists(sock):
-                if server.poll() is not None:
-                    detail = server.stderr.read().decode(errors="replace").strip() \
-                        if server.stderr else ""
-                    raise BackupError(f"qemu-nbd could not serve {target}: {detail}")
-                if time.monotonic() > deadline:
-                    raise BackupError(f"qemu-nbd did not serve {target} within 10 s")
-                time.sleep(0.01)
-            yield sock
-        finally:
-            if server.poll() is None:
-                server.send_signal(signal.SIGTERM)
-            server.wait(30)
-            if server.stderr:
-                server.stderr.close()
+def _pull(socket_path: str, export: str, changes: str | None, target: Path, size: int,
+          backing: str | None, progress: Callable[[int], None]) -> pull.Stats:
+    """Copy an export's data (or only its changes) into a new qcow2 file, flushed.
 
-
-def _pull(socket_path: str, export: str, changes: str | None, target: Path,
-          progress: Callable[[int], None]) -> pull.Stats:
-    """Copy an export's data (or only its changes) into ``target`` and flush it."""
+    :raise pull.PullError: the export could not be read.
+    :raise OSError: the file could not be written.
+    """
     runs = pull.plan(socket_path, export, changes)
+    clusters = qcow2.cluster_runs([(r.offset, r.length, r.zero) for r in runs], size)
+    # The image holds whole clusters: read whole clusters (the disk's end aside).
+    reads = [pull.Run(c.first * qcow2.CLUSTER,
+                      min(c.count * qcow2.CLUSTER, size - c.first * qcow2.CLUSTER))
+             for c in clusters if not c.zero]
+    writer = qcow2.Qcow2Writer(target, size, clusters, backing)
 
     def report(n: int) -> None:
         progress(n)
         _pause("pull")
 
-    with _served(target, pull.CONNECTIONS) as sock:
-        return pull.copy(socket_path, export, sock, runs, progress=report)
+    try:
+        stats = pull.copy(socket_path, export, reads, writer, progress=report)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    stats.bytes_zeroed = sum(c.count for c in clusters if c.zero) * qcow2.CLUSTER
+    return stats
 
 
 @contextlib.contextmanager
@@ -200,13 +186,9 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
             target = dest / f"{backup_id}-{disk}.qcow2"
             backing = previous["disks"][disk]["file"] if level == "inc" and previous else None
             made.append(target)
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2"]
-                           + (["-b", backing, "-F", "qcow2"] if backing else [])
-                           + [target.name, str(scratch["size"])],
-                           check=True, capture_output=True, cwd=dest)
             began = time.monotonic()
             stats = _pull(socket_path, export["name"], export.get("bitmap") if backing else None,
-                          target, progress)
+                          target, scratch["size"], backing, progress)
             record["disks"][disk] = {
                 "file": target.name, "backing": backing, "size": scratch["size"],
                 "bytes_read": stats.bytes_read, "bytes_zeroed": stats.bytes_zeroed,

@@ -1,11 +1,10 @@
-"""Pulling a disk's extents from an NBD export into an image, fast.
+"""Pulling a disk's extents from an NBD export, fast.
 
-A backup reads a plan: the runs of the source to copy and the runs to write
-as zeros. The copy runs on several NBD connections to the source and as many
-to the target, with several requests in flight on each (libnbd's async API,
-one thread, ``select`` over all the sockets), so neither the network round
-trip nor one server thread limits it. Zero runs are never read: they become
-NBD_CMD_WRITE_ZEROES on the target, which a qcow2 keeps as zero clusters.
+A backup reads a plan: the runs of the source to copy and the runs that read
+as zeros. The copy runs on several NBD connections to the source with several
+requests in flight on each (libnbd's async API, one thread, ``select`` over
+the sockets), so neither the round trip nor one server coroutine limits it,
+and hands each piece to a sink (the qcow2 writer). Zero runs are never read.
 
 Blocking; the caller's thread runs the whole copy. Ctrl-C (KeyboardInterrupt)
 stops it at once; the connections close when the handles go.
@@ -17,6 +16,7 @@ import select
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import nbd
 
@@ -25,8 +25,6 @@ import nbd
 CONNECTIONS = 4
 DEPTH = 4
 REQUEST = 2 * 1024 * 1024
-#: One NBD_CMD_WRITE_ZEROES may span far more than a read (it moves no data).
-ZERO_REQUEST = 1 << 30
 #: NBD_CMD_BLOCK_STATUS asks at most this much at once.
 _STATUS_CHUNK = 1 << 30
 
@@ -49,7 +47,7 @@ class Run:
 @dataclass
 class Stats:
     bytes_read: int = 0
-    bytes_zeroed: int = 0
+    bytes_zeroed: int = 0  # changed runs that read as zeros: recorded, not read
     requests: int = 0
 
 
@@ -148,140 +146,118 @@ def _intersect(allocation: list[tuple[int, int, int]],
 
 
 def _requests(runs: list[Run], request: int) -> deque[Run]:
-    """The plan cut into NBD requests of at most ``request`` bytes (zeros: larger)."""
+    """The data runs cut into NBD reads of at most ``request`` bytes."""
     out: deque[Run] = deque()
     for run in runs:
-        step = ZERO_REQUEST if run.zero else request
-        for offset in range(run.offset, run.offset + run.length, step):
-            out.append(Run(offset, min(step, run.offset + run.length - offset), run.zero))
+        if run.zero:
+            continue
+        for offset in range(run.offset, run.offset + run.length, request):
+            out.append(Run(offset, min(request, run.offset + run.length - offset)))
     return out
+
+
+class Sink(Protocol):
+    """Where the data goes: guest bytes at a guest offset."""
+
+    def write(self, offset: int, data: memoryview) -> None: ...
 
 
 @dataclass
 class _Slots:
-    """A lane's buffers and requests. Completion callbacks hold this, never the
-    handles, so dropping a lane closes its connections at once."""
+    """A connection's buffers and requests. Completion callbacks hold this,
+    never the handle, so dropping the handle closes its connection at once."""
 
     free: list[bytearray]
     busy: int = 0
     ready: deque[tuple[bytearray, Run]] = field(default_factory=deque)
 
 
-@dataclass
-class _Lane:
-    """One source connection and one target connection."""
-
-    src: nbd.NBD
-    dst: nbd.NBD
-    slots: _Slots
-
-
-def copy(socket_path: str, export: str, target_socket: str, runs: list[Run],
+def copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
          progress: Callable[[int], None] = lambda n: None, *, connections: int = CONNECTIONS,
          depth: int = DEPTH, request: int = REQUEST) -> Stats:
-    """Copy ``runs`` from the export to the same offsets of the target and flush it.
+    """Read the data runs from the export and hand them to ``sink`` (zero runs
+    are the sink's business: nothing is read for them).
 
-    :raise PullError: a request failed on either side (the first error).
+    :raise PullError: a read failed (the first error).
+    :raise OSError: the sink could not write.
     """
     try:
-        return _copy(socket_path, export, target_socket, runs, progress,
-                     max(1, connections), max(1, depth), request)
+        return _copy(socket_path, export, runs, sink, progress, max(1, connections),
+                     max(1, depth), request)
     except nbd.Error as err:
         raise PullError(f"copying {export}: {err}") from err
 
 
-def _copy(socket_path: str, export: str, target_socket: str, runs: list[Run],
+def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
           progress: Callable[[int], None], connections: int, depth: int,
           request: int) -> Stats:
     todo = _requests(runs, request)
-    stats = Stats()
+    stats = Stats(bytes_zeroed=sum(r.length for r in runs if r.zero))
     if not todo:
         return stats
     connections = min(connections, len(todo))
-    lanes: list[_Lane] = []
+    handles: list[tuple[nbd.NBD, _Slots]] = []
     failures: list[str] = []
-    # Bytes written since the last progress report; reported from the loop, not
-    # from libnbd's callbacks, so that a Ctrl-C never lands inside libnbd.
-    moved = [0]
+
+    def read(state: _Slots, slot: bytearray, run: Run, err: object) -> int:
+        code = getattr(err, "value", 0)
+        if code:
+            state.busy -= 1
+            state.free.append(slot)
+            failures.append(f"reading {run.length} bytes at {run.offset}: errno {code}")
+        else:
+            state.ready.append((slot, run))
+        return 1
+
     try:
         for _ in range(connections):
-            lanes.append(_Lane(_open(socket_path, export), _open(target_socket, ""),
-                               _Slots([bytearray(request) for _ in range(depth)])))
-
-        def written(state: _Slots, slot: bytearray | None, run: Run, err: object) -> int:
-            state.busy -= 1
-            if slot is not None:
-                state.free.append(slot)
-            code = getattr(err, "value", 0)
-            if code:
-                failures.append(f"writing {run.length} bytes at {run.offset}: errno {code}")
-            else:
-                moved[0] += run.length
-            return 1
-
-        def read(state: _Slots, slot: bytearray, run: Run, err: object) -> int:
-            code = getattr(err, "value", 0)
-            if code:
-                state.busy -= 1
-                state.free.append(slot)
-                failures.append(f"reading {run.length} bytes at {run.offset}: errno {code}")
-            else:
-                state.ready.append((slot, run))
-            return 1
-
+            handles.append((_open(socket_path, export),
+                            _Slots([bytearray(request) for _ in range(depth)])))
         while not failures:
-            for lane in lanes:
-                state = lane.slots
+            moved = 0
+            for h, state in handles:
+                # Hand what arrived to the sink (pwrite releases the GIL; the
+                # page cache takes it at memory speed), then refill the pipe.
                 while state.ready:
                     slot, run = state.ready.popleft()
-                    lane.dst.aio_pwrite(
-                        nbd.Buffer.from_buffer(memoryview(slot)[:run.length]), run.offset,
-                        lambda err, s=state, slot=slot, run=run: written(s, slot, run, err))
-                    stats.requests += 1
+                    sink.write(run.offset, memoryview(slot)[:run.length])
+                    state.free.append(slot)
+                    state.busy -= 1
+                    moved += run.length
                 while todo and state.busy < depth:
                     run = todo.popleft()
+                    slot = state.free.pop()
                     state.busy += 1
+                    h.aio_pread(nbd.Buffer.from_buffer(memoryview(slot)[:run.length]),
+                                run.offset,
+                                lambda err, s=state, slot=slot, run=run: read(s, slot, run, err))
                     stats.requests += 1
-                    if run.zero:
-                        lane.dst.aio_zero(run.length, run.offset,
-                                          lambda err, s=state, run=run: written(s, None, run, err))
-                        stats.bytes_zeroed += run.length
-                    else:
-                        slot = state.free.pop()
-                        lane.src.aio_pread(
-                            nbd.Buffer.from_buffer(memoryview(slot)[:run.length]), run.offset,
-                            lambda err, s=state, slot=slot, run=run: read(s, slot, run, err))
-                        stats.bytes_read += run.length
-            if not todo and not any(lane.slots.busy for lane in lanes):
+                    stats.bytes_read += run.length
+            if moved:
+                progress(moved)
+            if not todo and not any(state.busy for _, state in handles):
                 break
-            _wait(lanes)
-            if moved[0]:
-                progress(moved[0])
-                moved[0] = 0
+            _wait([h for h, _ in handles])
         if failures:
             raise PullError(f"copying {export}: {failures[0]}")
-        for lane in lanes:
-            lane.dst.flush()
         return stats
     finally:
-        for lane in lanes:
-            for h in (lane.src, lane.dst):
-                if not failures and not h.aio_in_flight():
-                    h.shutdown()
-        lanes.clear()  # the last references: libnbd closes the sockets now
+        for h, _ in handles:
+            if not failures and not h.aio_in_flight():
+                h.shutdown()
+        handles.clear()  # the last references: libnbd closes the sockets now
 
 
-def _wait(lanes: list[_Lane]) -> None:
+def _wait(handles: list[nbd.NBD]) -> None:
     """Block until some socket can move, and let libnbd move it."""
     readers: dict[int, nbd.NBD] = {}
     writers: dict[int, nbd.NBD] = {}
-    for lane in lanes:
-        for h in (lane.src, lane.dst):
-            direction = h.aio_get_direction()
-            if direction & nbd.AIO_DIRECTION_READ:
-                readers[h.aio_get_fd()] = h
-            if direction & nbd.AIO_DIRECTION_WRITE:
-                writers[h.aio_get_fd()] = h
+    for h in handles:
+        direction = h.aio_get_direction()
+        if direction & nbd.AIO_DIRECTION_READ:
+            readers[h.aio_get_fd()] = h
+        if direction & nbd.AIO_DIRECTION_WRITE:
+            writers[h.aio_get_fd()] = h
     r, w, _ = select.select(list(readers), list(writers), [])
     for fd in r:
         readers[fd].aio_notify_read()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import bbctl, domain_state, wait_for
+from tests.test_qcow2 import check
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
 
@@ -76,6 +77,7 @@ def test_full_then_incrementals_restore_every_point(defined: tuple[Daemon, Vm],
                                     str(dest / manifest["backups"][i]["disks"][disk]["file"])],
                                    capture_output=True, text=True, check=True).stdout
             assert len(json.loads(chain)) == i + 1
+            check(dest / manifest["backups"][i]["disks"][disk]["file"])
     raw = workdir / "raw.img"
     assert bbctl(daemon, "restore", str(dest), "--disk", "sda", "--output", str(raw),
                  "--format", "raw").returncode == 0

@@ -1,0 +1,223 @@
+"""Writing a new qcow2 image in one pass, with its layout known in advance.
+
+A backup knows, before it reads a byte, which clusters of the disk it will
+write (the pull plan). So instead of sending every byte through a qcow2
+driver in another process (qemu-nbd: one more copy through a socket, and
+metadata updated cluster by cluster), the copier writes the data clusters
+straight into their final place in the file and the metadata once at the end.
+
+The image is qcow2 version 3 with 64 KiB clusters and 16-bit refcounts,
+what ``qemu-img create -f qcow2`` makes, optionally with a backing file
+(relative name) and its format. Layout: header cluster (header, extensions,
+backing file name), L1 table, refcount table, refcount blocks, L2 tables,
+then the data clusters in disk order. Clusters the plan marks as zero get
+the L2 "zero" flag (they read as zeros, hiding the backing file); clusters
+it does not name stay unallocated (they read from the backing file, or as
+zeros). ``qemu-img check`` finds nothing to repair in these images (tested).
+
+Format reference: QEMU's docs/interop/qcow2.txt.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+CLUSTER_BITS = 16
+CLUSTER = 1 << CLUSTER_BITS
+_L2_ENTRIES = CLUSTER // 8
+_REFS_PER_BLOCK = CLUSTER // 2  # 16-bit refcounts
+_COPIED = 1 << 63
+_ZERO = 1
+_EXT_BACKING_FORMAT = 0xE2792ACA
+_HEADER_LENGTH = 104
+
+
+def _clusters(n: int) -> int:
+    return -(-n // CLUSTER)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A run of guest clusters ``[first, first + count)``; zero: no data."""
+
+    first: int
+    count: int
+    zero: bool
+
+
+def cluster_runs(runs: list[tuple[int, int, bool]], size: int) -> list[Cluster]:
+    """Byte runs (offset, length, zero) widened to whole clusters, in order,
+    merged; a cluster touched by any data run holds data."""
+    data: list[tuple[int, int]] = []
+    zero: list[tuple[int, int]] = []
+    for offset, length, is_zero in runs:
+        first, end = offset // CLUSTER, _clusters(min(offset + length, size))
+        if end > first:
+            (zero if is_zero else data).append((first, end))
+    data = _merge(data)
+    out = [Cluster(a, b - a, False) for a, b in data]
+    # A zero cluster that is partly data holds data: cut data spans out of zero spans.
+    starts = [a for a, _ in data]
+    for a, b in _merge(zero):
+        pos = a
+        i = max(0, bisect.bisect_right(starts, a) - 1)
+        while pos < b:
+            while i < len(data) and data[i][1] <= pos:
+                i += 1
+            if i < len(data) and data[i][0] <= pos:
+                pos = data[i][1]
+                continue
+            stop = min(b, data[i][0]) if i < len(data) else b
+            out.append(Cluster(pos, stop - pos, True))
+            pos = stop
+    out.sort(key=lambda c: c.first)
+    return out
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+class Qcow2Writer:
+    """One new image: reserve the layout, take the data, then :meth:`finish`.
+
+    :meth:`write` puts guest bytes at their host place (any order, any
+    thread-free caller); only clusters of the plan's data runs may be written.
+    """
+
+    def __init__(self, path: Path, size: int, plan: list[Cluster],
+                 backing: str | None = None, backing_format: str = "qcow2") -> None:
+        self.path, self.size, self.plan = path, size, plan
+        self.backing, self.backing_format = backing, backing_format
+        guest_clusters = _clusters(size)
+        self.l1_size = max(1, -(-guest_clusters // _L2_ENTRIES))
+        l2_needed = sorted({c // _L2_ENTRIES for run in plan
+                            for c in range(run.first, run.first + run.count, _L2_ENTRIES)}
+                           | {(run.first + run.count - 1) // _L2_ENTRIES for run in plan})
+        self._l2_index = {l1: i for i, l1 in enumerate(l2_needed)}
+        data_clusters = sum(r.count for r in plan if not r.zero)
+        # Metadata before the data; refcount blocks must also count themselves.
+        self.l1_offset = CLUSTER
+        l1_clusters = _clusters(self.l1_size * 8)
+        fixed = 1 + l1_clusters + len(l2_needed) + data_clusters
+        refblocks = 1
+        while True:
+            reftable_clusters = _clusters(refblocks * 8)
+            total = fixed + reftable_clusters + refblocks
+            if -(-total // _REFS_PER_BLOCK) <= refblocks:
+                break
+            refblocks += 1
+        self.total_clusters = total
+        self.reftable_offset = self.l1_offset + l1_clusters * CLUSTER
+        self.reftable_clusters = reftable_clusters
+        self.refblock_offset = self.reftable_offset + reftable_clusters * CLUSTER
+        self.refblocks = refblocks
+        self.l2_offset = self.refblock_offset + refblocks * CLUSTER
+        self.data_offset = self.l2_offset + len(l2_needed) * CLUSTER
+        # Guest cluster -> host offset, per data run (runs are in guest order).
+        self._starts: list[int] = []
+        self._runs: list[tuple[Cluster, int]] = []
+        host = self.data_offset
+        for run in plan:
+            if not run.zero:
+                self._starts.append(run.first)
+                self._runs.append((run, host))
+                host += run.count * CLUSTER
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.ftruncate(self.fd, self.data_offset + data_clusters * CLUSTER)
+
+    def host_offset(self, offset: int, length: int) -> int:
+        """Where guest bytes [offset, offset+length) go; they must lie in one data run.
+
+        :raise ValueError: they are outside the plan's data.
+        """
+        i = bisect.bisect_right(self._starts, offset // CLUSTER) - 1
+        if i < 0:
+            raise ValueError(f"offset {offset} is not in the plan")
+        run, host = self._runs[i]
+        if offset + length > (run.first + run.count) * CLUSTER:
+            raise ValueError(f"{length} bytes at {offset} leave the plan's run")
+        return host + offset - run.first * CLUSTER
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        at = self.host_offset(offset, len(data))
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
+
+    def finish(self) -> None:
+        """Write the metadata, flush the file to disk and close it.
+
+        :raise OSError: the file could not be written.
+        """
+        try:
+            l1 = bytearray(self.l1_size * 8)
+            l2 = bytearray(len(self._l2_index) * CLUSTER)
+            for table, index in self._l2_index.items():
+                struct.pack_into(">Q", l1, table * 8,
+                                 (self.l2_offset + index * CLUSTER) | _COPIED)
+            host_of = {r.first: h for r, h in self._runs}
+            for run in self.plan:
+                host = host_of.get(run.first) if not run.zero else None
+                for k in range(run.count):
+                    c = run.first + k
+                    index = self._l2_index[c // _L2_ENTRIES]
+                    entry = _ZERO if host is None else (host + k * CLUSTER) | _COPIED
+                    struct.pack_into(">Q", l2, index * CLUSTER + (c % _L2_ENTRIES) * 8, entry)
+            reftable = bytearray(self.reftable_clusters * CLUSTER)
+            refblocks = bytearray(self.refblocks * CLUSTER)
+            for b in range(self.refblocks):
+                struct.pack_into(">Q", reftable, b * 8, self.refblock_offset + b * CLUSTER)
+            refblocks[:self.total_clusters * 2] = b"\x00\x01" * self.total_clusters
+            self._pwrite(bytes(l1), self.l1_offset)
+            self._pwrite(bytes(reftable), self.reftable_offset)
+            self._pwrite(bytes(refblocks), self.refblock_offset)
+            if l2:
+                self._pwrite(bytes(l2), self.l2_offset)
+            self._pwrite(self._header(), 0)
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abort(self) -> None:
+        """Close and remove the unfinished file."""
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)
+
+    def _pwrite(self, data: bytes, at: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, at)
+            view, at = view[n:], at + n
+
+    def _header(self) -> bytes:
+        extensions = b""
+        if self.backing is not None:
+            fmt = self.backing_format.encode()
+            extensions += struct.pack(">II", _EXT_BACKING_FORMAT, len(fmt)) + fmt
+            extensions += b"\0" * (-len(fmt) % 8)
+        extensions += struct.pack(">II", 0, 0)
+        name = self.backing.encode() if self.backing is not None else b""
+        backing_offset = _HEADER_LENGTH + len(extensions) if name else 0
+        if backing_offset + len(name) > CLUSTER:
+            raise ValueError("backing file name too long")
+        header = struct.pack(
+            ">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", 3, backing_offset, len(name), CLUSTER_BITS,
+            self.size, 0, self.l1_size, self.l1_offset, self.reftable_offset,
+            self.reftable_clusters, 0, 0, 0, 0, 0, 4, _HEADER_LENGTH)
+        assert len(header) == _HEADER_LENGTH
+        return header + extensions + name
