@@ -4,11 +4,16 @@ One VM with one disk of SIZE (default 4 GiB) whose every fifth 8 MiB run holds
 no data and the rest does (60% allocated). In the same run, medians of REPEAT:
 
 - ours: ``bbctl backup --level full`` end to end (snapshot, export, pull into
-  a qcow2, teardown), as a user runs it;
-- ``nbdcopy`` from the same kind of export (a snapshot of that disk, exported
-  by the daemon) into a local file;
-- ``qemu-img convert -W -m 8 -O qcow2`` from the same kind of export;
-- ``cp --sparse=always`` of the image file: what this machine's disk allows.
+  a qcow2, fsync, checksum, teardown), as a user runs it;
+- ``nbdcopy --flush`` from the same kind of export (a snapshot of that disk,
+  exported by the daemon) into a local file, flushed to disk;
+- ``qemu-img convert -W -m 8 -t writeback -O qcow2`` from the same kind of
+  export (writeback: it flushes the file when done);
+- ``cp --sparse=always`` of the image file then ``sync`` of the copy: what
+  this machine's disk allows.
+
+Every copier here ends with its data on disk, as a backup must; without the
+flush the peers finish while the data is still in the page cache.
 
 Run: ``make bench`` or ``.venv/bin/python -m bench.full_pull [SIZE_GIB] [REPEAT]``.
 """
@@ -86,15 +91,16 @@ def main() -> int:
                        f"?socket={started['server']['socket']}")
                 out = workdir / "peer.out"
                 results["nbdcopy"].append(timed(lambda uri=uri, out=out: subprocess.run(
-                    ["nbdcopy", uri, str(out)], check=True)))
+                    ["nbdcopy", "--flush", uri, str(out)], check=True)))
                 out.unlink()
                 results["qemu-img"].append(timed(lambda uri=uri, out=out: subprocess.run(
-                    ["qemu-img", "convert", "-W", "-m", "8", "-f", "raw", "-O", "qcow2", uri,
-                     str(out)], check=True)))
+                    ["qemu-img", "convert", "-W", "-m", "8", "-t", "writeback", "-f", "raw",
+                     "-O", "qcow2", uri, str(out)], check=True)))
                 out.unlink()
                 c.snapshot_delete(vm.name, "peer")
-                results["cp"].append(timed(lambda out=out: subprocess.run(
-                    ["cp", "--sparse=always", str(vm.image("sda")), str(out)], check=True)))
+                results["cp"].append(timed(lambda out=out: (subprocess.run(
+                    ["cp", "--sparse=always", str(vm.image("sda")), str(out)], check=True),
+                    subprocess.run(["sync", str(out)], check=True))))
                 out.unlink()
         med = {k: statistics.median(v) for k, v in results.items()}
         mib = data / MiB
