@@ -44,7 +44,7 @@ demo: deps
 bench: deps
 	$(PYTHON) -m bench.snapshot_window
 	$(PYTHON) -m bench.checkpoint_writes
-	$(PYTHON) -m bench.full_pull
+	$(PYTHON) -m bench.run_all
 
 lint: deps
 	$(VENV)/bin/ruff check blockbackupd client tests tools bench

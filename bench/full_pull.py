@@ -20,20 +20,18 @@ Run: ``make bench`` or ``.venv/bin/python -m bench.full_pull [SIZE_GIB] [REPEAT]
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from bench.common import GiB, Row, timed
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
 
-GiB = 1024 * MiB
 RUN = 8 * MiB
 
 
@@ -50,25 +48,25 @@ def fill(image: Path, size: int) -> int:
     return data
 
 
-def timed(action: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
+_BBCTL_WITH_RSS = (
+    "import resource, sys\n"
+    "from blockbackup_client.bbctl import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(rc)\n")
 
 
-def main() -> int:
-    size = int(float(sys.argv[1]) * GiB) if len(sys.argv) > 1 else 4 * GiB
-    repeat = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+def run(size: int = 4 * GiB, repeat: int = 3) -> list[Row]:
     workdir = Path(tempfile.mkdtemp(prefix="bb-bench-", dir="/var/tmp"))
     vm = Vm(workdir, "bench", disks={"sda": size})
     daemon = Daemon(workdir)
     results: dict[str, list[float]] = {"ours": [], "nbdcopy": [], "qemu-img": [], "cp": []}
+    peak_rss: list[float] = []
     try:
         vm.create_images()
         data = fill(vm.image("sda"), size)
         vm.start()
         daemon.start()
-        bbctl = [sys.executable, "-m", "blockbackup_client.bbctl", "--socket", str(daemon.socket)]
         with daemon.client() as c:
             c.domain_define(vm.name, str(vm.daemon_qmp))
             deadline = time.monotonic() + 10
@@ -78,9 +76,13 @@ def main() -> int:
                 time.sleep(0.05)
             for i in range(repeat):
                 dest = workdir / f"ours{i}"
-                results["ours"].append(timed(lambda dest=dest: subprocess.run(
-                    [*bbctl, "backup", vm.name, "--dest", str(dest), "--level", "full"],
-                    check=True, capture_output=True)))
+                start = time.perf_counter()
+                r = subprocess.run([sys.executable, "-c", _BBCTL_WITH_RSS, "--socket",
+                                    str(daemon.socket), "backup", vm.name, "--dest", str(dest),
+                                    "--level", "full"], check=True, capture_output=True,
+                                   text=True)
+                results["ours"].append(time.perf_counter() - start)
+                peak_rss.append(int(r.stderr.split("MAXRSS")[1].split()[0]) / 1024)
                 shutil.rmtree(dest)
                 c.snapshot_create(vm.name, "<domainblocksnapshot><name>peer</name>"
                                            "</domainblocksnapshot>")
@@ -102,20 +104,34 @@ def main() -> int:
                     ["cp", "--sparse=always", str(vm.image("sda")), str(out)], check=True),
                     subprocess.run(["sync", str(out)], check=True))))
                 out.unlink()
-        med = {k: statistics.median(v) for k, v in results.items()}
-        mib = data / MiB
-        print(f"full pull, {size // GiB} GiB disk, {mib:.0f} MiB of data, "
-              f"medians of {repeat}")
-        print(f"{'copier':<10} {'seconds':>8} {'MiB/s':>8} {'ours/peer':>10}")
-        for name, seconds in med.items():
-            print(f"{name:<10} {seconds:8.2f} {mib / seconds:8.0f} {med['ours'] / seconds:10.2f}")
-        print(json.dumps({"data_bytes": data, "medians_s": med}))
-        return 0
+                print(f"  round {i}: " + ", ".join(f"{k} {v[-1]:.2f} s"
+                                                    for k, v in results.items()), flush=True)
     finally:
         if daemon.proc is not None:
             daemon.stop()
         vm.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    mib = data / MiB
+    what = f"full backup, {size // GiB} GiB disk, {mib:.0f} MiB data"
+    return [
+        Row(f"{what} (ours {mib / med['ours']:.0f} MiB/s)", med["ours"], med["nbdcopy"],
+            peer_name="nbdcopy --flush", target="<= 1.1"),
+        Row(f"{what}, vs qemu-img convert -W -m 8", med["ours"], med["qemu-img"],
+            peer_name="qemu-img convert", target="<= 1.1"),
+        Row(f"{what}, vs cp + sync of the image (the disk's limit)", med["ours"], med["cp"],
+            peer_name="cp + sync"),
+        Row(f"bbctl peak RSS during the {size // GiB} GiB pull", max(peak_rss), unit="MiB",
+            target="bounded"),
+    ]
+
+
+def main() -> int:
+    size = int(float(sys.argv[1]) * GiB) if len(sys.argv) > 1 else 4 * GiB
+    repeat = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    for row in run(size, repeat):
+        print(row)
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,9 @@ def _pause(step: str) -> None:
 
 
 def _pull(socket_path: str, export: str, changes: str | None, target: Path, size: int,
-          backing: str | None, progress: Callable[[int], None]) -> pull.Stats:
-    """Copy an export's data (or only its changes) into a new qcow2 file, flushed.
+          backing: str | None, progress: Callable[[int], None]) -> tuple[pull.Stats, str]:
+    """Copy an export's data (or only its changes) into a new qcow2 file, flushed;
+    returns what was copied and the file's checksum.
 
     :raise pull.PullError: the export could not be read.
     :raise OSError: the file could not be written.
@@ -135,12 +137,17 @@ def _pull(socket_path: str, export: str, changes: str | None, target: Path, size
 
     try:
         stats = pull.copy(socket_path, export, reads, writer, progress=report)
-        writer.finish()
+        writer.complete()
+        # The disk flushes while a CPU hashes the file from the page cache.
+        with ThreadPoolExecutor(1, thread_name_prefix="bb-sync") as pool:
+            synced = pool.submit(writer.sync)
+            digest = checksum(target)
+            synced.result()
     except BaseException:
         writer.abort()
         raise
     stats.bytes_zeroed = sum(c.count for c in clusters if c.zero) * qcow2.CLUSTER
-    return stats
+    return stats, digest
 
 
 @contextlib.contextmanager
@@ -201,14 +208,15 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
             backing = previous["disks"][disk]["file"] if level == "inc" and previous else None
             made.append(target)
             began = time.monotonic()
-            stats = _pull(socket_path, export["name"], export.get("bitmap") if backing else None,
-                          target, scratch["size"], backing, progress)
+            stats, digest = _pull(socket_path, export["name"],
+                                   export.get("bitmap") if backing else None, target,
+                                   scratch["size"], backing, progress)
             record["disks"][disk] = {
                 "file": target.name, "backing": backing, "size": scratch["size"],
                 "bytes_read": stats.bytes_read, "bytes_zeroed": stats.bytes_zeroed,
                 "bytes_written": target.stat().st_blocks * 512,
                 "seconds": round(time.monotonic() - began, 3),
-                "checksum": checksum(target)}
+                "checksum": digest}
         _pause("manifest")
         manifest.data["backups"].append(record)
         manifest.save()

@@ -12,19 +12,23 @@ stops it at once; the connections close when the handles go.
 
 from __future__ import annotations
 
+import os
 import select
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import nbd
 
-#: Defaults that keep memory bounded (connections × depth × request = 32 MiB)
-#: and reach the disk's speed on QEMU's NBD server (see bench/).
+#: Defaults that keep memory bounded (connections × depth × request = 32 MiB);
+#: the fastest of the settings tried here (bench/, README "Performance").
 CONNECTIONS = 4
-DEPTH = 4
-REQUEST = 2 * 1024 * 1024
+DEPTH = 8
+REQUEST = 1024 * 1024
+#: Threads writing into the target (the sink's write must be thread-safe).
+WRITERS = 1
 #: NBD_CMD_BLOCK_STATUS asks at most this much at once.
 _STATUS_CHUNK = 1 << 30
 
@@ -157,7 +161,8 @@ def _requests(runs: list[Run], request: int) -> deque[Run]:
 
 
 class Sink(Protocol):
-    """Where the data goes: guest bytes at a guest offset."""
+    """Where the data goes: guest bytes at a guest offset; called from
+    several threads at once."""
 
     def write(self, offset: int, data: memoryview) -> None: ...
 
@@ -209,21 +214,36 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
             state.ready.append((slot, run))
         return 1
 
+    # Writes go to a small pool of threads (pwrite releases the GIL), so the
+    # page cache takes one piece while the sockets bring the next.
+    done: deque[tuple[_Slots, bytearray, int]] = deque()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+
+    def write(state: _Slots, slot: bytearray, run: Run) -> None:
+        try:
+            sink.write(run.offset, memoryview(slot)[:run.length])
+        except BaseException as err:
+            failures.append(f"writing {run.length} bytes at {run.offset}: {err}")
+        done.append((state, slot, run.length))
+        os.write(wake_w, b"\0")
+
+    pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="bb-write")
     try:
         for _ in range(connections):
             handles.append((_open(socket_path, export),
                             _Slots([bytearray(request) for _ in range(depth)])))
         while not failures:
             moved = 0
+            while done:
+                state, slot, length = done.popleft()
+                state.free.append(slot)
+                state.busy -= 1
+                moved += length
             for h, state in handles:
-                # Hand what arrived to the sink (pwrite releases the GIL; the
-                # page cache takes it at memory speed), then refill the pipe.
                 while state.ready:
                     slot, run = state.ready.popleft()
-                    sink.write(run.offset, memoryview(slot)[:run.length])
-                    state.free.append(slot)
-                    state.busy -= 1
-                    moved += run.length
+                    pool.submit(write, state, slot, run)
                 while todo and state.busy < depth:
                     run = todo.popleft()
                     slot = state.free.pop()
@@ -237,20 +257,23 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
                 progress(moved)
             if not todo and not any(state.busy for _, state in handles):
                 break
-            _wait([h for h, _ in handles])
+            _wait([h for h, _ in handles], wake_r)
         if failures:
             raise PullError(f"copying {export}: {failures[0]}")
         return stats
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # no write after we return
+        os.close(wake_r)
+        os.close(wake_w)
         for h, _ in handles:
             if not failures and not h.aio_in_flight():
                 h.shutdown()
         handles.clear()  # the last references: libnbd closes the sockets now
 
 
-def _wait(handles: list[nbd.NBD]) -> None:
-    """Block until some socket can move, and let libnbd move it."""
-    readers: dict[int, nbd.NBD] = {}
+def _wait(handles: list[nbd.NBD], wake: int) -> None:
+    """Block until some socket can move (and let libnbd move it) or a write is done."""
+    readers: dict[int, nbd.NBD | None] = {wake: None}
     writers: dict[int, nbd.NBD] = {}
     for h in handles:
         direction = h.aio_get_direction()
@@ -260,6 +283,13 @@ def _wait(handles: list[nbd.NBD]) -> None:
             writers[h.aio_get_fd()] = h
     r, w, _ = select.select(list(readers), list(writers), [])
     for fd in r:
-        readers[fd].aio_notify_read()
+        h = readers[fd]
+        if h is None:
+            try:
+                os.read(wake, 4096)
+            except BlockingIOError:
+                pass
+        else:
+            h.aio_notify_read()
     for fd in w:
         writers[fd].aio_notify_write()

@@ -161,6 +161,14 @@ class Qcow2Writer:
 
         :raise OSError: the file could not be written.
         """
+        self.complete()
+        self.sync()
+
+    def complete(self) -> None:
+        """Write the metadata: the file is whole (in the page cache) after this.
+
+        :raise OSError: the file could not be written.
+        """
         try:
             l1 = bytearray(self.l1_size * 8)
             l2 = bytearray(len(self._l2_index) * CLUSTER)
@@ -186,16 +194,29 @@ class Qcow2Writer:
             if l2:
                 self._pwrite(bytes(l2), self.l2_offset)
             self._pwrite(self._header(), 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def sync(self) -> None:
+        """Flush the file to disk and close it (waits on the disk, not the CPU).
+
+        :raise OSError:
+        """
+        try:
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
+            self.fd = -1
 
     def abort(self) -> None:
         """Close and remove the unfinished file."""
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
         self.path.unlink(missing_ok=True)
 
     def _pwrite(self, data: bytes, at: int) -> None:

@@ -99,8 +99,11 @@ class DomainService:
         if domain is None or domain.session is not session:
             return
         async with domain.lock:
+            start = time.perf_counter()
             for hook in self._connect_hooks:
                 await hook(domain)
+            log.info("domain %s: reconciled with QEMU in %.1f ms", domain.name,
+                     (time.perf_counter() - start) * 1e3)
 
     def add_usage_check(self, check: Callable[[str], str | None]) -> None:
         """check(domain) says why the domain cannot be undefined now, or None."""

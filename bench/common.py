@@ -1,0 +1,100 @@
+"""Shared pieces of the benchmarks: a VM with a daemon that knows it, timing,
+bbctl as a user runs it, and the rows of the summary table."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tools.daemon import Daemon
+from tools.vm import MiB, Vm
+
+GiB = 1024 * MiB
+
+
+@dataclass
+class Row:
+    """One line of the table ``make bench`` prints."""
+
+    figure: str
+    ours: float
+    peer: float | None = None
+    unit: str = "s"
+    peer_name: str = ""
+    target: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.peer else self.ours / self.peer
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@contextmanager
+def domain(disks: dict[str, int], prepare: Callable[[Vm], None] | None = None,
+           workdir_base: str = "/var/tmp", **daemon_keys: Any) -> Iterator[tuple[Vm, Daemon]]:
+    """A running VM (images prepared offline first) defined in a running daemon."""
+    workdir = Path(tempfile.mkdtemp(prefix="bb-bench-", dir=workdir_base))
+    vm = Vm(workdir, "bench", disks=disks)
+    daemon = Daemon(workdir, log_level="info", **daemon_keys)
+    try:
+        vm.create_images()
+        if prepare is not None:
+            prepare(vm)
+        vm.start()
+        daemon.start()
+        with daemon.client() as c:
+            c.domain_define(vm.name, str(vm.daemon_qmp))
+            deadline = time.monotonic() + 20
+            while c.domain_list()[0]["state"] != "running":
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the daemon did not reach the VM")
+                time.sleep(0.05)
+        yield vm, daemon
+    finally:
+        if daemon.proc is not None:
+            daemon.stop()
+        vm.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bbctl_backup(daemon: Daemon, vm: Vm, dest: Path, level: str) -> tuple[float, dict[str, Any]]:
+    """``bbctl --json backup``: seconds end to end and the manifest record."""
+    argv = [sys.executable, "-m", "blockbackup_client.bbctl", "--socket", str(daemon.socket),
+            "--json", "backup", vm.name, "--dest", str(dest), "--level", level]
+    start = time.perf_counter()
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return time.perf_counter() - start, json.loads(out)
+
+
+def children_peak_rss_mib() -> float:
+    """Largest resident set of any child process waited for so far."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def qemu_io(image: Path, commands: list[str]) -> None:
+    """Write into an image before QEMU opens it (fast: no guest, no QMP)."""
+    args = []
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run(["qemu-io", "-f", "qcow2", *args, str(image)], check=True,
+                   capture_output=True)
