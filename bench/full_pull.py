@@ -24,13 +24,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.common import GiB, Row, timed
-from tools.daemon import Daemon
-from tools.vm import MiB, Vm
+from bench.common import GiB, Row, domain, timed
+from tools.vm import MiB
 
 RUN = 8 * MiB
 
@@ -57,60 +55,43 @@ _BBCTL_WITH_RSS = (
 
 
 def run(size: int = 4 * GiB, repeat: int = 3) -> list[Row]:
-    workdir = Path(tempfile.mkdtemp(prefix="bb-bench-", dir="/var/tmp"))
-    vm = Vm(workdir, "bench", disks={"sda": size})
-    daemon = Daemon(workdir)
     results: dict[str, list[float]] = {"ours": [], "nbdcopy": [], "qemu-img": [], "cp": []}
     peak_rss: list[float] = []
-    try:
-        vm.create_images()
-        data = fill(vm.image("sda"), size)
-        vm.start()
-        daemon.start()
-        with daemon.client() as c:
-            c.domain_define(vm.name, str(vm.daemon_qmp))
-            deadline = time.monotonic() + 10
-            while c.domain_list()[0]["state"] != "running":
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the daemon did not reach the VM")
-                time.sleep(0.05)
-            for i in range(repeat):
-                dest = workdir / f"ours{i}"
-                start = time.perf_counter()
-                r = subprocess.run([sys.executable, "-c", _BBCTL_WITH_RSS, "--socket",
-                                    str(daemon.socket), "backup", vm.name, "--dest", str(dest),
-                                    "--level", "full"], check=True, capture_output=True,
-                                   text=True)
-                results["ours"].append(time.perf_counter() - start)
-                peak_rss.append(int(r.stderr.split("MAXRSS")[1].split()[0]) / 1024)
-                shutil.rmtree(dest)
-                c.snapshot_create(vm.name, "<domainblocksnapshot><name>peer</name>"
-                                           "</domainblocksnapshot>")
-                started = c.export_start(vm.name, '<domainblockexport type="nbd">'
-                                         '<disk name="sda" snapshot="peer"/>'
-                                         "</domainblockexport>")
-                uri = (f"nbd+unix:///{started['exports'][0]['name']}"
-                       f"?socket={started['server']['socket']}")
-                out = workdir / "peer.out"
-                results["nbdcopy"].append(timed(lambda uri=uri, out=out: subprocess.run(
-                    ["nbdcopy", "--flush", uri, str(out)], check=True)))
-                out.unlink()
-                results["qemu-img"].append(timed(lambda uri=uri, out=out: subprocess.run(
-                    ["qemu-img", "convert", "-W", "-m", "8", "-t", "writeback", "-f", "raw",
-                     "-O", "qcow2", uri, str(out)], check=True)))
-                out.unlink()
-                c.snapshot_delete(vm.name, "peer")
-                results["cp"].append(timed(lambda out=out: (subprocess.run(
-                    ["cp", "--sparse=always", str(vm.image("sda")), str(out)], check=True),
-                    subprocess.run(["sync", str(out)], check=True))))
-                out.unlink()
-                print(f"  round {i}: " + ", ".join(f"{k} {v[-1]:.2f} s"
-                                                    for k, v in results.items()), flush=True)
-    finally:
-        if daemon.proc is not None:
-            daemon.stop()
-        vm.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    filled: list[int] = []
+    with domain({"sda": size}, lambda vm: filled.append(fill(vm.image("sda"), size))) \
+            as (vm, daemon), daemon.client() as c:
+        workdir = vm.workdir
+        for i in range(repeat):
+            dest = workdir / f"ours{i}"
+            start = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", _BBCTL_WITH_RSS, "--socket",
+                                str(daemon.socket), "backup", vm.name, "--dest", str(dest),
+                                "--level", "full"], check=True, capture_output=True, text=True)
+            results["ours"].append(time.perf_counter() - start)
+            peak_rss.append(int(r.stderr.split("MAXRSS")[1].split()[0]) / 1024)
+            shutil.rmtree(dest)
+            c.snapshot_create(vm.name, "<domainblocksnapshot><name>peer</name>"
+                                       "</domainblocksnapshot>")
+            started = c.export_start(vm.name, '<domainblockexport type="nbd">'
+                                     '<disk name="sda" snapshot="peer"/></domainblockexport>')
+            uri = (f"nbd+unix:///{started['exports'][0]['name']}"
+                   f"?socket={started['server']['socket']}")
+            out = workdir / "peer.out"
+            results["nbdcopy"].append(timed(lambda uri=uri, out=out: subprocess.run(
+                ["nbdcopy", "--flush", uri, str(out)], check=True)))
+            out.unlink()
+            results["qemu-img"].append(timed(lambda uri=uri, out=out: subprocess.run(
+                ["qemu-img", "convert", "-W", "-m", "8", "-t", "writeback", "-f", "raw",
+                 "-O", "qcow2", uri, str(out)], check=True)))
+            out.unlink()
+            c.snapshot_delete(vm.name, "peer")
+            results["cp"].append(timed(lambda out=out: (subprocess.run(
+                ["cp", "--sparse=always", str(vm.image("sda")), str(out)], check=True),
+                subprocess.run(["sync", str(out)], check=True))))
+            out.unlink()
+            print(f"  round {i}: " + ", ".join(f"{k} {v[-1]:.2f} s"
+                                                for k, v in results.items()), flush=True)
+    data = filled[0]
     med = {k: statistics.median(v) for k, v in results.items()}
     mib = data / MiB
     what = f"full backup, {size // GiB} GiB disk, {mib:.0f} MiB data"

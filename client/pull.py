@@ -22,6 +22,9 @@ from typing import Protocol
 
 import nbd
 
+# The daemon's reader of NBD meta contexts (the same distribution).
+from blockbackupd.qemu.nbdread import context_runs
+
 #: Defaults that keep memory bounded (connections × depth × request = 32 MiB);
 #: the fastest of the settings tried here (bench/, README "Performance").
 CONNECTIONS = 4
@@ -29,8 +32,6 @@ DEPTH = 8
 REQUEST = 1024 * 1024
 #: Threads writing into the target (the sink's write must be thread-safe).
 WRITERS = 1
-#: NBD_CMD_BLOCK_STATUS asks at most this much at once.
-_STATUS_CHUNK = 1 << 30
 
 #: base:allocation flags (NBD protocol).
 STATE_HOLE = 1
@@ -53,39 +54,6 @@ class Stats:
     bytes_read: int = 0
     bytes_zeroed: int = 0  # changed runs that read as zeros: recorded, not read
     requests: int = 0
-
-
-def context_runs(h: nbd.NBD, context: str) -> list[tuple[int, int, int]]:
-    """(offset, length, flags) of one meta context over the whole export, merging
-    neighbours with equal flags. The handle must have negotiated ``context``.
-
-    :raise PullError: the server sent no status for part of the export.
-    """
-    size = h.get_size()
-    runs: list[tuple[int, int, int]] = []
-    offset = 0
-    seen: list[tuple[int, int]] = []
-
-    def collect(name: str, start: int, entries: list[int], err: object) -> int:
-        if name == context:
-            seen.extend(zip(entries[0::2], entries[1::2], strict=True))
-        return 0
-
-    while offset < size:
-        seen.clear()
-        h.block_status(min(size - offset, _STATUS_CHUNK), offset, collect)
-        if not seen:
-            raise PullError(f"no block status for {context} at offset {offset}")
-        for length, flags in seen:
-            length = min(length, size - offset)
-            if runs and runs[-1][2] == flags and runs[-1][0] + runs[-1][1] == offset:
-                runs[-1] = (runs[-1][0], runs[-1][1] + length, flags)
-            else:
-                runs.append((offset, length, flags))
-            offset += length
-            if offset >= size:
-                break
-    return runs
 
 
 def _open(socket_path: str, export: str, contexts: tuple[str, ...] = ()) -> nbd.NBD:
@@ -117,7 +85,7 @@ def plan(socket_path: str, export: str, changes: str | None = None) -> list[Run]
             dirty = context_runs(h, changes) if changes else None
         finally:
             h.shutdown()
-    except nbd.Error as err:
+    except (nbd.Error, RuntimeError) as err:
         raise PullError(f"reading the extents of {export}: {err}") from err
     if dirty is None:
         return [Run(o, n) for o, n, flags in allocation if not flags & STATE_ZERO]

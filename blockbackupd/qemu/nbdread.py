@@ -33,31 +33,41 @@ def _dirty_extents(socket_path: str, export: str, context: str) -> list[list[int
     try:
         if not h.can_meta_context(context):
             raise RuntimeError(f"the NBD server does not offer {context}")
-        size = h.get_size()
-        runs: list[list[int]] = []
-        offset = 0
-        seen: list[tuple[int, int]] = []
-
-        def collect(name: str, start: int, entries: list[int], err: object) -> int:
-            if name == context:
-                seen.extend(zip(entries[0::2], entries[1::2], strict=True))
-            return 0
-
-        while offset < size:
-            seen.clear()
-            h.block_status(min(size - offset, _CHUNK), offset, collect)
-            if not seen:
-                raise RuntimeError(f"no block status for {context} at {offset}")
-            for length, flags in seen:
-                length = min(length, size - offset)
-                if flags & 1:
-                    if runs and runs[-1][0] + runs[-1][1] == offset:
-                        runs[-1][1] += length
-                    else:
-                        runs.append([offset, length])
-                offset += length
-                if offset >= size:
-                    break
-        return runs
+        return [[offset, length] for offset, length, flags in context_runs(h, context)
+                if flags & 1]
     finally:
         h.shutdown()
+
+
+def context_runs(h: nbd.NBD, context: str) -> list[tuple[int, int, int]]:
+    """(offset, length, flags) of one meta context over the whole export,
+    neighbours with equal flags merged. The handle must have negotiated it.
+
+    :raise RuntimeError: the server sent no status for part of the export.
+    :raise nbd.Error:
+    """
+    size = h.get_size()
+    runs: list[tuple[int, int, int]] = []
+    offset = 0
+    seen: list[tuple[int, int]] = []
+
+    def collect(name: str, start: int, entries: list[int], err: object) -> int:
+        if name == context:
+            seen.extend(zip(entries[0::2], entries[1::2], strict=True))
+        return 0
+
+    while offset < size:
+        seen.clear()
+        h.block_status(min(size - offset, _CHUNK), offset, collect)
+        if not seen:
+            raise RuntimeError(f"no block status for {context} at offset {offset}")
+        for length, flags in seen:
+            length = min(length, size - offset)
+            if runs and runs[-1][2] == flags and runs[-1][0] + runs[-1][1] == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + length, flags)
+            else:
+                runs.append((offset, length, flags))
+            offset += length
+            if offset >= size:
+                break
+    return runs

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import RawConnection, domain_state, snapshot_xml, wait_for
+from tests.faults.checks import store_records
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
 
@@ -89,12 +89,7 @@ def state(daemon: Daemon, vm: Vm) -> Any:
         snaps = c.snapshot_list("vm1")
         exports = c.export_list("vm1")
         checkpoints = c.call("checkpoint.list", domain="vm1")
-    db = sqlite3.connect(f"file:{Path(daemon.daemon_keys['state_dir']) / 'blockbackupd.db'}"
-                         "?mode=ro", uri=True)
-    try:
-        records = db.execute("SELECT kind FROM intent").fetchall()
-    finally:
-        db.close()
+    records = store_records(daemon)
     return (domains, snaps, exports, checkpoints, records, sorted(vm.node_names()),
             vm.top_nodes(), sorted(os.listdir(daemon.daemon_keys["scratch_dir"])))
 

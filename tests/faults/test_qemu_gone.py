@@ -7,14 +7,13 @@ and the next checkpoint starts a fresh chain."""
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from blockbackup_client import NoSuchSnapshot
 from tests.conftest import domain_state, export_xml, snapshot_xml, wait_for
+from tests.faults.checks import store_records
 from tests.test_checkpoints import Guest, changes, runs
 from tools.daemon import Daemon
 from tools.vm import Vm
@@ -47,12 +46,7 @@ def test_qemu_killed_with_snapshots_exports_checkpoints(make_vm: Callable[..., V
             assert c.snapshot_list("vm1") == [] and c.export_list("vm1") == []
             assert os.listdir(daemon.daemon_keys["scratch_dir"]) == []
             assert not os.path.exists(server["socket"])
-            db = sqlite3.connect(f"file:{Path(daemon.daemon_keys['state_dir'])}/blockbackupd.db"
-                                 "?mode=ro", uri=True)
-            try:
-                assert db.execute("SELECT kind FROM intent").fetchall() == []
-            finally:
-                db.close()
+            assert store_records(daemon) == []
 
             vm.start()  # the same images, after a crash
             wait_for(lambda: domain_state(daemon, "vm1") == "running")

@@ -5,8 +5,6 @@ consistent state exactly (see qmp_cut.py for how the cut is made)."""
 
 from __future__ import annotations
 
-import os
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,8 +13,9 @@ import pytest
 
 from blockbackup_client import DomainNotConnected, OperationFailed
 from tests.conftest import domain_state, snapshot_xml, wait_for
+from tests.faults.checks import assert_nothing_left
 from tests.faults.qmp_cut import QmpCut
-from tests.faults.test_kill import nbd_server_running, prepare, run
+from tests.faults.test_kill import prepare, run
 from tests.test_checkpoints import Guest, bitmap_names, changes, checkpoint, runs
 from tools.daemon import Daemon
 from tools.vm import Vm
@@ -86,18 +85,7 @@ def test_qmp_cut_mid_command(cut_setup: tuple[Vm, Daemon, QmpCut],
         for name in listed:
             assert c.call("checkpoint.lookup", domain="vm1", name=name)["state"] == "valid"
             assert changes(c, name) == runs({1, 5} if name == "cp1" else {5})
-    assert vm.node_names() == nodes
-    assert vm.top_nodes() == tops
-    assert vm.qmp("query-block-exports") == []
-    assert not nbd_server_running(vm)
-    assert os.listdir(daemon.daemon_keys["scratch_dir"]) == []
-    assert [p for p in os.listdir(daemon.daemon_keys["run_dir"]) if p.endswith(".nbd")] == []
-    db = sqlite3.connect(f"file:{Path(daemon.daemon_keys['state_dir']) / 'blockbackupd.db'}"
-                         "?mode=ro", uri=True)
-    try:
-        assert db.execute("SELECT kind, payload FROM intent").fetchall() == []
-    finally:
-        db.close()
+    assert_nothing_left(daemon, vm, nodes, tops)
     with daemon.client() as c:  # and the domain serves as before
         c.snapshot_create("vm1", snapshot_xml("s3"))
         c.snapshot_delete("vm1", "s3")
