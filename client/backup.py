@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,14 +134,22 @@ def _pull(socket_path: str, export: str, changes: str | None, target: Path, size
         progress(n)
         _pause("pull")
 
+    # The file's checksum as it is made, never read back: the metadata (known
+    # from the plan), then the data in file order as it arrives, then the
+    # zeros that round the disk's last cluster up (the file's last bytes).
+    hasher = blake3.blake3()
+    hasher.update(writer.metadata())
+
+    def seen(data: memoryview) -> None:
+        hasher.update(data)
+
     try:
-        stats = pull.copy(socket_path, export, reads, writer, progress=report)
+        stats = pull.copy(socket_path, export, reads, writer, progress=report, ordered=seen)
+        pad = writer.file_size - writer.data_offset - stats.bytes_read
+        hasher.update(bytes(pad))
         writer.complete()
-        # The disk flushes while a CPU hashes the file from the page cache.
-        with ThreadPoolExecutor(1, thread_name_prefix="bb-sync") as pool:
-            synced = pool.submit(writer.sync)
-            digest = checksum(target)
-            synced.result()
+        writer.sync()
+        digest = "blake3:" + hasher.hexdigest()
     except BaseException:
         writer.abort()
         raise

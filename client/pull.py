@@ -12,12 +12,14 @@ stops it at once; the connections close when the handles go.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import nbd
@@ -30,8 +32,9 @@ from blockbackupd.qemu.nbdread import context_runs
 CONNECTIONS = 4
 DEPTH = 8
 REQUEST = 1024 * 1024
-#: Threads writing into the target (the sink's write must be thread-safe).
-WRITERS = 1
+#: Threads writing into the target (the sink's write must be thread-safe):
+#: with O_DIRECT each waits on the disk, so several keep it busy.
+WRITERS = 4
 
 #: base:allocation flags (NBD protocol).
 STATE_HOLE = 1
@@ -140,30 +143,43 @@ class _Slots:
     """A connection's buffers and requests. Completion callbacks hold this,
     never the handle, so dropping the handle closes its connection at once."""
 
-    free: list[bytearray]
+    free: list[mmap.mmap]
     busy: int = 0
-    ready: deque[tuple[bytearray, Run]] = field(default_factory=deque)
+    ready: deque[_Piece] = field(default_factory=deque)
 
 
 def copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
-         progress: Callable[[int], None] = lambda n: None, *, connections: int = CONNECTIONS,
-         depth: int = DEPTH, request: int = REQUEST) -> Stats:
+         progress: Callable[[int], None] = lambda n: None,
+         ordered: Callable[[memoryview], None] | None = None, *,
+         connections: int = CONNECTIONS, depth: int = DEPTH, request: int = REQUEST) -> Stats:
     """Read the data runs from the export and hand them to ``sink`` (zero runs
-    are the sink's business: nothing is read for them).
+    are the sink's business: nothing is read for them). ``ordered``, if
+    given, sees every byte read exactly once, in the order of ``runs`` (in a
+    thread of its own), e.g. to checksum the result without reading it back.
 
-    :raise PullError: a read failed (the first error).
-    :raise OSError: the sink could not write.
+    :raise PullError: a read or a write failed (the first error).
     """
     try:
-        return _copy(socket_path, export, runs, sink, progress, max(1, connections),
+        return _copy(socket_path, export, runs, sink, progress, ordered, max(1, connections),
                      max(1, depth), request)
     except nbd.Error as err:
         raise PullError(f"copying {export}: {err}") from err
 
 
+@dataclass
+class _Piece:
+    """One request's data on its way: written and (maybe) seen in order."""
+
+    state: _Slots
+    slot: mmap.mmap
+    run: Run
+    index: int
+    left: int  # jobs still holding the slot
+
+
 def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
-          progress: Callable[[int], None], connections: int, depth: int,
-          request: int) -> Stats:
+          progress: Callable[[int], None], ordered: Callable[[memoryview], None] | None,
+          connections: int, depth: int, request: int) -> Stats:
     todo = _requests(runs, request)
     stats = Stats(bytes_zeroed=sum(r.length for r in runs if r.zero))
     if not todo:
@@ -172,53 +188,68 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
     handles: list[tuple[nbd.NBD, _Slots]] = []
     failures: list[str] = []
 
-    def read(state: _Slots, slot: bytearray, run: Run, err: object) -> int:
+    def read(state: _Slots, slot: mmap.mmap, run: Run, index: int, err: object) -> int:
         code = getattr(err, "value", 0)
         if code:
             state.busy -= 1
             state.free.append(slot)
             failures.append(f"reading {run.length} bytes at {run.offset}: errno {code}")
         else:
-            state.ready.append((slot, run))
+            state.ready.append(_Piece(state, slot, run, index, 2 if ordered else 1))
         return 1
 
-    # Writes go to a small pool of threads (pwrite releases the GIL), so the
-    # page cache takes one piece while the sockets bring the next.
-    done: deque[tuple[_Slots, bytearray, int]] = deque()
+    # Writes go to a pool of threads (pwrite releases the GIL) and the ordered
+    # consumer to one more, so the disk, the checksum and the sockets all move
+    # at once; each job that finishes wakes the loop through a pipe.
+    done: deque[_Piece] = deque()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
 
-    def write(state: _Slots, slot: bytearray, run: Run) -> None:
+    def job(piece: _Piece, what: Callable[[memoryview], None], verb: str) -> None:
         try:
-            sink.write(run.offset, memoryview(slot)[:run.length])
+            what(memoryview(piece.slot)[:piece.run.length])
         except BaseException as err:
-            failures.append(f"writing {run.length} bytes at {run.offset}: {err}")
-        done.append((state, slot, run.length))
+            failures.append(f"{verb} {piece.run.length} bytes at {piece.run.offset}: {err}")
+        done.append(piece)
         os.write(wake_w, b"\0")
 
-    pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="bb-write")
+    writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="bb-write")
+    seer = ThreadPoolExecutor(1, thread_name_prefix="bb-ordered")
+    arrived: dict[int, _Piece] = {}
+    next_seen = 0
+    issued = 0
     try:
         for _ in range(connections):
+            # Page-aligned buffers (mmap), so writes may bypass the page cache.
             handles.append((_open(socket_path, export),
-                            _Slots([bytearray(request) for _ in range(depth)])))
+                            _Slots([mmap.mmap(-1, request) for _ in range(depth)])))
         while not failures:
             moved = 0
             while done:
-                state, slot, length = done.popleft()
-                state.free.append(slot)
-                state.busy -= 1
-                moved += length
+                piece = done.popleft()
+                piece.left -= 1
+                if piece.left == 0:
+                    piece.state.free.append(piece.slot)
+                    piece.state.busy -= 1
+                    moved += piece.run.length
             for h, state in handles:
                 while state.ready:
-                    slot, run = state.ready.popleft()
-                    pool.submit(write, state, slot, run)
+                    piece = state.ready.popleft()
+                    writers.submit(job, piece, partial(sink.write, piece.run.offset), "writing")
+                    if ordered is not None:
+                        arrived[piece.index] = piece
+                while ordered is not None and next_seen in arrived:
+                    seer.submit(job, arrived.pop(next_seen), ordered, "checking")
+                    next_seen += 1
                 while todo and state.busy < depth:
                     run = todo.popleft()
                     slot = state.free.pop()
                     state.busy += 1
                     h.aio_pread(nbd.Buffer.from_buffer(memoryview(slot)[:run.length]),
                                 run.offset,
-                                lambda err, s=state, slot=slot, run=run: read(s, slot, run, err))
+                                lambda err, s=state, slot=slot, run=run, i=issued:
+                                read(s, slot, run, i, err))
+                    issued += 1
                     stats.requests += 1
                     stats.bytes_read += run.length
             if moved:
@@ -230,7 +261,8 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
             raise PullError(f"copying {export}: {failures[0]}")
         return stats
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # no write after we return
+        for pool in (writers, seer):  # no job runs after we return
+            pool.shutdown(wait=True, cancel_futures=True)
         os.close(wake_r)
         os.close(wake_w)
         for h, _ in handles:
