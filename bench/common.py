@@ -39,6 +39,20 @@ class Row:
         return None if not self.peer else self.ours / self.peer
 
 
+def gib(text: str) -> int:
+    """A size given in GiB on the command line (fractions allowed)."""
+    return int(float(text) * GiB)
+
+
+def cli(run: Callable[..., list[Row]], *casts: Callable[[str], object]) -> int:
+    """Run one benchmark from the command line: positional arguments, cast in
+    order, replace ``run``'s defaults; print its rows."""
+    args = [cast(arg) for cast, arg in zip(casts, sys.argv[1:], strict=False)]
+    for row in run(*args):
+        print(row)
+    return 0
+
+
 def timed(action: Callable[[], object]) -> float:
     start = time.perf_counter()
     action()

@@ -17,7 +17,7 @@ import re
 import sys
 import time
 
-from bench.common import Row, domain, median
+from bench.common import Row, cli, domain, median
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
 
@@ -99,13 +99,5 @@ def run(repeat: int = 15, checkpoints: int = 100) -> list[Row]:
     return control_path(repeat) + restart(checkpoints, 3)
 
 
-def main() -> int:
-    repeat = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-    checkpoints = int(sys.argv[2]) if len(sys.argv) > 2 else 100
-    for row in run(repeat, checkpoints):
-        print(row)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(run, int, int))

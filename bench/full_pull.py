@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import GiB, Row, domain, timed
+from bench.common import GiB, Row, cli, domain, gib, timed
 from tools.vm import MiB
 
 RUN = 8 * MiB
@@ -107,13 +107,5 @@ def run(size: int = 4 * GiB, repeat: int = 3) -> list[Row]:
     ]
 
 
-def main() -> int:
-    size = int(float(sys.argv[1]) * GiB) if len(sys.argv) > 1 else 4 * GiB
-    repeat = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    for row in run(size, repeat):
-        print(row)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(run, gib, int))

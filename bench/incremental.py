@@ -17,7 +17,7 @@ import random
 import sys
 import time
 
-from bench.common import GiB, Row, bbctl_backup, domain, median, qemu_io
+from bench.common import GiB, Row, bbctl_backup, cli, domain, gib, median, qemu_io
 from blockbackup_client import pull
 from tools.vm import MiB
 
@@ -95,13 +95,5 @@ def run(size: int = 4 * GiB, repeat: int = 3) -> list[Row]:
     return proportional(size, repeat) + sparse(repeat)
 
 
-def main() -> int:
-    size = int(float(sys.argv[1]) * GiB) if len(sys.argv) > 1 else 4 * GiB
-    repeat = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    for row in run(size, repeat):
-        print(row)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(run, gib, int))

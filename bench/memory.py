@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Row
+from bench.common import Row, cli
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
 
@@ -76,13 +76,5 @@ def run(domains: int = 50, checkpoints: int = 100) -> list[Row]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def main() -> int:
-    domains = int(sys.argv[1]) if len(sys.argv) > 1 else 50
-    checkpoints = int(sys.argv[2]) if len(sys.argv) > 2 else 100
-    for row in run(domains, checkpoints):
-        print(row)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(run, int, int))
