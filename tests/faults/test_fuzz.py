@@ -90,7 +90,10 @@ def state(daemon: Daemon, vm: Vm) -> Any:
         exports = c.export_list("vm1")
         checkpoints = c.call("checkpoint.list", domain="vm1")
     records = store_records(daemon)
-    return (domains, snaps, exports, checkpoints, records, sorted(vm.node_names()),
+    # Nodes QEMU names itself ("#block...") come and go with the daemon's
+    # periodic probe job of each snapshot; ours and the disks' must not move.
+    nodes = sorted(n for n in vm.node_names() if not n.startswith("#"))
+    return (domains, snaps, exports, checkpoints, records, nodes,
             vm.top_nodes(), sorted(os.listdir(daemon.daemon_keys["scratch_dir"])))
 
 
