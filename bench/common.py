@@ -4,7 +4,6 @@ bbctl as a user runs it, and the rows of the summary table."""
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -98,11 +97,6 @@ def bbctl_backup(daemon: Daemon, vm: Vm, dest: Path, level: str) -> tuple[float,
     start = time.perf_counter()
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return time.perf_counter() - start, json.loads(out)
-
-
-def children_peak_rss_mib() -> float:
-    """Largest resident set of any child process waited for so far."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def qemu_io(image: Path, commands: list[str]) -> None:
