@@ -115,9 +115,9 @@ def _pause(step: str) -> None:
 
 
 def _pull(socket_path: str, export: str, changes: str | None, target: Path, size: int,
-          backing: str | None, progress: Callable[[int], None]) -> tuple[pull.Stats, str]:
+          backing: str | None, progress: Callable[[int], None]) -> tuple[int, int, str]:
     """Copy an export's data (or only its changes) into a new qcow2 file, flushed;
-    returns what was copied and the file's checksum.
+    returns the bytes read, the bytes recorded as zeros, and the file's checksum.
 
     :raise pull.PullError: the export could not be read.
     :raise OSError: the file could not be written.
@@ -144,8 +144,8 @@ def _pull(socket_path: str, export: str, changes: str | None, target: Path, size
         hasher.update(data)
 
     try:
-        stats = pull.copy(socket_path, export, reads, writer, progress=report, ordered=seen)
-        pad = writer.file_size - writer.data_offset - stats.bytes_read
+        read = pull.copy(socket_path, export, reads, writer, progress=report, ordered=seen)
+        pad = writer.file_size - writer.data_offset - read
         hasher.update(bytes(pad))
         writer.complete()
         writer.sync()
@@ -153,8 +153,7 @@ def _pull(socket_path: str, export: str, changes: str | None, target: Path, size
     except BaseException:
         writer.abort()
         raise
-    stats.bytes_zeroed = sum(c.count for c in clusters if c.zero) * qcow2.CLUSTER
-    return stats, digest
+    return read, sum(c.count for c in clusters if c.zero) * qcow2.CLUSTER, digest
 
 
 @contextlib.contextmanager
@@ -215,12 +214,12 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
             backing = previous["disks"][disk]["file"] if level == "inc" and previous else None
             made.append(target)
             began = time.monotonic()
-            stats, digest = _pull(socket_path, export["name"],
-                                   export.get("bitmap") if backing else None, target,
-                                   scratch["size"], backing, progress)
+            read, zeroed, digest = _pull(socket_path, export["name"],
+                                         export.get("bitmap") if backing else None, target,
+                                         scratch["size"], backing, progress)
             record["disks"][disk] = {
                 "file": target.name, "backing": backing, "size": scratch["size"],
-                "bytes_read": stats.bytes_read, "bytes_zeroed": stats.bytes_zeroed,
+                "bytes_read": read, "bytes_zeroed": zeroed,
                 "bytes_written": target.stat().st_blocks * 512,
                 "seconds": round(time.monotonic() - began, 3),
                 "checksum": digest}

@@ -25,7 +25,7 @@ from typing import Protocol
 import nbd
 
 # The daemon's reader of NBD meta contexts (the same distribution).
-from blockbackupd.qemu.nbdread import context_runs
+from blockbackupd.qemu.nbdread import connect, context_runs
 
 #: Defaults that keep memory bounded (connections × depth × request = 32 MiB);
 #: the fastest of the settings tried here (bench/, README "Performance").
@@ -36,8 +36,7 @@ REQUEST = 1024 * 1024
 #: with O_DIRECT each waits on the disk, so several keep it busy.
 WRITERS = 4
 
-#: base:allocation flags (NBD protocol).
-STATE_HOLE = 1
+#: base:allocation flag (NBD protocol): the range reads as zeros.
 STATE_ZERO = 2
 
 
@@ -52,27 +51,6 @@ class Run:
     zero: bool = False  # write zeros, read nothing
 
 
-@dataclass
-class Stats:
-    bytes_read: int = 0
-    bytes_zeroed: int = 0  # changed runs that read as zeros: recorded, not read
-    requests: int = 0
-
-
-def _open(socket_path: str, export: str, contexts: tuple[str, ...] = ()) -> nbd.NBD:
-    h = nbd.NBD()
-    h.set_export_name(export)
-    # The buffers are ours and reused; a failed read fails the backup anyway.
-    h.set_pread_initialize(False)
-    for context in contexts:
-        h.add_meta_context(context)
-    h.connect_unix(socket_path)
-    for context in contexts:
-        if not h.can_meta_context(context):
-            raise PullError(f"the NBD server does not offer {context} on {export}")
-    return h
-
-
 def plan(socket_path: str, export: str, changes: str | None = None) -> list[Run]:
     """The runs to copy from an export: with ``changes`` (a dirty-bitmap meta
     context) only the changed blocks, zero ones as zero writes; without, every
@@ -82,7 +60,7 @@ def plan(socket_path: str, export: str, changes: str | None = None) -> list[Run]
     """
     contexts = ("base:allocation",) + ((changes,) if changes else ())
     try:
-        h = _open(socket_path, export, contexts)
+        h = connect(socket_path, export, contexts)
         try:
             allocation = context_runs(h, "base:allocation")
             dirty = context_runs(h, changes) if changes else None
@@ -151,11 +129,12 @@ class _Slots:
 def copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
          progress: Callable[[int], None] = lambda n: None,
          ordered: Callable[[memoryview], None] | None = None, *,
-         connections: int = CONNECTIONS, depth: int = DEPTH, request: int = REQUEST) -> Stats:
+         connections: int = CONNECTIONS, depth: int = DEPTH, request: int = REQUEST) -> int:
     """Read the data runs from the export and hand them to ``sink`` (zero runs
     are the sink's business: nothing is read for them). ``ordered``, if
     given, sees every byte read exactly once, in the order of ``runs`` (in a
     thread of its own), e.g. to checksum the result without reading it back.
+    Returns the bytes read.
 
     :raise PullError: a read or a write failed (the first error).
     """
@@ -179,11 +158,11 @@ class _Piece:
 
 def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
           progress: Callable[[int], None], ordered: Callable[[memoryview], None] | None,
-          connections: int, depth: int, request: int) -> Stats:
+          connections: int, depth: int, request: int) -> int:
     todo = _requests(runs, request)
-    stats = Stats(bytes_zeroed=sum(r.length for r in runs if r.zero))
+    read_bytes = 0
     if not todo:
-        return stats
+        return read_bytes
     connections = min(connections, len(todo))
     handles: list[tuple[nbd.NBD, _Slots]] = []
     failures: list[str] = []
@@ -220,8 +199,11 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
     issued = 0
     try:
         for _ in range(connections):
+            h = connect(socket_path, export)
+            # The buffers are ours and reused; a failed read fails the copy anyway.
+            h.set_pread_initialize(False)
             # Page-aligned buffers (mmap), so writes may bypass the page cache.
-            handles.append((_open(socket_path, export),
+            handles.append((h,
                             _Slots([mmap.mmap(-1, request) for _ in range(depth)])))
         while not failures:
             moved = 0
@@ -250,8 +232,7 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
                                 lambda err, s=state, slot=slot, run=run, i=issued:
                                 read(s, slot, run, i, err))
                     issued += 1
-                    stats.requests += 1
-                    stats.bytes_read += run.length
+                    read_bytes += run.length
             if moved:
                 progress(moved)
             if not todo and not any(state.busy for _, state in handles):
@@ -259,7 +240,7 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
             _wait([h for h, _ in handles], wake_r)
         if failures:
             raise PullError(f"copying {export}: {failures[0]}")
-        return stats
+        return read_bytes
     finally:
         for pool in (writers, seer):  # no job runs after we return
             pool.shutdown(wait=True, cancel_futures=True)

@@ -39,6 +39,13 @@ _HEADER_LENGTH = 104
 _BLOCK = 4096
 
 
+def _pwrite_all(fd: int, view: memoryview, at: int) -> None:
+    """pwrite until every byte is written (a short write is allowed by POSIX)."""
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
 def _address(view: memoryview) -> int:
     """The address of a buffer's first byte (for O_DIRECT's alignment rule)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) if not view.readonly else -1
@@ -175,9 +182,7 @@ class Qcow2Writer:
         if self._direct >= 0 and at % _BLOCK == 0 and len(view) % _BLOCK == 0 \
                 and _address(view) % _BLOCK == 0:
             fd = self._direct
-        while view:
-            n = os.pwrite(fd, view, at)
-            view, at = view[n:], at + n
+        _pwrite_all(fd, view, at)
 
     def metadata(self) -> bytes:
         """The bytes of the file before its data: header cluster, L1 table,
@@ -224,7 +229,7 @@ class Qcow2Writer:
         :raise OSError: the file could not be written.
         """
         try:
-            self._pwrite(self.metadata(), 0)
+            _pwrite_all(self.fd, memoryview(self.metadata()), 0)
         except BaseException:
             self.abort()
             raise
@@ -253,12 +258,6 @@ class Qcow2Writer:
                     pass
         self.fd = self._direct = -1
         self.path.unlink(missing_ok=True)
-
-    def _pwrite(self, data: bytes, at: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, at)
-            view, at = view[n:], at + n
 
     def _header(self) -> bytes:
         extensions = b""

@@ -26,17 +26,31 @@ def dirty_extents(socket_path: str, export: str, context: str) -> list[list[int]
 
 
 def _dirty_extents(socket_path: str, export: str, context: str) -> list[list[int]]:
-    h = nbd.NBD()
-    h.set_export_name(export)
-    h.add_meta_context(context)
-    h.connect_unix(socket_path)
+    h = connect(socket_path, export, (context,))
     try:
-        if not h.can_meta_context(context):
-            raise RuntimeError(f"the NBD server does not offer {context}")
         return [[offset, length] for offset, length, flags in context_runs(h, context)
                 if flags & 1]
     finally:
         h.shutdown()
+
+
+def connect(socket_path: str, export: str, contexts: tuple[str, ...] = ()) -> nbd.NBD:
+    """A libnbd handle on an export of a unix-socket server, with these meta
+    contexts negotiated.
+
+    :raise RuntimeError: the server does not offer one of the contexts.
+    :raise nbd.Error: the connection failed.
+    """
+    h = nbd.NBD()
+    h.set_export_name(export)
+    for context in contexts:
+        h.add_meta_context(context)
+    h.connect_unix(socket_path)
+    missing = [c for c in contexts if not h.can_meta_context(c)]
+    if missing:
+        h.shutdown()
+        raise RuntimeError(f"the NBD server does not offer {', '.join(missing)} on {export}")
+    return h
 
 
 def context_runs(h: nbd.NBD, context: str) -> list[tuple[int, int, int]]:

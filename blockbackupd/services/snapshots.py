@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -544,29 +545,28 @@ class SnapshotService:
                     pass
             if not leftover:
                 break
+        # Scratch files the store knows of, even those no node used yet.
+        records = self._store.intents(domain.name)
+        state = self._state(domain.name)
+        live = {part.record for snap in state.snapshots.values() for part in snap.disks}
+        live |= {part.record for part in state.retired}
+        stale = [r for r in records if r.kind == SCRATCH_RECORD and r.id not in live]
+        files += [r.payload["file"] for r in stale
+                  if r.payload["file"] not in files and os.path.lexists(r.payload["file"])]
         for f in files:
             path = Path(f)
             if any(path.parent.resolve().is_relative_to(d.resolve())
                    for d in self._settings.scratch_dirs):
                 scratch.remove(path)
+        for record in stale:
+            self._store.drop_intent(record.id)
         for obj in await session.execute("qom-list", {"path": "/objects"}):
             if obj["name"].startswith(PREFIX):
                 await ops.delete_object(obj["name"])
-        live = {part.record for snap in self._state(domain.name).snapshots.values()
-                for part in snap.disks} | {part.record for part in self._state(domain.name).retired}
-        for record in self._store.intents(domain.name):
-            if record.kind == SCRATCH_RECORD and record.id not in live:
-                path = Path(record.payload["file"])
-                if path.exists() and str(path) not in files:
-                    files.append(str(path))
-                if any(path.parent.resolve().is_relative_to(d.resolve())
-                       for d in self._settings.scratch_dirs):
-                    scratch.remove(path)
-                self._store.drop_intent(record.id)
         if ours or files:
             log.warning("domain %s: removed %d node(s) and %d scratch file(s) left by an "
                         "earlier daemon", domain.name, len(ours), len(files))
-        for record in self._store.intents(domain.name):
+        for record in records:
             if record.kind == HELD_IO_RECORD:
                 # Last: the I/O paths are whole again before the guest runs.
                 if await ops.run_status() == "paused":

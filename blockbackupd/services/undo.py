@@ -33,7 +33,7 @@ class Undo:
         self.what = what
         self._steps: list[tuple[str, Step | _Record]] = []
 
-    def push(self, label: str, step: Step | _Record) -> None:
+    def push(self, label: str, step: Step) -> None:
         self._steps.append((label, step))
 
     def push_record(self, label: str, drop: Callable[[], None],
