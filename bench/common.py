@@ -4,11 +4,9 @@ bbctl as a user runs it, and the rows of the summary table."""
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.daemon import Daemon
+from tools.daemon import Daemon, defined_domain
 from tools.vm import MiB, Vm
 
 GiB = 1024 * MiB
@@ -64,30 +62,12 @@ def median(values: list[float]) -> float:
 
 @contextmanager
 def domain(disks: dict[str, int], prepare: Callable[[Vm], None] | None = None,
-           workdir_base: str = "/var/tmp", **daemon_keys: Any) -> Iterator[tuple[Vm, Daemon]]:
-    """A running VM (images prepared offline first) defined in a running daemon."""
-    workdir = Path(tempfile.mkdtemp(prefix="bb-bench-", dir=workdir_base))
-    vm = Vm(workdir, "bench", disks=disks)
-    daemon = Daemon(workdir, log_level="info", **daemon_keys)
-    try:
-        vm.create_images()
-        if prepare is not None:
-            prepare(vm)
-        vm.start()
-        daemon.start()
-        with daemon.client() as c:
-            c.domain_define(vm.name, str(vm.daemon_qmp))
-            deadline = time.monotonic() + 20
-            while c.domain_list()[0]["state"] != "running":
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the daemon did not reach the VM")
-                time.sleep(0.05)
-        yield vm, daemon
-    finally:
-        if daemon.proc is not None:
-            daemon.stop()
-        vm.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+           **daemon_keys: Any) -> Iterator[tuple[Vm, Daemon]]:
+    """A running VM named "bench", defined in a running daemon, under /var/tmp
+    (a disk, not a tmpfs: the benchmarks measure it)."""
+    with defined_domain(disks, "bench", workdir_base="/var/tmp", prefix="bb-bench-",
+                        prepare=prepare, log_level="info", **daemon_keys) as pair:
+        yield pair
 
 
 def bbctl_backup(daemon: Daemon, vm: Vm, dest: Path, level: str) -> tuple[float, dict[str, Any]]:

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from blockbackupd.qemu.nbdread import dirty_extents
-from tests.conftest import domain_state, export_xml, snapshot_xml, wait_for
+from tests.conftest import export_xml, snapshot_xml
 from tests.test_checkpoints import K, runs
-from tools.daemon import Daemon
+from tools.daemon import Daemon, defined_domain
 from tools.vm import MiB, Vm
 
 DISKS = ("sda", "sdb")
@@ -31,26 +31,10 @@ op = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def bench_domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Vm]]:
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    workdir = Path(tempfile.mkdtemp(prefix="bb-prop-", dir="/tmp"))
-    vm = Vm(workdir, disks={d: 8 * MiB for d in DISKS})
-    daemon = Daemon(workdir, log_level="info")
-    try:
-        vm.start()
-        daemon.start()
-        with daemon.client() as c:
-            c.domain_define("vm1", str(vm.daemon_qmp))
-        wait_for(lambda: domain_state(daemon, "vm1") == "running")
+def bench_domain() -> Iterator[tuple[Daemon, Vm]]:
+    with defined_domain({d: 8 * MiB for d in DISKS}, prefix="bb-prop-",
+                        log_level="info") as (vm, daemon):
         yield daemon, vm
-    finally:
-        if daemon.proc is not None:
-            daemon.stop()
-        vm.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # BB_PROPERTY_EXAMPLES=1000 for a longer run by hand.

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from blockbackup_client import Client
+from tools.vm import Vm
 
 
 class Daemon:
@@ -103,3 +108,33 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+@contextmanager
+def defined_domain(disks: dict[str, int], name: str = "vm1", *, workdir_base: str = "/tmp",
+                   prefix: str = "bb-", prepare: Callable[[Vm], None] | None = None,
+                   **daemon_keys: Any) -> Iterator[tuple[Vm, Daemon]]:
+    """A running VM (its images prepared offline first by ``prepare``) defined in
+    a running daemon, in a temporary directory; everything goes on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir_base))
+    vm = Vm(workdir, name, disks=disks)
+    daemon = Daemon(workdir, **daemon_keys)
+    try:
+        vm.create_images()
+        if prepare is not None:
+            prepare(vm)
+        vm.start()
+        daemon.start()
+        with daemon.client() as c:
+            c.domain_define(vm.name, str(vm.daemon_qmp))
+            deadline = time.monotonic() + 20
+            while c.domain_list()[0]["state"] != "running":
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the daemon did not reach the VM")
+                time.sleep(0.05)
+        yield vm, daemon
+    finally:
+        if daemon.proc is not None:
+            daemon.stop()
+        vm.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import RawConnection, domain_state, snapshot_xml, wait_for
+from tests.conftest import RawConnection, snapshot_xml
 from tests.faults.checks import store_records
-from tools.daemon import Daemon
+from tools.daemon import Daemon, defined_domain
 from tools.vm import MiB, Vm
 
 EXAMPLES = int(os.environ.get("BB_FUZZ_EXAMPLES", "150"))
@@ -62,24 +60,13 @@ json_values = st.recursive(scalars, lambda inner: st.one_of(
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[tuple[Daemon, Vm, Path]]:
-    workdir = Path(tempfile.mkdtemp(prefix="bb-fuzz-", dir="/tmp"))
-    (workdir / "secret.txt").write_text(SECRET)
-    vm = Vm(workdir, disks={"sda": 8 * MiB, "sdb": 8 * MiB})
-    daemon = Daemon(workdir, log_level="warning")
-    try:
-        vm.start()
-        daemon.start()
+    with defined_domain({"sda": 8 * MiB, "sdb": 8 * MiB}, prefix="bb-fuzz-",
+                        log_level="warning") as (vm, daemon):
+        (vm.workdir / "secret.txt").write_text(SECRET)
         with daemon.client() as c:
-            c.domain_define("vm1", str(vm.daemon_qmp))
-            wait_for(lambda: domain_state(daemon, "vm1") == "running")
             c.snapshot_create("vm1", snapshot_xml("s0"), checkpoint=True)
             c.snapshot_create("vm1", snapshot_xml("s1"))
-        yield daemon, vm, workdir
-    finally:
-        if daemon.proc is not None:
-            daemon.stop()
-        vm.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        yield daemon, vm, vm.workdir
 
 
 def state(daemon: Daemon, vm: Vm) -> Any:
