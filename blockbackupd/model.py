@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 
 class DomainState(enum.StrEnum):
@@ -12,6 +14,19 @@ class DomainState(enum.StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     DISCONNECTED = "disconnected"
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image of a disk's backing chain: its format node, file and the
+    bitmaps QEMU holds for it (name -> QEMU's description)."""
+
+    node: str
+    file: str
+    format: str
+    size: int
+    read_only: bool
+    bitmaps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,12 @@ class Disk:
     #: The node at the top of the device's I/O path now: ``node`` itself, or
     #: the newest snapshot filter stacked on it.
     top: str = ""
+    #: The images from ``node`` down its backing files, top first.
+    chain: tuple[Image, ...] = ()
+
+    def image_index(self, file: str) -> int | None:
+        """Where an image file sits in the chain (0: the top), or None."""
+        return next((i for i, image in enumerate(self.chain) if image.file == file), None)
 
 
 class SnapshotState(enum.StrEnum):

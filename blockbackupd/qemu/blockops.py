@@ -11,22 +11,12 @@ from typing import Any
 
 from ..errors import OperationFailed
 from ..model import NbdAddress
+from .graph import device_path
 from .session import DomainSession
 
 #: Bytes of the view read by each probe: QEMU fails every read of a broken
 #: view, wherever it lands, so one cluster at offset 0 is enough.
 PROBE_BYTES = 64 * 1024
-
-
-def device_path(qdev: str) -> str:
-    """The QOM path whose ``drive`` property moves a disk's I/O path.
-
-    For virtio-blk QEMU reports the backend's path; its proxy device (the one
-    with the id) forwards the property.
-    """
-    if qdev.startswith("/machine/peripheral/"):
-        return "/machine/peripheral/" + qdev.split("/")[3]
-    return f"/machine/peripheral/{qdev}"
 
 
 class BlockOps:

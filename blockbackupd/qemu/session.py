@@ -33,6 +33,7 @@ log = logging.getLogger("blockbackupd.qemu")
 
 StateCallback = Callable[["DomainSession", DomainState, DomainState], None]
 ConnectHook = Callable[["DomainSession"], Awaitable[None]]
+DeviceHook = Callable[["DomainSession", str], None]
 
 # QEMU run states in which guest vCPUs execute; every other status (prelaunch,
 # paused, inmigrate, suspended, ...) is reported as "paused" by the contract.
@@ -68,6 +69,7 @@ class DomainSession:
         reconnect_max_delay: float,
         on_state_change: StateCallback | None = None,
         on_connect: ConnectHook | None = None,
+        on_device_deleted: DeviceHook | None = None,
     ) -> None:
         self.domain = domain
         self.qmp_socket = qmp_socket
@@ -77,6 +79,9 @@ class DomainSession:
         # Runs on every new connection before the domain counts as connected,
         # so requests never see a block graph that has not been reconciled.
         self._on_connect = on_connect
+        # The VM manager unplugged a device (its qdev id): our nodes on that
+        # disk must go at once, or the manager's blockdev-del of its own fails.
+        self._on_device_deleted = on_device_deleted
         self._state = DomainState.DISCONNECTED
         #: Why the last connection attempt failed, None once connected.
         self.last_error: str | None = None
@@ -180,7 +185,7 @@ class DomainSession:
             qmp = QMPClient(self.domain)
             # The default catch-all listener would queue every event forever.
             qmp.events.event_filter = _accept_none
-            listener = _Listener(("STOP", "RESUME"))
+            listener = _Listener(("STOP", "RESUME", "DEVICE_DELETED"))
             qmp.register_listener(listener)
             try:
                 try:
@@ -251,6 +256,11 @@ class DomainSession:
                 self._set_status("running")
             elif name == "STOP":
                 self._set_status("paused")
+            elif name == "DEVICE_DELETED" and self._on_device_deleted is not None:
+                data: Any = event.get("data", {})
+                device = data.get("device")
+                if device:  # QEMU also reports backends (virtio-backend), without an id
+                    self._on_device_deleted(self, str(device))
 
     @staticmethod
     async def _close_client(qmp: QMPClient) -> None:

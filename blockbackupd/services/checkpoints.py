@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,15 +38,16 @@ from ..errors import (
     OperationFailed,
     Unsupported,
 )
-from ..model import Disk
+from ..model import Disk, Image
 from ..names import check_name
-from ..qemu.blockgraph import query_disks
 from ..qemu.blockops import Bitmaps, action, bitmap_ref
+from ..qemu.graph import query_disks
 from ..qemu.session import DomainSession, NoAnswer
 from ..store import Store
 from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
 from .domains import Domain, DomainService
 from .events import EventBus
+from .segments import Placement, place
 from .snapshots import PREFIX, Instant, Snapshot, SnapshotDisk, SnapshotService
 
 log = logging.getLogger("blockbackupd.checkpoints")
@@ -77,6 +78,35 @@ def chain(records: Sequence[CheckpointRecord], disk: str) -> list[Segment]:
         if rec is not None:
             out.append(Segment(cp, rec))
     return out
+
+
+@dataclass(frozen=True)
+class Verified:
+    """The outcome of checking every segment against the graph as it is now:
+    the disks, and where each valid segment lives (checkpoint, disk) -> placement.
+    Every operation that serves or extends a change set starts from one."""
+
+    disks: dict[str, Disk]
+    placements: dict[tuple[str, str], Placement]
+
+    def sources(self, checkpoint: str, disk: str) -> list[dict[str, str]]:
+        """The bitmaps whose union is that segment.
+
+        :raise CheckpointBroken: the segment is not whole (the check marked it).
+        """
+        placement = self.placements.get((checkpoint, disk))
+        if placement is None:
+            raise CheckpointBroken(f"checkpoint {checkpoint!r} cannot be trusted on disk "
+                                   f"{disk!r}")
+        return placement.sources()
+
+    def bitmaps(self, node: str) -> Mapping[str, Any]:
+        """The bitmaps of a node that is in some disk's chain (empty if none is)."""
+        for disk in self.disks.values():
+            for image in disk.chain:
+                if image.node == node:
+                    return image.bitmaps
+        return {}
 
 
 class CheckpointService:
@@ -134,6 +164,9 @@ class CheckpointService:
         }
         if cp.broken:
             result["reason"] = cp.broken
+            # Per disk (added to the contract): a backup application takes an
+            # incremental of the disks still valid and a full of the others.
+            result["broken_disks"] = {d.disk: d.broken for d in cp.disks if d.broken}
         return result
 
     # -- the instant of a snapshot -------------------------------------------------
@@ -148,19 +181,23 @@ class CheckpointService:
         records = self._store.checkpoints(domain.name)
         if checkpoint and any(c.name == name for c in records):
             raise AlreadyExists(f"domain {domain.name!r} already has a checkpoint {name!r}")
-        bitmaps = await Bitmaps(domain.session).on_nodes()
+        verified = await self.verify(domain)
+        records = self._store.checkpoints(domain.name)
         actions: list[dict[str, Any]] = []
         bounds: dict[str, tuple[str | None, str | None]] = {}
         added: list[tuple[str, str]] = []      # (node, bitmap) this instant adds
         disabled: list[tuple[str, str]] = []   # recording segments it disables
         new_disks: list[CheckpointDiskRecord] = []
         for part in parts:
-            disk, node = part.disk, part.disk.node
-            on_node = bitmaps.get(node, {})
+            disk = part.disk
+            node = disk.node
+            on_node = disk.chain[0].bitmaps if disk.chain else {}
             segments = chain(records, disk.name)
             newest = segments[-1] if segments and segments[-1].record.broken is None else None
-            recording = newest if newest is not None and \
-                on_node.get(newest.record.bitmap, {}).get("recording") else None
+            placement = None if newest is None else \
+                verified.placements.get((newest.name, disk.name))
+            recording = newest if placement is not None and placement.top.node == node and \
+                placement.top.bitmaps[placement.bitmap].get("recording") else None
             if checkpoint and newest is not None and recording is None:
                 raise InvalidArgument(
                     f"checkpoint {newest.name!r}, the newest on disk {disk.name!r}, is not "
@@ -176,22 +213,27 @@ class CheckpointService:
                     if seg.record.broken is not None and seg.record.bitmap in on_node:
                         actions.append(action("block-dirty-bitmap-remove", node=node,
                                               name=seg.record.bitmap))
-                if recording is not None:
-                    actions.append(action("block-dirty-bitmap-disable", node=node,
-                                          name=recording.record.bitmap))
-                    disabled.append((node, recording.record.bitmap))
+                if recording is not None and placement is not None:
+                    # Every copy that records (an overlay's, and the one in the
+                    # image below it) stops, so a later commit into the lower
+                    # image cannot grow a closed segment.
+                    for image in placement.holders:
+                        if image.bitmaps[placement.bitmap].get("recording"):
+                            actions.append(action("block-dirty-bitmap-disable",
+                                                  node=image.node, name=placement.bitmap))
+                            disabled.append((image.node, placement.bitmap))
                 actions.append(action("block-dirty-bitmap-add", node=node, name=name,
                                       persistent=True))
                 added.append((node, name))
                 new_disks.append(CheckpointDiskRecord(disk.name, name, disk.file, 0))
                 bounds[disk.name] = (name, None)
-            elif recording is not None:
+            elif recording is not None and placement is not None:
                 tail = f"{PREFIX}{secrets.token_hex(4)}-tail"
                 actions += [
                     action("block-dirty-bitmap-add", node=node, name=tail, disabled=True,
                            granularity=recording.record.granularity),
                     action("block-dirty-bitmap-merge", node=node, target=tail,
-                           bitmaps=[recording.record.bitmap]),
+                           bitmaps=placement.sources()),
                 ]
                 added.append((node, tail))
                 bounds[disk.name] = (recording.name, tail)
@@ -235,7 +277,7 @@ class CheckpointService:
     # -- change sets ---------------------------------------------------------------
 
     def sources_to_snapshot(self, domain: str, snapshot: Snapshot, disk: str,
-                            name: str) -> tuple[list[dict[str, str]], int]:
+                            name: str, verified: Verified) -> tuple[list[dict[str, str]], int]:
         """Bitmaps whose union is exactly what changed on disk from checkpoint
         ``name`` to the snapshot's instant, and their granularity.
 
@@ -251,9 +293,14 @@ class CheckpointService:
         if part.boundary is None or part.boundary not in names:
             raise InvalidArgument(f"checkpoint {name!r} is newer than snapshot "
                                   f"{snapshot.name!r}, or was not recording at its instant")
-        used = segments[:names.index(part.boundary)]
-        sources = [bitmap_ref(part.disk.node, s.record.bitmap) for s in used]
+        sources = [ref for s in segments[:names.index(part.boundary)]
+                   for ref in verified.sources(s.name, disk)]
         if part.tail is not None:
+            if part.tail not in verified.bitmaps(part.disk.node):
+                raise CheckpointBroken(
+                    f"checkpoint {name!r} cannot be trusted on disk {disk!r} up to snapshot "
+                    f"{snapshot.name!r}: the image that held the snapshot's part of the change "
+                    "set left the disk's chain")
             sources.append(bitmap_ref(part.disk.node, part.tail))
         return sources, cp.disk(disk).granularity  # type: ignore[union-attr]
 
@@ -281,8 +328,8 @@ class CheckpointService:
         """
         domain = self._domains.connected(domain_name)
         async with domain.lock:
-            disks = {d.name: d for d in await query_disks(
-                domain.session, self._domains.filters_below(domain_name))}
+            verified = await self.verify(domain)
+            disks = verified.disks
             if disk not in disks:
                 raise NoSuchDisk(f"domain {domain_name!r} has no disk {disk!r}")
             cp = self.get(domain_name, name)
@@ -290,7 +337,7 @@ class CheckpointService:
                              if s.name == until), None) if until is not None else None
             if snapshot is not None:
                 sources, granularity = self.sources_to_snapshot(domain_name, snapshot, disk,
-                                                                name)
+                                                                name, verified)
             else:
                 segments = self._segments_from(domain_name, cp, disk)
                 if until is not None:
@@ -302,14 +349,14 @@ class CheckpointService:
                         raise InvalidArgument(f"{until!r} is not a checkpoint of disk {disk!r} "
                                               f"newer than {name!r}")
                     segments = segments[:names.index(until)]
-                node = disks[disk].node
-                if until is None:
-                    live = (await Bitmaps(domain.session).on_nodes()).get(node, {})
-                    if not live.get(segments[-1].record.bitmap, {}).get("recording"):
+                else:
+                    newest = verified.placements.get((segments[-1].name, disk))
+                    if newest is None or newest.top.node != disks[disk].node or \
+                            not newest.top.bitmaps[newest.bitmap].get("recording"):
                         raise InvalidArgument(
                             f"checkpoint {segments[-1].name!r}, the newest on disk {disk!r}, "
                             "is not recording: redefine the checkpoints newer than it first")
-                sources = [bitmap_ref(node, s.record.bitmap) for s in segments]
+                sources = [ref for s in segments for ref in verified.sources(s.name, disk)]
                 granularity = segments[0].record.granularity if segments else 65536
             if self.bitmap_reader is None:
                 raise Unsupported("reading change sets needs the export service")
@@ -326,23 +373,22 @@ class CheckpointService:
         """
         domain = self._domains.connected(domain_name)
         async with domain.lock:
-            cp = self.get(domain_name, name)
+            self.get(domain_name, name)  # no-such-checkpoint before anything else
+            verified = await self.verify(domain)
             records = self._store.checkpoints(domain_name)
-            disks = {d.name: d for d in await query_disks(
-                domain.session, self._domains.filters_below(domain_name))}
-            bitmaps = await Bitmaps(domain.session).on_nodes()
             actions: list[dict[str, Any]] = []
             moves: list[tuple[SnapshotDisk, str | None, str | None]] = []
-            for rec in cp.disks:
-                disk = disks.get(rec.disk)
-                if disk is None or rec.bitmap not in bitmaps.get(disk.node, {}):
+            for rec in records[[c.name for c in records].index(name)].disks:
+                disk = verified.disks.get(rec.disk)
+                held = [image for image in (disk.chain if disk is not None else ())
+                        if rec.bitmap in image.bitmaps]
+                if not held:
                     continue  # nothing of it left in QEMU
-                node = disk.node
                 segments = chain(records, rec.disk)
                 i = [s.name for s in segments].index(name)
                 before = segments[i - 1] if i > 0 else None
-                usable = before if before is not None and \
-                    before.record.bitmap in bitmaps.get(node, {}) else None
+                usable = None if before is None else \
+                    verified.placements.get((before.name, rec.disk))
                 for snapshot in self._snapshots.snapshots(domain_name):
                     part = next((p for p in snapshot.disks if p.disk.name == rec.disk), None)
                     if part is None or part.boundary != name:
@@ -351,21 +397,26 @@ class CheckpointService:
                     # the predecessor's segment before that segment grows.
                     tail = part.tail
                     if usable is not None:
+                        node = part.disk.node
                         if tail is None:
                             tail = f"{PREFIX}{secrets.token_hex(4)}-tail"
                             actions.append(action(
                                 "block-dirty-bitmap-add", node=node, name=tail, disabled=True,
-                                granularity=usable.record.granularity))
+                                granularity=before.record.granularity))  # type: ignore[union-attr]
                         actions.append(action("block-dirty-bitmap-merge", node=node,
-                                              target=tail, bitmaps=[usable.record.bitmap]))
-                    moves.append((part, usable.name if usable else None, tail))
-                if rec.broken is None and usable is not None:
-                    actions.append(action("block-dirty-bitmap-merge", node=node,
-                                          target=usable.record.bitmap, bitmaps=[rec.bitmap]))
-                    if i == len(segments) - 1:  # it was recording: its predecessor takes over
-                        actions.append(action("block-dirty-bitmap-enable", node=node,
-                                              name=usable.record.bitmap))
-                actions.append(action("block-dirty-bitmap-remove", node=node, name=rec.bitmap))
+                                              target=tail, bitmaps=usable.sources()))
+                    moves.append((part, before.name if usable and before else None, tail))
+                mine = verified.placements.get((name, rec.disk))
+                if rec.broken is None and usable is not None and mine is not None:
+                    actions += _fold(mine, usable, disk.chain,  # type: ignore[union-attr]
+                                     recording=i == len(segments) - 1,
+                                     granularity=rec.granularity)
+                for image in held:
+                    # A read-only backing image cannot lose a bitmap; its copy
+                    # stays, outside every chain the store describes.
+                    if not image.read_only:
+                        actions.append(action("block-dirty-bitmap-remove", node=image.node,
+                                              name=rec.bitmap))
             intent = self._store.add_intent(domain_name, "checkpoint-delete", {"name": name})
             faults.crash_point("checkpoint-delete:intent-recorded")
             try:
@@ -401,37 +452,49 @@ class CheckpointService:
             records = self._store.checkpoints(domain_name)
             if any(c.name == name for c in records):
                 raise AlreadyExists(f"domain {domain_name!r} already has a checkpoint {name!r}")
-            present = {d.name: d for d in await query_disks(
-                domain.session, self._domains.filters_below(domain_name))}
-            bitmaps = await Bitmaps(domain.session).on_nodes()
+            present = {d.name: d for d in await query_disks(domain.session)}
             when = time.time() if created is None else created
             infos = []
             for disk_name, bitmap in disks:
                 disk = present.get(disk_name)
                 if disk is None:
                     raise NoSuchDisk(f"domain {domain_name!r} has no disk {disk_name!r}")
-                info = bitmaps.get(disk.node, {}).get(bitmap)
-                problem = _bitmap_problem(info, bitmap, disk)
-                if problem is not None or info is None:
+                # The segment began in the lowest image that holds the bitmap.
+                holders = [image for image in disk.chain if bitmap in image.bitmaps]
+                problem = _bitmap_problem(None, bitmap, disk) if not holders else next(
+                    (p for p in (_bitmap_problem(h.bitmaps[bitmap], bitmap, disk)
+                                 for h in holders) if p is not None), None)
+                if problem is None and holders[0] is not disk.chain[0] and \
+                        holders[0].bitmaps[bitmap].get("recording"):
+                    problem = (f"bitmap {bitmap!r} records in image {holders[0].file}, which "
+                               "is not the disk's top image")
+                if problem is not None:
                     raise InvalidArgument(f"checkpoint {name!r} does not match disk "
                                           f"{disk_name!r}: {problem}")
-                infos.append((disk, bitmap, info))
+                begin = holders[-1]
+                info = {**begin.bitmaps[bitmap],
+                        "recording": bool(holders[0].bitmaps[bitmap].get("recording"))}
+                infos.append((disk, bitmap, info, begin.file))
+
+            def top_bitmaps(disk: str) -> Mapping[str, Mapping[str, Any]]:
+                d = present.get(disk)
+                return d.chain[0].bitmaps if d is not None and d.chain else {}
 
             def recording(cp: CheckpointRecord) -> bool:
-                return any(bitmaps.get(present[d.disk].node, {}).get(d.bitmap, {})
-                           .get("recording") for d in cp.disks if d.disk in present)
+                return any(top_bitmaps(d.disk).get(d.bitmap, {}).get("recording")
+                           for d in cp.disks)
 
             # Its place in the chain: by creation time; within the same second a
             # recording segment is the newer one.
-            new_records = any(i["recording"] for _, _, i in infos)
+            new_records = any(i["recording"] for _, _, i, _ in infos)
             pos = next((k for k, c in enumerate(records) if c.created > when or (
                 int(c.created) == int(when) and recording(c) and not new_records)),
                 len(records))
             new = []
-            for disk, bitmap, info in infos:
+            for disk, bitmap, info, image in infos:
                 later = chain(records[pos:], disk.name)
                 known = {s.record.bitmap for s in chain(records, disk.name)}
-                newer_in_image = [b for b, i in bitmaps.get(disk.node, {}).items()
+                newer_in_image = [b for b, i in top_bitmaps(disk.name).items()
                                   if i.get("recording") and i.get("persistent")
                                   and b != bitmap and b not in known]
                 if info["recording"] and later:
@@ -443,7 +506,7 @@ class CheckpointService:
                     raise InvalidArgument(
                         f"checkpoint {name!r} does not match disk {disk.name!r}: bitmap "
                         f"{bitmap!r} is not recording and no newer segment is in the image")
-                new.append(CheckpointDiskRecord(disk.name, bitmap, disk.file,
+                new.append(CheckpointDiskRecord(disk.name, bitmap, image,
                                                 int(info["granularity"])))
             before = records[pos].name if pos < len(records) else None
             self._store.add_checkpoint(domain_name, name, when, new, before=before)
@@ -454,7 +517,6 @@ class CheckpointService:
     async def reconcile(self, domain: Domain) -> None:
         """On every connect (after the snapshot service cleaned up): settle
         intents, and compare the bitmaps QEMU loaded with the store."""
-        bitmaps = await Bitmaps(domain.session).on_nodes()
         disks = {d.name: d for d in await query_disks(domain.session)}
         for intent in self._store.intents(domain.name):
             if intent.kind == "checkpoint-create" and intent.payload.get("rollback"):
@@ -463,21 +525,31 @@ class CheckpointService:
                 self._store.drop_intent(intent.id)
                 log.warning("checkpoint %s/%s: its snapshot failed mid-way; reverted its "
                             "bitmaps", domain.name, intent.payload["name"])
-                bitmaps = await Bitmaps(domain.session).on_nodes()
+                disks = {d.name: d for d in await query_disks(domain.session)}
             elif intent.kind in ("checkpoint-create", "checkpoint-delete"):
-                self._settle(domain, intent, disks, bitmaps)
-        self._check(domain.name, disks, bitmaps)
+                self._settle(domain, intent, disks)
+        self._check(domain.name, disks)
 
-    def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk],
-                bitmaps: dict[str, dict[str, dict[str, Any]]]) -> None:
+    async def verify(self, domain: Domain) -> Verified:
+        """Read every disk's chain now and check each segment against it
+        (:mod:`.segments`): a segment that is not whole is marked broken, with
+        the checkpoints whose change sets include it, and ``checkpoint-broken``
+        is sent once. Called before every operation that serves or extends a
+        change set, because QEMU announces no external snapshot.
+
+        :raise DomainNotConnected: :raise OperationFailed:
+        """
+        disks = {d.name: d for d in await query_disks(domain.session)}
+        return self._check(domain.name, disks)
+
+    def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk]) -> None:
         name = intent.payload["name"]
         if intent.kind == "checkpoint-create":
             present = [d for d in intent.payload["disks"]
-                       if d in disks and name in bitmaps.get(disks[d].node, {})]
+                       if d in disks and disks[d].chain and name in disks[d].chain[0].bitmaps]
             if present and len(present) == len(intent.payload["disks"]):
-                recs = [CheckpointDiskRecord(d, name, disks[d].file,
-                                             int(bitmaps[disks[d].node][name]["granularity"]))
-                        for d in present]
+                recs = [CheckpointDiskRecord(d, name, disks[d].file, int(
+                    disks[d].chain[0].bitmaps[name]["granularity"])) for d in present]
                 self._store.add_checkpoint(domain.name, name, time.time(), recs,
                                            intent=intent.id)
                 log.warning("checkpoint %s/%s: creation cut short; finished it",
@@ -486,8 +558,8 @@ class CheckpointService:
         elif intent.kind == "checkpoint-delete":
             cp = next((c for c in self._store.checkpoints(domain.name) if c.name == name), None)
             gone = cp is None or not any(
-                r.disk in disks and r.bitmap in bitmaps.get(disks[r.disk].node, {})
-                for r in cp.disks)
+                r.disk in disks and disks[r.disk].chain and
+                r.bitmap in disks[r.disk].chain[0].bitmaps for r in cp.disks)
             if gone:
                 self._store.delete_checkpoint(domain.name, name, intent=intent.id)
                 log.warning("checkpoint %s/%s: deletion cut short; finished it",
@@ -497,35 +569,38 @@ class CheckpointService:
         log.warning("checkpoint %s/%s: %s cut short before QEMU acted; forgotten",
                     domain.name, name, intent.kind)
 
-    def _check(self, domain: str, disks: dict[str, Disk],
-               bitmaps: dict[str, dict[str, dict[str, Any]]]) -> None:
+    def _check(self, domain: str, disks: dict[str, Disk]) -> Verified:
         records = self._store.checkpoints(domain)
         before = {c.name for c in records if c.broken}
+        placements: dict[tuple[str, str], Placement] = {}
         for disk_name in sorted({d.disk for c in records for d in c.disks}):
             segments = chain(records, disk_name)
             disk = disks.get(disk_name)
+            known = {s.record.bitmap for s in segments}
+            # A newer recording bitmap in the top image that the store does not
+            # know yet is a checkpoint waiting to be redefined: until then the
+            # newest known segment is closed, not broken.
+            pending = disk is not None and bool(disk.chain) and any(
+                info.get("recording") and info.get("persistent") and b not in known
+                for b, info in disk.chain[0].bitmaps.items())
             worst = -1
             reason = ""
             for i, seg in enumerate(segments):
                 problem = seg.record.broken
                 if problem is None:
-                    if disk is None:
-                        problem = "the disk is not attached"
-                    elif disk.file != seg.record.image:
-                        problem = f"disk replaced (image {disk.file}, was {seg.record.image})"
+                    where = place(disk, seg.record,
+                                  recording=i == len(segments) - 1 and not pending)
+                    if isinstance(where, Placement):
+                        placements[(seg.name, disk_name)] = where
                     else:
-                        info = bitmaps.get(disk.node, {}).get(seg.record.bitmap)
-                        problem = _bitmap_problem(info, seg.record.bitmap, disk,
-                                                  seg.record.granularity)
-                        if problem is None and info is not None and \
-                                i == len(segments) - 1 and not info["recording"]:
-                            problem = "its bitmap stopped recording"
+                        problem = where
                 if problem is not None:
                     worst, reason = i, problem
                     if seg.record.broken is None:
                         self._store.mark_broken(domain, seg.name, disk_name, problem)
             # Changes since an older checkpoint include the broken segment.
             for seg in segments[:max(worst, 0)]:
+                placements.pop((seg.name, disk_name), None)
                 if seg.record.broken is None:
                     self._store.mark_broken(domain, seg.name, disk_name,
                                             f"a later segment is broken: {reason}")
@@ -534,6 +609,27 @@ class CheckpointService:
                 log.error("checkpoint %s/%s broken: %s", domain, cp.name, cp.broken)
                 self._events.publish(domain, "checkpoint-broken", checkpoint=cp.name,
                                      reason=cp.broken)
+        return Verified(disks, placements)
+
+
+def _fold(mine: Placement, into: Placement, chain: Sequence[Image], recording: bool,
+          granularity: int) -> list[dict[str, Any]]:
+    """Actions that merge a segment into the one before it (which then spans
+    both). The merge lands in the topmost image holding the later segment;
+    images between it and the earlier segment's topmost holder get an empty
+    copy first, so the earlier segment stays continuous along the chain."""
+    nodes = [image.node for image in chain]
+    target = mine.top
+    actions = [action("block-dirty-bitmap-add", node=image.node, name=into.bitmap,
+                      persistent=True, disabled=True, granularity=granularity)
+               for image in chain[nodes.index(target.node):nodes.index(into.top.node)]
+               if into.bitmap not in image.bitmaps]
+    actions.append(action("block-dirty-bitmap-merge", node=target.node, target=into.bitmap,
+                          bitmaps=mine.sources()))
+    if recording:  # it was recording: its predecessor takes over
+        actions.append(action("block-dirty-bitmap-enable", node=target.node, name=into.bitmap))
+    return actions
+
 
 async def _revert_instant(session: DomainSession, added: Sequence[Sequence[str]],
                           disabled: Sequence[Sequence[str]], name: str) -> None:
@@ -554,7 +650,7 @@ async def _revert_instant(session: DomainSession, added: Sequence[Sequence[str]]
             await ops.remove(node, bitmap)
 
 
-def _bitmap_problem(info: dict[str, Any] | None, bitmap: str, disk: Disk,
+def _bitmap_problem(info: Mapping[str, Any] | None, bitmap: str, disk: Disk,
                     granularity: int | None = None) -> str | None:
     """Why a bitmap QEMU shows cannot carry a checkpoint, or None."""
     if info is None:

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import AlreadyExists, Busy, DomainNotConnected, InvalidArgument, NoSuchDomain
 from ..model import DomainState, ExportDiskSpec
 from ..names import check_name
-from ..qemu.blockgraph import query_disks
+from ..qemu.graph import query_disks
 from ..qemu.session import DomainSession
 from ..store import Store
 from ..xml.domain import render_domain
@@ -64,8 +64,8 @@ class DomainService:
         self._domains: dict[str, Domain] = {}
         self._usage_checks: list[Callable[[str], str | None]] = []
         self._connect_hooks: list[Callable[[Domain], Awaitable[None]]] = []
-        #: Set by the snapshot service: our filter nodes -> the disk node below.
-        self.filters_below: Callable[[str], Mapping[str, str]] = lambda domain: {}
+        self._removal_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
+        self._background: set[asyncio.Task[None]] = set()
         #: Set by the checkpoint service: the domain's checkpoints, oldest first.
         self.checkpoints_of: Callable[[str], list[str]] = lambda domain: []
         #: Set by the checkpoint service: checkpoint names per disk, oldest first.
@@ -105,6 +105,33 @@ class DomainService:
             log.info("domain %s: reconciled with QEMU in %.1f ms", domain.name,
                      (time.perf_counter() - start) * 1e3)
 
+    def add_removal_hook(self, hook: Callable[[Domain, str], Awaitable[None]],
+                         first: bool = False) -> None:
+        """hook(domain, disk) runs under the domain's lock when QEMU reports that
+        the device of a disk was unplugged; in the order added, or before all
+        others with ``first``."""
+        self._removal_hooks.insert(0 if first else len(self._removal_hooks), hook)
+
+    def _device_deleted(self, session: DomainSession, device: str) -> None:
+        domain = self._domains.get(session.domain)
+        if domain is None or domain.session is not session or not self._removal_hooks:
+            return
+
+        async def run() -> None:
+            async with domain.lock:
+                for hook in self._removal_hooks:
+                    try:
+                        await hook(domain, device)
+                    except Exception as err:  # the next hook still cleans its part
+                        log.error("domain %s: cleaning up after disk %s was unplugged: %s",
+                                  domain.name, device, err)
+                        domain.note_error(f"cleaning up after disk {device} was unplugged "
+                                          f"failed: {err}")
+
+        task = asyncio.create_task(run(), name=f"unplugged-{domain.name}-{device}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def add_usage_check(self, check: Callable[[str], str | None]) -> None:
         """check(domain) says why the domain cannot be undefined now, or None."""
         self._usage_checks.append(check)
@@ -141,6 +168,7 @@ class DomainService:
             reconnect_max_delay=self._settings.reconnect_max_delay,
             on_state_change=self._state_changed,
             on_connect=self._connected_hooks,
+            on_device_deleted=self._device_deleted,
         )
         domain = Domain(name, qmp_socket, origin, session)
         self._domains[name] = domain
@@ -187,7 +215,7 @@ class DomainService:
         :raise OperationFailed: QEMU refused or did not answer in time.
         """
         domain = self.connected(name)
-        disks = await query_disks(domain.session, self.filters_below(name))
+        disks = await query_disks(domain.session)
         return render_domain(domain.name, domain.state, disks, self.exports_of(name),
                              self.disk_checkpoints(name))
 

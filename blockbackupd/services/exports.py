@@ -24,7 +24,7 @@ from ..model import ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
 from ..qemu.blockops import Bitmaps, BlockOps
 from ..qemu.nbdread import dirty_extents
 from ..store.db import Store
-from .checkpoints import CheckpointService
+from .checkpoints import CheckpointService, Verified
 from .domains import Domain, DomainService
 from .events import EventBus
 from .snapshots import PREFIX, Snapshot, SnapshotService
@@ -91,6 +91,8 @@ class ExportService:
         self._settings = settings
         self._servers: dict[str, _Server] = {}
         snapshots.add_before_delete(self._stop_for_snapshot)
+        # Before the snapshot service's: an export goes before the view it reads.
+        domains.add_removal_hook(self._disk_removed, first=True)
         events.subscribe(None, self._on_event)
         domains.add_usage_check(self._usage)
         domains.exports_of = lambda d: [e.spec() for e in self.exports(d)]
@@ -133,7 +135,10 @@ class ExportService:
             self._domains.connected(domain_name)
             server = self._servers.get(domain_name)
             address = self._address(domain_name, spec.address, server)
-            planned = self._plan(domain_name, spec.disks, server)
+            # The disks' chains as they are now decide which change sets are whole.
+            verified = await self._checkpoints.verify(domain) if any(
+                d.checkpoint is not None for d in spec.disks) else None
+            planned = self._plan(domain_name, spec.disks, server, verified)
             ops = BlockOps(domain.session)
             undo = Undo(f"export.start {domain_name}")
             try:
@@ -196,7 +201,7 @@ class ExportService:
         return wanted
 
     def _plan(self, domain: str, disks: tuple[ExportDiskSpec, ...],
-              server: _Server | None) -> list[Export]:
+              server: _Server | None, verified: Verified | None) -> list[Export]:
         taken = dict(server.exports) if server else {}
         exported = {(e.disk, e.snapshot) for e in taken.values()}
         planned = []
@@ -208,9 +213,9 @@ class ExportService:
                                       f"{snapshot.broken_reason}")
             sources: list[dict[str, str]] = []
             granularity = 0
-            if d.checkpoint is not None:
+            if d.checkpoint is not None and verified is not None:
                 sources, granularity = self._checkpoints.sources_to_snapshot(
-                    domain, snapshot, d.disk, d.checkpoint)
+                    domain, snapshot, d.disk, d.checkpoint, verified)
             name = d.exportname or f"{d.disk}-{d.snapshot}"
             if name in taken:
                 raise AlreadyExists(f"an export named {name!r} already exists")
@@ -317,6 +322,11 @@ class ExportService:
         if server is not None:
             await self._remove(domain, [e for e in server.exports.values()
                                         if e.snapshot == snapshot.name])
+
+    async def _disk_removed(self, domain: Domain, disk: str) -> None:
+        server = self._servers.get(domain.name)
+        if server is not None:
+            await self._remove(domain, [e for e in server.exports.values() if e.disk == disk])
 
     async def _remove(self, domain: Domain, exports: list[Export]) -> None:
         """Remove exports (caller holds the domain lock); stop an emptied server."""

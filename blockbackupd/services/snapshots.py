@@ -36,13 +36,12 @@ from ..errors import (
     InvalidArgument,
     NoSuchDisk,
     NoSuchSnapshot,
-    OperationFailed,
     Unsupported,
 )
 from ..model import Disk, SnapshotDiskView, SnapshotState, SnapshotView
 from ..names import check_name
-from ..qemu.blockgraph import query_disks
 from ..qemu.blockops import Bitmaps, BlockOps
+from ..qemu.graph import BlockGraph, query_disks, read_graph, relink
 from ..store.db import Store
 from . import scratch
 from .domains import Domain, DomainService
@@ -107,11 +106,17 @@ class Snapshot:
     disks: list[SnapshotDisk]
     state: SnapshotState = SnapshotState.ACTIVE
     broken_reason: str | None = None
+    #: Disks whose device the VM manager unplugged while the snapshot lived:
+    #: disk -> why its view is gone.
+    removed: dict[str, str] = field(default_factory=dict)
 
     def disk(self, name: str) -> SnapshotDisk:
         for d in self.disks:
             if d.disk.name == name:
                 return d
+        if name in self.removed:
+            raise NoSuchDisk(f"snapshot {self.name!r} no longer has disk {name!r}: "
+                             f"{self.removed[name]}")
         raise NoSuchDisk(f"snapshot {self.name!r} has no disk {name!r}")
 
     def view(self) -> SnapshotView:
@@ -177,8 +182,8 @@ class SnapshotService:
         self.instant_hook: InstantHook | None = None
         events.subscribe(None, self._on_event)
         domains.add_usage_check(self._usage)
-        domains.filters_below = self.filters_below
         domains.add_connect_hook(self.clean_leftovers)
+        domains.add_removal_hook(self._disk_removed)
 
     def add_before_delete(self, hook: BeforeDelete) -> None:
         """Run hook (e.g. stopping exports) before a snapshot's nodes go."""
@@ -213,12 +218,6 @@ class SnapshotService:
             return self._state(domain).snapshots[name]
         except KeyError:
             raise NoSuchSnapshot(f"domain {domain!r} has no snapshot {name!r}") from None
-
-    def filters_below(self, domain: str) -> dict[str, str]:
-        """Our filter nodes in devices' I/O paths, each mapped to the node below it."""
-        state = self._state(domain)
-        parts = [d for s in state.snapshots.values() for d in s.disks] + state.retired
-        return {d.filter_node: d.source for d in parts}
 
     def _usage(self, domain: str) -> str | None:
         n = len(self._state(domain).snapshots)
@@ -257,8 +256,7 @@ class SnapshotService:
             if name in state.snapshots:
                 raise AlreadyExists(f"domain {domain_name!r} already has a snapshot {name!r}")
             ops = BlockOps(domain.session)
-            present = {d.name: d for d in await query_disks(
-                domain.session, self.filters_below(domain_name))}
+            present = {d.name: d for d in await query_disks(domain.session)}
             chosen = self._choose(domain_name, name, present, disks)
             snapshot = await self._build(domain, ops, name, chosen, checkpoint)
             state.snapshots[name] = snapshot
@@ -437,30 +435,81 @@ class SnapshotService:
         log.info("snapshot %s/%s deleted", domain_name, name)
 
     async def _unstack(self, domain: Domain, ops: BlockOps) -> None:
-        """Remove retired filters from the top of each device's stack down,
-        restoring the I/O path each sat on, with their scratch nodes and files."""
+        """Take retired filters out of whatever now surrounds them, with their
+        scratch nodes and files. The graph is read afresh for each: the VM
+        manager may have put an overlay above a filter (then the overlay's
+        backing is re-pointed past it) or below it (then the device goes onto
+        the overlay, the filter's child now), never the node we remember."""
         state = self._state(domain.name)
-        existing = await ops.node_names()
-        tops = {d.name: d.top for d in await query_disks(domain.session)}
         progress = True
-        while progress:
+        while progress and state.retired:
             progress = False
+            graph = await read_graph(domain.session)
+            filters = {p.filter_node for p in self._parts(domain.name)}
             for part in list(state.retired):
-                top = tops.get(part.disk.name)
-                if part.filter_node in existing and top != part.filter_node:
-                    continue  # a newer snapshot's filter still sits on it
-                if top == part.filter_node:
-                    await ops.set_drive(part.disk.qdev, part.source)
-                    tops[part.disk.name] = part.source
-                    await faults.check("snapshot-delete:path-restored")
-                for node in part.nodes()[3:]:  # filter, scratch node
-                    if node in existing:
-                        await ops.delete_node(node)
-                        existing.discard(node)
-                    await faults.check("snapshot-delete:node-removed")
+                if part.filter_node in graph.nodes:
+                    users = graph.parents(part.filter_node)
+                    if any(u.node in filters for u in users):
+                        continue  # a newer snapshot's filter still sits on it
+                    await self._take_out(domain, graph, part)
+                else:
+                    for node in part.nodes()[4:]:  # the scratch node, if the filter went
+                        if node in graph.nodes:
+                            await ops.delete_node(node)
                 self._remove_scratch(part)
                 state.retired.remove(part)
                 progress = True
+                break
+
+    async def _take_out(self, domain: Domain, graph: BlockGraph, part: SnapshotDisk) -> None:
+        """Relink every user of a filter to the filter's current child, then
+        delete the filter and its scratch node."""
+        ops = BlockOps(domain.session)
+        child = graph.child(part.filter_node, "file")
+        if child is not None:
+            own = frozenset(part.nodes()[:3])  # its view and probe, if still there
+            if await relink(domain.session, graph, part.filter_node, child, keep=own):
+                await faults.check("snapshot-delete:path-restored")
+        for node in part.nodes()[3:]:  # filter, scratch node
+            if node in graph.nodes:
+                await ops.delete_node(node)
+            await faults.check("snapshot-delete:node-removed")
+
+    def _parts(self, domain: str) -> list[SnapshotDisk]:
+        state = self._state(domain)
+        return [d for s in state.snapshots.values() for d in s.disks] + state.retired
+
+    async def _disk_removed(self, domain: Domain, disk: str) -> None:
+        """The VM manager unplugged a disk's device: our views, filters,
+        scratch nodes and files on it go now (its exports went just before),
+        so the manager can delete its own nodes; the snapshots keep their
+        other disks and say which one is gone."""
+        state = self._state(domain.name)
+        affected = [s for s in state.snapshots.values() if any(
+            p.disk.name == disk for p in s.disks)]
+        if not affected and not any(p.disk.name == disk for p in state.retired):
+            return
+        ops = BlockOps(domain.session)
+        existing = await ops.node_names()
+        bitmaps = Bitmaps(domain.session)
+        on_nodes = await bitmaps.on_nodes()
+        reason = "its device was unplugged"
+        for snapshot in affected:
+            part = snapshot.disk(disk)
+            if part.tail is not None and part.tail in on_nodes.get(part.disk.node, {}):
+                await bitmaps.remove(part.disk.node, part.tail)
+            for node in part.nodes()[:3]:
+                if node in existing:
+                    await ops.delete_node(node)
+            snapshot.disks.remove(part)
+            snapshot.removed[disk] = reason
+            state.retired.append(part)
+        await self._unstack(domain, ops)
+        names = [s.name for s in affected]
+        log.warning("domain %s: disk %s was unplugged; removed its part of snapshot(s) %s",
+                    domain.name, disk, ", ".join(names) or "(deleted ones)")
+        self._events.publish(domain.name, "disk-removed", disk=disk, snapshots=names,
+                             reason=reason)
 
     # -- breaks -----------------------------------------------------------------
 
@@ -519,32 +568,30 @@ class SnapshotService:
         for node in ours:
             if not node.endswith(("-filter", "-scratch")):
                 await ops.delete_node(node)
-        graph = await session.execute("x-debug-query-block-graph")
-        names = {n["id"]: n["name"] for n in graph["nodes"]}
-        below = {names[e["parent"]]: names[e["child"]] for e in graph["edges"]
-                 if e["name"] == "file"}
-        for disk in await query_disks(session):
-            if disk.top.startswith(PREFIX):
-                target = disk.top
-                while target.startswith(PREFIX):  # filters may be stacked
-                    target = below[target]
-                await ops.set_drive(disk.qdev, target)
-                log.warning("domain %s: restored the I/O path of disk %s left by an earlier "
-                            "daemon", domain.name, disk.name)
         for node_name, named in (await Bitmaps(session).on_nodes()).items():
             for b in named.values():  # tails and other non-persistent bitmaps of ours
                 if b["name"].startswith(PREFIX) and not b.get("persistent"):
                     await Bitmaps(session).remove(node_name, b["name"])
-        leftover = [n for n in ours if n.endswith(("-filter", "-scratch"))]
-        for _ in range(len(leftover)):  # newest filters first; each pass frees the next
-            for node in list(leftover):
-                try:
-                    await ops.delete_node(node)
-                    leftover.remove(node)
-                except OperationFailed:
-                    pass
-            if not leftover:
+        # Filters, newest first (one on another cannot go before it), each
+        # taken out of whatever surrounds it now.
+        while True:
+            graph = await read_graph(session)
+            filters = [n for n, info in graph.nodes.items()
+                       if n.startswith(PREFIX) and info["drv"] == "copy-before-write"]
+            free = [f for f in filters if not any(u.node in filters
+                                                  for u in graph.parents(f))]
+            if not free:
                 break
+            node = free[0]
+            child = graph.child(node, "file")
+            if child is not None and await relink(session, graph, node, child):
+                log.warning("domain %s: restored an I/O path an earlier daemon left through "
+                            "%s", domain.name, node)
+            await ops.delete_node(node)
+        remaining = await ops.node_names()
+        for node in ours:
+            if node.endswith("-scratch") and node in remaining:
+                await ops.delete_node(node)
         # Scratch files the store knows of, even those no node used yet.
         records = self._store.intents(domain.name)
         state = self._state(domain.name)
@@ -615,4 +662,6 @@ def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
     }
     if snapshot.broken_reason is not None:
         result["reason"] = snapshot.broken_reason
+    if snapshot.removed:
+        result["removed_disks"] = dict(snapshot.removed)
     return result

@@ -1,0 +1,88 @@
+"""Where a checkpoint's segment lives on a disk's backing chain, and whether
+it is whole.
+
+A segment is born as one persistent bitmap in the disk's top image. The VM
+manager then stacks images on top (external snapshots) and takes them away
+again (commit, stream, mirror), so at any moment the segment is the union of
+the bitmaps of its name in the disk's chain, from the topmost image that
+holds one down to the image where it began. (The same rules as libvirt's
+"incremental backup internals": its external snapshots add an empty bitmap
+of the same name, recording, to the new image for each recording bitmap.)
+
+The change set is complete only if
+
+- the image where the segment began is still in the chain;
+- every image from the topmost holder down to that one holds the bitmap (an
+  image without it took writes that nobody recorded), consistent and
+  persistent;
+- for the segment that records now (the newest of the disk), the topmost
+  holder is the disk's top image and its bitmap records: an overlay that
+  arrived without it takes the guest's writes unrecorded.
+
+Disabled segments may be missing from images stacked after they stopped
+recording: nothing was written to them while the segment was open. (An
+image stacked while it was open is caught by the last rule, checked before
+any operation could disable the segment.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..model import Disk, Image
+from ..store.db import CheckpointDiskRecord
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The bitmaps of one segment in a disk's chain now, topmost first."""
+
+    bitmap: str
+    holders: tuple[Image, ...]
+
+    def sources(self) -> list[dict[str, str]]:
+        """Bitmap references for ``block-dirty-bitmap-merge``: their union is the segment."""
+        return [{"node": image.node, "name": self.bitmap} for image in self.holders]
+
+    @property
+    def top(self) -> Image:
+        return self.holders[0]
+
+
+def place(disk: Disk | None, record: CheckpointDiskRecord,
+          recording: bool) -> Placement | str:
+    """The segment's bitmaps in the disk's chain, or why its change set is
+    not complete. ``recording``: the segment is the newest of the disk.
+    """
+    bitmap = record.bitmap
+    if disk is None:
+        return "the disk is not attached"
+    begin = disk.image_index(record.image)
+    if begin is None:
+        return (f"the image {record.image} where its bitmap began is no longer in the disk's "
+                f"chain (disk replaced: its top image is now {disk.file})")
+    chain = disk.chain
+    base = chain[begin]
+    if bitmap not in base.bitmaps:
+        return f"bitmap {bitmap!r} is missing from the image {base.file}"
+    info = base.bitmaps[bitmap]
+    if record.granularity and int(info.get("granularity", 0)) != record.granularity:
+        return f"bitmap granularity {info.get('granularity')} is not {record.granularity}"
+    topmost = next(i for i in range(begin + 1) if bitmap in chain[i].bitmaps)
+    for image in chain[topmost:begin + 1]:
+        held = image.bitmaps.get(bitmap)
+        if held is None:
+            return (f"image {image.file} lacks bitmap {bitmap!r}: the writes it took while it "
+                    "was on top were not recorded")
+        if held.get("inconsistent"):
+            return f"the image {image.file} was not closed cleanly (bitmap inconsistent)"
+        if not held.get("persistent"):
+            return f"bitmap {bitmap!r} in image {image.file} is not persistent"
+    if recording:
+        if topmost != 0:
+            return (f"image {chain[0].file} was put on top of the disk without bitmap "
+                    f"{bitmap!r} (an external snapshot that did not carry the recording "
+                    "bitmap): the writes since were not recorded")
+        if not chain[0].bitmaps[bitmap].get("recording"):
+            return "its bitmap stopped recording"
+    return Placement(bitmap, chain[topmost:begin + 1])

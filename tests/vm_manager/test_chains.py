@@ -1,0 +1,151 @@
+"""The VM manager changes a disk's chain while checkpoints exist: every
+change set stays exact, or the checkpoint is broken with a reason and the
+next backup of that disk is a full one. Never a short answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blockbackup_client import CheckpointBroken
+from blockbackup_client.client import Client
+from tests.vm_manager.manager import (
+    active_commit,
+    assert_restore_equals_live,
+    backup,
+    disk_level,
+    mirror,
+    overlay,
+    runs,
+    write,
+)
+from tools.daemon import Daemon
+from tools.vm import Vm
+
+
+def changes(c: Client, name: str, disk: str = "sda") -> list[list[int]]:
+    result = c.call("checkpoint.changes", domain="vm1", disk=disk, name=name)
+    return list(result["extents"])
+
+
+def test_overlay_with_bitmap_copy_continues_the_chain(defined: tuple[Daemon, Vm],
+                                                      workdir: Path) -> None:
+    """libvirt's external snapshot: the change set spans both images."""
+    daemon, vm = defined
+    dest = workdir / "b"
+    write(vm, "sda", 1)
+    first = backup(daemon, dest, "--level", "full")
+    write(vm, "sda", 3, 4)          # W1, into the base image
+    ovl = overlay(vm, "sda", "ovl1", copy_bitmaps=True)
+    write(vm, "sda", 10)            # W2, into the overlay
+    write(vm, "sdb", 7)
+    with daemon.client() as c:
+        assert changes(c, first["id"]) == runs({3, 4, 10})
+        assert changes(c, first["id"], "sdb") == runs({7})
+        info = c.call("checkpoint.lookup", domain="vm1", name=first["id"])
+        assert info["state"] == "valid", info
+    second = backup(daemon, dest, "--level", "auto")
+    assert disk_level(second, "sda") == "inc" and disk_level(second, "sdb") == "inc"
+    # Exactly W1 and W2 were read, and restores equal the live disks.
+    assert second["disks"]["sda"]["bytes_read"] == 3 * 64 * 1024
+    for disk in ("sda", "sdb"):
+        assert_restore_equals_live(daemon, vm, dest, disk)
+    # Another overlay, then a third backup: still incremental and exact.
+    write(vm, "sda", 20)
+    overlay(vm, "sda", "ovl2", copy_bitmaps=True)
+    write(vm, "sda", 21)
+    with daemon.client() as c:
+        assert changes(c, second["id"]) == runs({20, 21})
+        assert changes(c, first["id"]) == runs({3, 4, 10, 20, 21})
+    third = backup(daemon, dest, "--level", "inc")
+    assert disk_level(third, "sda") == "inc"
+    assert_restore_equals_live(daemon, vm, dest, "sda")
+    assert ovl.exists()
+
+
+def test_overlay_without_bitmap_breaks_with_reason(defined: tuple[Daemon, Vm],
+                                                   workdir: Path) -> None:
+    """A bare blockdev-snapshot: the writes to the overlay went unrecorded."""
+    daemon, vm = defined
+    dest = workdir / "b"
+    first = backup(daemon, dest, "--level", "full")
+    write(vm, "sda", 3)
+    ovl = overlay(vm, "sda", "ovl1", copy_bitmaps=False)
+    write(vm, "sda", 10)
+    with daemon.client() as c:
+        events = c.call("events.subscribe", domains=["vm1"])
+        assert events == {}
+        with pytest.raises(CheckpointBroken) as err:
+            changes(c, first["id"])
+        assert str(ovl) in err.value.message
+        info = c.call("checkpoint.lookup", domain="vm1", name=first["id"])
+        assert info["state"] == "broken" and str(ovl) in info["reason"]
+        assert "sda" in info["broken_disks"] and "sdb" not in info["broken_disks"]
+        # sdb is untouched and stays exact.
+        write(vm, "sdb", 5)
+        assert changes(c, first["id"], "sdb") == runs({5})
+    second = backup(daemon, dest, "--level", "auto")
+    assert disk_level(second, "sda") == "full"
+    assert str(ovl) in second["stderr"]
+    assert disk_level(second, "sdb") == "inc"
+    for disk in ("sda", "sdb"):
+        assert_restore_equals_live(daemon, vm, dest, disk)
+    # The full started a fresh chain on sda, in the overlay.
+    write(vm, "sda", 11)
+    with daemon.client() as c:
+        assert changes(c, second["id"]) == runs({11})
+
+
+def test_active_commit_stays_exact(defined: tuple[Daemon, Vm], workdir: Path) -> None:
+    daemon, vm = defined
+    dest = workdir / "b"
+    first = backup(daemon, dest, "--level", "full")
+    write(vm, "sda", 2)
+    overlay(vm, "sda", "ovl1", copy_bitmaps=True)
+    write(vm, "sda", 6, 7)
+    active_commit(vm, "sda")
+    write(vm, "sda", 9)
+    with daemon.client() as c:
+        assert changes(c, first["id"]) == runs({2, 6, 7, 9})
+    second = backup(daemon, dest, "--level", "inc")
+    assert disk_level(second, "sda") == "inc"
+    assert_restore_equals_live(daemon, vm, dest, "sda")
+
+
+def test_commit_of_a_bare_overlay_unseen_stays_exact(defined: tuple[Daemon, Vm],
+                                                     workdir: Path) -> None:
+    """Overlay without bitmaps, committed before anyone asked: the commit wrote
+    its data through the base image, whose bitmap recorded it."""
+    daemon, vm = defined
+    dest = workdir / "b"
+    first = backup(daemon, dest, "--level", "full")
+    overlay(vm, "sda", "ovl1", copy_bitmaps=False)
+    write(vm, "sda", 4, 5)
+    active_commit(vm, "sda")
+    with daemon.client() as c:
+        assert changes(c, first["id"]) == runs({4, 5})
+    backup(daemon, dest, "--level", "inc")
+    assert_restore_equals_live(daemon, vm, dest, "sda")
+
+
+def test_mirror_pivot_breaks_and_auto_takes_a_full(defined: tuple[Daemon, Vm],
+                                                   workdir: Path) -> None:
+    daemon, vm = defined
+    dest = workdir / "b"
+    write(vm, "sda", 1)
+    first = backup(daemon, dest, "--level", "full")
+    write(vm, "sda", 2)
+    target = mirror(vm, "sda", "moved")
+    write(vm, "sda", 3)
+    with daemon.client() as c:
+        with pytest.raises(CheckpointBroken) as err:
+            changes(c, first["id"])
+        assert "replaced" in err.value.message and str(target) in err.value.message
+    second = backup(daemon, dest, "--level", "auto")
+    assert disk_level(second, "sda") == "full" and disk_level(second, "sdb") == "inc"
+    assert_restore_equals_live(daemon, vm, dest, "sda")
+    write(vm, "sda", 8)
+    third = backup(daemon, dest, "--level", "inc")
+    assert third["disks"]["sda"]["bytes_read"] == 64 * 1024
+    assert_restore_equals_live(daemon, vm, dest, "sda")
