@@ -55,6 +55,10 @@ log = logging.getLogger("blockbackupd.checkpoints")
 #: Formats whose images can keep persistent bitmaps.
 _BITMAP_FORMATS = frozenset({"qcow2"})
 
+#: Kind of the store records of a deleted checkpoint's bitmap still in a
+#: read-only backing image.
+ORPHAN_RECORD = "orphan-bitmap"
+
 BitmapReader = Callable[[Domain, int, list[dict[str, str]], int], Awaitable[list[list[int]]]]
 
 
@@ -378,6 +382,7 @@ class CheckpointService:
             records = self._store.checkpoints(domain_name)
             actions: list[dict[str, Any]] = []
             moves: list[tuple[SnapshotDisk, str | None, str | None]] = []
+            orphans: list[dict[str, str]] = []
             for rec in records[[c.name for c in records].index(name)].disks:
                 disk = verified.disks.get(rec.disk)
                 held = [image for image in (disk.chain if disk is not None else ())
@@ -412,11 +417,13 @@ class CheckpointService:
                                      recording=i == len(segments) - 1,
                                      granularity=rec.granularity)
                 for image in held:
-                    # A read-only backing image cannot lose a bitmap; its copy
-                    # stays, outside every chain the store describes.
                     if not image.read_only:
                         actions.append(action("block-dirty-bitmap-remove", node=image.node,
                                               name=rec.bitmap))
+                    else:
+                        # QEMU cannot take a bitmap out of a read-only backing
+                        # image: it goes once the image is writable again.
+                        orphans.append({"image": image.file, "bitmap": rec.bitmap})
             intent = self._store.add_intent(domain_name, "checkpoint-delete", {"name": name})
             faults.crash_point("checkpoint-delete:intent-recorded")
             try:
@@ -430,6 +437,8 @@ class CheckpointService:
             for part, boundary, tail in moves:
                 part.boundary, part.tail = boundary, tail
             faults.crash_point("checkpoint-delete:before-store")
+            for orphan in orphans:
+                self._store.add_intent(domain_name, ORPHAN_RECORD, orphan)
             self._store.delete_checkpoint(domain_name, name, intent=intent)
         log.info("checkpoint %s/%s deleted", domain_name, name)
 
@@ -528,6 +537,7 @@ class CheckpointService:
                 disks = {d.name: d for d in await query_disks(domain.session)}
             elif intent.kind in ("checkpoint-create", "checkpoint-delete"):
                 self._settle(domain, intent, disks)
+        await self._remove_orphans(domain, disks)
         self._check(domain.name, disks)
 
     async def verify(self, domain: Domain) -> Verified:
@@ -540,7 +550,28 @@ class CheckpointService:
         :raise DomainNotConnected: :raise OperationFailed:
         """
         disks = {d.name: d for d in await query_disks(domain.session)}
+        await self._remove_orphans(domain, disks)
         return self._check(domain.name, disks)
+
+    async def _remove_orphans(self, domain: Domain, disks: dict[str, Disk]) -> None:
+        """Remove the bitmaps of deleted checkpoints left in read-only backing
+        images, once such an image is writable again (a commit made it the top)
+        or has left every chain (nothing can reach it any more)."""
+        records = [r for r in self._store.intents(domain.name) if r.kind == ORPHAN_RECORD]
+        if not records:
+            return
+        images = {image.file: image for d in disks.values() for image in d.chain}
+        in_use = {d.bitmap for c in self._store.checkpoints(domain.name) for d in c.disks}
+        for record in records:
+            image = images.get(record.payload["image"])
+            bitmap = record.payload["bitmap"]
+            if image is not None and (image.read_only or bitmap in in_use):
+                continue
+            if image is not None and bitmap in image.bitmaps:
+                await Bitmaps(domain.session).remove(image.node, bitmap)
+                log.info("checkpoint %s/%s: removed its bitmap from image %s", domain.name,
+                         bitmap, image.file)
+            self._store.drop_intent(record.id)
 
     def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk]) -> None:
         name = intent.payload["name"]

@@ -259,7 +259,16 @@ class ExportService:
         undo.push_record("record of the NBD server", partial(self._store.drop_intent, record))
         if address.socket is not None:
             _remove_socket(address.socket)  # left by a QEMU that was killed
-        await ops.nbd_server_start(address, tls_object)
+        try:
+            await ops.nbd_server_start(address, tls_object)
+        except OperationFailed as err:
+            if "already running" not in str(err):
+                raise
+            # QEMU has one NBD server per process: the VM manager's own backup
+            # job (libvirt's backup-begin) holds it until that job ends.
+            raise Busy(f"domain {domain.name!r}: QEMU's only NBD server is already running for "
+                       "someone else (e.g. the VM manager's own backup job); try again when "
+                       "it has stopped") from err
         undo.push("NBD server", partial(self._stop_server, ops, address, None))
         return record
 

@@ -103,10 +103,20 @@ def active_commit(vm: Vm, disk: str) -> None:
     Addressed at the device's root node, as query-block names it: QEMU
     refuses a job on a node that has a parent ("Need a root block node"),
     and under a live snapshot the image has one, our filter."""
-    vm.qmp("block-commit", **{"job-id": "commit", "device": root_node(vm, disk)})
+    top = image_node(vm, disk)
+    graph = vm.qmp("x-debug-query-block-graph")
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    base = next(names[e["child"]] for e in graph["edges"]
+                if names[e["parent"]] == top and e["name"] == "backing")
+    # One image at a time (QEMU's default base is the bottom of the chain).
+    vm.qmp("block-commit", **{"job-id": "commit", "device": root_node(vm, disk),
+                              "base-node": base})
     wait_job(vm, "commit", ready=True)
     vm.qmp("job-complete", id="commit")
     wait_job(vm, "commit", ready=False)
+    # Like libvirt, the manager then deletes the nodes it added for the overlay.
+    vm.qmp("blockdev-del", **{"node-name": top})
+    vm.qmp("blockdev-del", **{"node-name": f"{top}-file"})
 
 
 def mirror(vm: Vm, disk: str, name: str) -> Path:
