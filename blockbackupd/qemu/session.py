@@ -34,6 +34,7 @@ log = logging.getLogger("blockbackupd.qemu")
 StateCallback = Callable[["DomainSession", DomainState, DomainState], None]
 ConnectHook = Callable[["DomainSession"], Awaitable[None]]
 DeviceHook = Callable[["DomainSession", str], None]
+JobHook = Callable[["DomainSession", str, str, str], None]
 
 # QEMU run states in which guest vCPUs execute; every other status (prelaunch,
 # paused, inmigrate, suspended, ...) is reported as "paused" by the contract.
@@ -53,6 +54,27 @@ class _Listener(EventListener):
             await self._queue.put(event)
 
 
+class _JobWatch(EventListener):
+    """Calls back at once, inside qemu.qmp's reader, for each finished block
+    job: before any reply that QEMU sent after the event is delivered, so a
+    request that reads the graph after a job changed it already knows."""
+
+    def __init__(self, session: DomainSession) -> None:
+        super().__init__(("BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE"))
+        self._session = session
+
+    async def put(self, event: Message) -> None:
+        hook = self._session._on_job
+        if not self.accept(event) or hook is None:
+            return
+        data: Any = event.get("data", {})
+        if event["event"] == "BLOCK_JOB_COMPLETED":
+            hook(self._session, "completed", str(data.get("type", "")),
+                 str(data.get("device", "")))
+        elif data.get("status") == "created":
+            hook(self._session, "created", "", str(data.get("id", "")))
+
+
 class NoAnswer(OperationFailed):
     """QEMU did not answer in time: unlike a refusal, the command may still run."""
 
@@ -70,6 +92,7 @@ class DomainSession:
         on_state_change: StateCallback | None = None,
         on_connect: ConnectHook | None = None,
         on_device_deleted: DeviceHook | None = None,
+        on_job: JobHook | None = None,
     ) -> None:
         self.domain = domain
         self.qmp_socket = qmp_socket
@@ -82,6 +105,10 @@ class DomainSession:
         # The VM manager unplugged a device (its qdev id): our nodes on that
         # disk must go at once, or the manager's blockdev-del of its own fails.
         self._on_device_deleted = on_device_deleted
+        # A block job (the VM manager's stream, commit, mirror; our probes)
+        # was created or ended: hook(session, "created"/"completed", job type
+        # (known when completed), job id).
+        self._on_job = on_job
         self._state = DomainState.DISCONNECTED
         #: Why the last connection attempt failed, None once connected.
         self.last_error: str | None = None
@@ -187,6 +214,7 @@ class DomainSession:
             qmp.events.event_filter = _accept_none
             listener = _Listener(("STOP", "RESUME", "DEVICE_DELETED"))
             qmp.register_listener(listener)
+            qmp.register_listener(_JobWatch(self))
             try:
                 try:
                     # A socket that accepts but never greets must not hold us.

@@ -47,13 +47,16 @@ from ..store import Store
 from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
 from .domains import Domain, DomainService
 from .events import EventBus
-from .segments import Placement, place
+from .segments import Placement, place, span
 from .snapshots import PREFIX, Instant, Snapshot, SnapshotDisk, SnapshotService
 
 log = logging.getLogger("blockbackupd.checkpoints")
 
 #: Formats whose images can keep persistent bitmaps.
 _BITMAP_FORMATS = frozenset({"qcow2"})
+
+#: Block jobs that move data between images without recording it in bitmaps.
+_MOVING_JOBS = frozenset({"stream", "mirror"})
 
 #: Kind of the store records of a deleted checkpoint's bitmap still in a
 #: read-only backing image.
@@ -124,6 +127,10 @@ class CheckpointService:
         self.bitmap_reader: BitmapReader | None = None
         snapshots.instant_hook = self._prepare_instant
         domains.add_connect_hook(self.reconcile)
+        domains.add_job_hook(self._job_completed)
+        #: Per domain, the VM manager's jobs that moved data between a disk's
+        #: images without recording it, since the last check.
+        self._moved: dict[str, list[str]] = {}
         domains.checkpoints_of = self.names
         domains.disk_checkpoints = self._by_disk
 
@@ -218,14 +225,13 @@ class CheckpointService:
                         actions.append(action("block-dirty-bitmap-remove", node=node,
                                               name=seg.record.bitmap))
                 if recording is not None and placement is not None:
-                    # Every copy that records (an overlay's, and the one in the
-                    # image below it) stops, so a later commit into the lower
-                    # image cannot grow a closed segment.
-                    for image in placement.holders:
-                        if image.bitmaps[placement.bitmap].get("recording"):
-                            actions.append(action("block-dirty-bitmap-disable",
-                                                  node=image.node, name=placement.bitmap))
-                            disabled.append((image.node, placement.bitmap))
+                    # Only the top copy takes the guest's writes. Copies in the
+                    # read-only images below keep recording: a later commit
+                    # writes through them, and what it moves down stays
+                    # recorded (a closed segment may grow, never shrink).
+                    actions.append(action("block-dirty-bitmap-disable", node=node,
+                                          name=placement.bitmap))
+                    disabled.append((node, placement.bitmap))
                 actions.append(action("block-dirty-bitmap-add", node=node, name=name,
                                       persistent=True))
                 added.append((node, name))
@@ -267,7 +273,8 @@ class CheckpointService:
             disks = []
             for rec, part in zip(new_disks, parts, strict=True):
                 granularity = int(now[part.disk.node][name]["granularity"])
-                disks.append(CheckpointDiskRecord(rec.disk, rec.bitmap, rec.image, granularity))
+                disks.append(CheckpointDiskRecord(rec.disk, rec.bitmap, rec.image, granularity,
+                                                  span=(rec.image,)))
             self._store.add_checkpoint(domain.name, name, created, disks, intent=intent)
             log.info("checkpoint %s/%s created on %s", domain.name, name,
                      ",".join(d.disk for d in disks))
@@ -464,6 +471,7 @@ class CheckpointService:
             present = {d.name: d for d in await query_disks(domain.session)}
             when = time.time() if created is None else created
             infos = []
+            holders_of: dict[str, tuple[str, ...]] = {}
             for disk_name, bitmap in disks:
                 disk = present.get(disk_name)
                 if disk is None:
@@ -484,6 +492,7 @@ class CheckpointService:
                 info = {**begin.bitmaps[bitmap],
                         "recording": bool(holders[0].bitmaps[bitmap].get("recording"))}
                 infos.append((disk, bitmap, info, begin.file))
+                holders_of[disk_name] = tuple(h.file for h in holders)
 
             def top_bitmaps(disk: str) -> Mapping[str, Mapping[str, Any]]:
                 d = present.get(disk)
@@ -516,7 +525,8 @@ class CheckpointService:
                         f"checkpoint {name!r} does not match disk {disk.name!r}: bitmap "
                         f"{bitmap!r} is not recording and no newer segment is in the image")
                 new.append(CheckpointDiskRecord(disk.name, bitmap, image,
-                                                int(info["granularity"])))
+                                                int(info["granularity"]), span=holders_of[
+                                                    disk.name]))
             before = records[pos].name if pos < len(records) else None
             self._store.add_checkpoint(domain_name, name, when, new, before=before)
         log.info("checkpoint %s/%s redefined", domain_name, name)
@@ -573,6 +583,15 @@ class CheckpointService:
                          bitmap, image.file)
             self._store.drop_intent(record.id)
 
+    def _job_completed(self, domain: str, job_type: str, job_id: str) -> None:
+        # A stream copies data from backing images into the top, a mirror
+        # copies a disk into another image, and neither records the copy in
+        # any bitmap; the images they drop may have held parts of change sets
+        # that no check saw. Which disk a job ran on is gone with the job, so
+        # the next check treats every disk as touched.
+        if job_type in _MOVING_JOBS:
+            self._moved.setdefault(domain, []).append(f"{job_type} job {job_id!r}")
+
     def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk]) -> None:
         name = intent.payload["name"]
         if intent.kind == "checkpoint-create":
@@ -603,6 +622,7 @@ class CheckpointService:
     def _check(self, domain: str, disks: dict[str, Disk]) -> Verified:
         records = self._store.checkpoints(domain)
         before = {c.name for c in records if c.broken}
+        moved = self._moved.pop(domain, [])
         placements: dict[tuple[str, str], Placement] = {}
         for disk_name in sorted({d.disk for c in records for d in c.disks}):
             segments = chain(records, disk_name)
@@ -621,8 +641,15 @@ class CheckpointService:
                 if problem is None:
                     where = place(disk, seg.record,
                                   recording=i == len(segments) - 1 and not pending)
+                    if isinstance(where, Placement) and moved and \
+                            disk is not None and where.holders[-1] is not disk.chain[0]:
+                        where = (f"a {', '.join(moved)} moved data between the disk's "
+                                 "images without recording it, and the change set spans "
+                                 "images below the top one")
                     if isinstance(where, Placement):
                         placements[(seg.name, disk_name)] = where
+                        if span(where) != seg.record.span:
+                            self._store.set_span(domain, seg.name, disk_name, span(where))
                     else:
                         problem = where
                 if problem is not None:

@@ -65,6 +65,8 @@ class DomainService:
         self._usage_checks: list[Callable[[str], str | None]] = []
         self._connect_hooks: list[Callable[[Domain], Awaitable[None]]] = []
         self._removal_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
+        self._job_hooks: list[Callable[[str, str, str], None]] = []
+        self._job_start_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
         self._background: set[asyncio.Task[None]] = set()
         #: Set by the checkpoint service: the domain's checkpoints, oldest first.
         self.checkpoints_of: Callable[[str], list[str]] = lambda domain: []
@@ -105,12 +107,45 @@ class DomainService:
             log.info("domain %s: reconciled with QEMU in %.1f ms", domain.name,
                      (time.perf_counter() - start) * 1e3)
 
-    def add_removal_hook(self, hook: Callable[[Domain, str], Awaitable[None]],
-                         first: bool = False) -> None:
+    def add_removal_hook(self, hook: Callable[[Domain, str], Awaitable[None]]) -> None:
         """hook(domain, disk) runs under the domain's lock when QEMU reports that
-        the device of a disk was unplugged; in the order added, or before all
-        others with ``first``."""
-        self._removal_hooks.insert(0 if first else len(self._removal_hooks), hook)
+        the device of a disk was unplugged."""
+        self._removal_hooks.append(hook)
+
+    def add_job_hook(self, hook: Callable[[str, str, str], None]) -> None:
+        """hook(domain, job type, job id) runs at once (no I/O allowed) when
+        QEMU reports that a block job ended, before later replies arrive."""
+        self._job_hooks.append(hook)
+
+    def add_job_start_hook(self, hook: Callable[[Domain, str], Awaitable[None]]) -> None:
+        """hook(domain, job id) runs soon, under the domain's lock, when QEMU
+        reports a new block job that is not ours."""
+        self._job_start_hooks.append(hook)
+
+    def _job_event(self, session: DomainSession, kind: str, job_type: str,
+                   job_id: str) -> None:
+        if job_id.startswith("bb-"):
+            return  # our own probes
+        if kind == "completed":
+            for hook in self._job_hooks:
+                hook(session.domain, job_type, job_id)
+            return
+        domain = self._domains.get(session.domain)
+        if domain is None or domain.session is not session or not self._job_start_hooks:
+            return
+
+        async def run() -> None:
+            async with domain.lock:
+                for hook in self._job_start_hooks:
+                    try:
+                        await hook(domain, job_id)
+                    except Exception as err:  # noqa: BLE001 - logged, the job goes on
+                        log.error("domain %s: reacting to block job %s: %s", domain.name,
+                                  job_id, err)
+
+        task = asyncio.create_task(run(), name=f"job-{domain.name}-{job_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _device_deleted(self, session: DomainSession, device: str) -> None:
         domain = self._domains.get(session.domain)
@@ -169,6 +204,7 @@ class DomainService:
             on_state_change=self._state_changed,
             on_connect=self._connected_hooks,
             on_device_deleted=self._device_deleted,
+            on_job=self._job_event,
         )
         domain = Domain(name, qmp_socket, origin, session)
         self._domains[name] = domain

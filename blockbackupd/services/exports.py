@@ -91,8 +91,7 @@ class ExportService:
         self._settings = settings
         self._servers: dict[str, _Server] = {}
         snapshots.add_before_delete(self._stop_for_snapshot)
-        # Before the snapshot service's: an export goes before the view it reads.
-        domains.add_removal_hook(self._disk_removed, first=True)
+        snapshots.add_before_part_delete(self._stop_for_part)
         events.subscribe(None, self._on_event)
         domains.add_usage_check(self._usage)
         domains.exports_of = lambda d: [e.spec() for e in self.exports(d)]
@@ -332,10 +331,11 @@ class ExportService:
             await self._remove(domain, [e for e in server.exports.values()
                                         if e.snapshot == snapshot.name])
 
-    async def _disk_removed(self, domain: Domain, disk: str) -> None:
+    async def _stop_for_part(self, domain: Domain, snapshot: Snapshot, disk: str) -> None:
         server = self._servers.get(domain.name)
         if server is not None:
-            await self._remove(domain, [e for e in server.exports.values() if e.disk == disk])
+            await self._remove(domain, [e for e in server.exports.values()
+                                        if e.snapshot == snapshot.name and e.disk == disk])
 
     async def _remove(self, domain: Domain, exports: list[Export]) -> None:
         """Remove exports (caller holds the domain lock); stop an emptied server."""

@@ -78,6 +78,21 @@ def place(disk: Disk | None, record: CheckpointDiskRecord,
             return f"the image {image.file} was not closed cleanly (bitmap inconsistent)"
         if not held.get("persistent"):
             return f"bitmap {bitmap!r} in image {image.file} is not persistent"
+    files = [image.file for image in chain[topmost:begin + 1]]
+    for i, file in enumerate(record.span):
+        if file in files:
+            continue
+        # An image that held part of the change set is gone (or lost the
+        # bitmap). Only one way keeps it whole: an active commit of the top
+        # copy into the image below, whose copy records, so the commit's
+        # writes were recorded there. A stream or a mirror moves data without
+        # recording it, and looks the same afterwards but for where the data went.
+        committed = i == 0 and len(record.span) > 1 and topmost == 0 and \
+            files[0] == record.span[1] and bool(chain[0].bitmaps[bitmap].get("recording"))
+        if not committed:
+            return (f"image {file}, which held part of its change set (bitmap {bitmap!r}), "
+                    "left the disk's chain without its writes being recorded below (a "
+                    "stream, a mirror, or a commit into an image whose copy was disabled)")
     if recording:
         if topmost != 0:
             return (f"image {chain[0].file} was put on top of the disk without bitmap "
@@ -86,3 +101,8 @@ def place(disk: Disk | None, record: CheckpointDiskRecord,
         if not chain[0].bitmaps[bitmap].get("recording"):
             return "its bitmap stopped recording"
     return Placement(bitmap, chain[topmost:begin + 1])
+
+
+def span(placement: Placement) -> tuple[str, ...]:
+    """The image files that hold the segment now, top first (to store)."""
+    return tuple(image.file for image in placement.holders)

@@ -138,6 +138,7 @@ class _DomainSnapshots:
 
 
 BeforeDelete = Callable[[Domain, Snapshot], Awaitable[None]]
+BeforePartDelete = Callable[[Domain, Snapshot, str], Awaitable[None]]
 
 
 @dataclass
@@ -177,6 +178,7 @@ class SnapshotService:
         self._settings = settings
         self._by_domain: dict[str, _DomainSnapshots] = {}
         self._before_delete: list[BeforeDelete] = []
+        self._before_part_delete: list[BeforePartDelete] = []
         self._job_ids = itertools.count(1)
         #: Set by the checkpoint service: the bitmap actions of each instant.
         self.instant_hook: InstantHook | None = None
@@ -184,10 +186,15 @@ class SnapshotService:
         domains.add_usage_check(self._usage)
         domains.add_connect_hook(self.clean_leftovers)
         domains.add_removal_hook(self._disk_removed)
+        domains.add_job_start_hook(self._job_started)
 
     def add_before_delete(self, hook: BeforeDelete) -> None:
         """Run hook (e.g. stopping exports) before a snapshot's nodes go."""
         self._before_delete.append(hook)
+
+    def add_before_part_delete(self, hook: BeforePartDelete) -> None:
+        """Run hook(domain, snapshot, disk) before one disk's nodes leave a live snapshot."""
+        self._before_part_delete.append(hook)
 
     async def close(self) -> None:
         """Daemon stopping: delete every snapshot, so no filter, node or scratch
@@ -485,31 +492,67 @@ class SnapshotService:
         so the manager can delete its own nodes; the snapshots keep their
         other disks and say which one is gone."""
         state = self._state(domain.name)
-        affected = [s for s in state.snapshots.values() if any(
-            p.disk.name == disk for p in s.disks)]
-        if not affected and not any(p.disk.name == disk for p in state.retired):
+        parts = [(s, p) for s in state.snapshots.values() for p in s.disks
+                 if p.disk.name == disk]
+        if not parts and not any(p.disk.name == disk for p in state.retired):
             return
+        await self._drop_parts(domain, parts, "its device was unplugged")
+        log.warning("domain %s: disk %s was unplugged; removed its part of snapshot(s) %s",
+                    domain.name, disk, ", ".join(s.name for s, _ in parts) or "(deleted ones)")
+        self._events.publish(domain.name, "disk-removed", disk=disk,
+                             snapshots=[s.name for s, _ in parts],
+                             reason="its device was unplugged")
+
+    async def _job_started(self, domain: Domain, job_id: str) -> None:
+        """A block stream drops the images between the top and its base. A
+        filter of ours keeps internal bitmaps on the image it was put on; if
+        the manager has since put an overlay under the filter, that image may
+        be among those dropped, and QEMU 7.2 aborts when the manager then
+        deletes it (bdrv_close: Assertion `QLIST_EMPTY(&bs->dirty_bitmaps)').
+        So the snapshot gives way on those disks, at the stream's start."""
+        jobs = await domain.session.execute("query-block-jobs")
+        job = next((j for j in jobs if j.get("device") == job_id), None)
+        if job is not None and job.get("type") != "stream":
+            return
+        state = self._state(domain.name)
+        graph = await read_graph(domain.session)
+        parts = [(s, p) for s in state.snapshots.values() for p in s.disks
+                 if p.filter_node in graph.nodes
+                 and graph.child(p.filter_node, "file") != p.source]
+        if not parts:
+            return
+        reason = (f"the VM manager started block job {job_id!r} (a stream) below an image it "
+                  "had put under the snapshot; the snapshot gave way on this disk")
+        await self._drop_parts(domain, parts, reason)
+        for snapshot, part in parts:
+            log.warning("snapshot %s/%s: disk %s dropped: %s", domain.name, snapshot.name,
+                        part.disk.name, reason)
+            self._events.publish(domain.name, "snapshot-broken", snapshot=snapshot.name,
+                                 disk=part.disk.name, reason=reason)
+
+    async def _drop_parts(self, domain: Domain, parts: list[tuple[Snapshot, SnapshotDisk]],
+                          reason: str) -> None:
+        """Take disks out of live snapshots at once: exports, tail bitmap, view,
+        probe, filter, scratch node and file; the snapshots keep their other
+        disks and list these under ``removed_disks``."""
+        state = self._state(domain.name)
         ops = BlockOps(domain.session)
+        for snapshot, part in parts:
+            for hook in self._before_part_delete:
+                await hook(domain, snapshot, part.disk.name)
         existing = await ops.node_names()
         bitmaps = Bitmaps(domain.session)
         on_nodes = await bitmaps.on_nodes()
-        reason = "its device was unplugged"
-        for snapshot in affected:
-            part = snapshot.disk(disk)
+        for snapshot, part in parts:
             if part.tail is not None and part.tail in on_nodes.get(part.disk.node, {}):
                 await bitmaps.remove(part.disk.node, part.tail)
             for node in part.nodes()[:3]:
                 if node in existing:
                     await ops.delete_node(node)
             snapshot.disks.remove(part)
-            snapshot.removed[disk] = reason
+            snapshot.removed[part.disk.name] = reason
             state.retired.append(part)
         await self._unstack(domain, ops)
-        names = [s.name for s in affected]
-        log.warning("domain %s: disk %s was unplugged; removed its part of snapshot(s) %s",
-                    domain.name, disk, ", ".join(names) or "(deleted ones)")
-        self._events.publish(domain.name, "disk-removed", disk=disk, snapshots=names,
-                             reason=reason)
 
     # -- breaks -----------------------------------------------------------------
 

@@ -63,6 +63,12 @@ MIGRATIONS: tuple[str, ...] = (
         created  REAL NOT NULL
     );
     """,
+    # 3: the images of the disk's chain that held each segment's bitmap when
+    # last checked (JSON list, top first), so an image that leaves the chain
+    # with part of a change set is noticed.
+    """
+    ALTER TABLE checkpoint_disk ADD COLUMN span TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -78,6 +84,9 @@ class CheckpointDiskRecord:
     image: str
     granularity: int
     broken: str | None = None
+    #: The image files that held the bitmap when last checked, top first
+    #: (empty: not checked yet).
+    span: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,13 +232,14 @@ class Store:
         with self.transaction() as db:
             rows = db.execute("SELECT name, seq, created FROM checkpoint WHERE domain = ? "
                               "ORDER BY seq", (domain,)).fetchall()
-            disks = db.execute("SELECT checkpoint, disk, bitmap, image, granularity, broken "
-                               "FROM checkpoint_disk WHERE domain = ? ORDER BY disk",
+            disks = db.execute("SELECT checkpoint, disk, bitmap, image, granularity, broken, "
+                               "span FROM checkpoint_disk WHERE domain = ? ORDER BY disk",
                                (domain,)).fetchall()
         by_cp: dict[str, list[CheckpointDiskRecord]] = {}
         for d in disks:
             by_cp.setdefault(d["checkpoint"], []).append(CheckpointDiskRecord(
-                d["disk"], d["bitmap"], d["image"], d["granularity"], d["broken"]))
+                d["disk"], d["bitmap"], d["image"], d["granularity"], d["broken"],
+                tuple(json.loads(d["span"])) if d["span"] else ()))
         return [CheckpointRecord(domain, r["name"], r["seq"], r["created"],
                                  tuple(by_cp.get(r["name"], ()))) for r in rows]
 
@@ -250,9 +260,9 @@ class Store:
                        (domain, name, seq, created))
             db.executemany(
                 "INSERT INTO checkpoint_disk (domain, checkpoint, disk, bitmap, image, "
-                "granularity, broken) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(domain, name, d.disk, d.bitmap, d.image, d.granularity, d.broken)
-                 for d in disks])
+                "granularity, broken, span) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(domain, name, d.disk, d.bitmap, d.image, d.granularity, d.broken,
+                  json.dumps(list(d.span)) if d.span else None) for d in disks])
             if intent is not None:
                 db.execute("DELETE FROM intent WHERE id = ?", (intent,))
 
@@ -267,6 +277,12 @@ class Store:
             db.execute("UPDATE checkpoint_disk SET broken = ? WHERE domain = ? AND "
                        "checkpoint = ? AND disk = ? AND broken IS NULL",
                        (reason, domain, checkpoint, disk))
+
+    def set_span(self, domain: str, checkpoint: str, disk: str, span: tuple[str, ...]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE checkpoint_disk SET span = ? WHERE domain = ? AND "
+                       "checkpoint = ? AND disk = ?",
+                       (json.dumps(list(span)), domain, checkpoint, disk))
 
     # -- intents ----------------------------------------------------------------
 

@@ -119,6 +119,26 @@ def active_commit(vm: Vm, disk: str) -> None:
     vm.qmp("blockdev-del", **{"node-name": f"{top}-file"})
 
 
+def stream(vm: Vm, disk: str) -> list[str]:
+    """Pull the images between the top and the disk's bottom image into the
+    top (block-stream with a base node); the manager then deletes the nodes
+    of the images that left the chain. Returns those nodes."""
+    top = image_node(vm, disk)
+    graph = vm.qmp("x-debug-query-block-graph")
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    backing = {names[e["parent"]]: names[e["child"]] for e in graph["edges"]
+               if e["name"] == "backing"}
+    chain = [top]
+    while chain[-1] in backing:
+        chain.append(backing[chain[-1]])
+    vm.qmp("block-stream", **{"job-id": "stream", "device": top, "base-node": chain[-1]})
+    wait_job(vm, "stream", ready=False)
+    for node in chain[1:-1]:
+        vm.qmp("blockdev-del", **{"node-name": node})
+        vm.qmp("blockdev-del", **{"node-name": f"{node}-file"})
+    return chain[1:-1]
+
+
 def mirror(vm: Vm, disk: str, name: str) -> Path:
     """Copy the disk to a new image and pivot the device onto it."""
     size = vm.disks[disk]

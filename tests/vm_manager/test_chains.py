@@ -18,6 +18,7 @@ from tests.vm_manager.manager import (
     mirror,
     overlay,
     runs,
+    stream,
     write,
 )
 from tools.daemon import Daemon
@@ -149,3 +150,64 @@ def test_mirror_pivot_breaks_and_auto_takes_a_full(defined: tuple[Daemon, Vm],
     third = backup(daemon, dest, "--level", "inc")
     assert third["disks"]["sda"]["bytes_read"] == 64 * 1024
     assert_restore_equals_live(daemon, vm, dest, "sda")
+
+
+def test_stream_keeps_a_checkpoint_of_the_top_exact(defined: tuple[Daemon, Vm],
+                                                    workdir: Path) -> None:
+    """Checkpoints made while the overlay is the top live in it alone: a
+    stream that pulls the images below into it changes nothing they hold."""
+    daemon, vm = defined
+    dest = workdir / "b"
+    write(vm, "sda", 1)
+    overlay(vm, "sda", "ovl1", copy_bitmaps=False)
+    write(vm, "sda", 2)
+    overlay(vm, "sda", "ovl2", copy_bitmaps=False)
+    first = backup(daemon, dest, "--level", "full")
+    write(vm, "sda", 3)
+    stream(vm, "sda")
+    write(vm, "sda", 4)
+    with daemon.client() as c:
+        assert changes(c, first["id"]) == runs({3, 4})
+    second = backup(daemon, dest, "--level", "inc")
+    assert disk_level(second, "sda") == "inc"
+    assert_restore_equals_live(daemon, vm, dest, "sda")
+
+
+def test_stream_of_images_holding_a_change_set_breaks_it(defined: tuple[Daemon, Vm],
+                                                         workdir: Path) -> None:
+    """libvirt-style overlays carry the checkpoint's bitmap; a stream drops one
+    of them with the writes it recorded and copies its data up unrecorded:
+    broken with the reason, never a short change set."""
+    daemon, vm = defined
+    dest = workdir / "b"
+    first = backup(daemon, dest, "--level", "full")
+    overlay(vm, "sda", "ovl1", copy_bitmaps=True)
+    write(vm, "sda", 2)              # recorded only in ovl1's copy
+    overlay(vm, "sda", "ovl2", copy_bitmaps=True)
+    write(vm, "sda", 4)
+    stream(vm, "sda")                # ovl1 leaves; its data is copied into ovl2
+    with daemon.client() as c:
+        with pytest.raises(CheckpointBroken) as err:
+            changes(c, first["id"])
+        assert "stream" in err.value.message
+    second = backup(daemon, dest, "--level", "auto")
+    assert disk_level(second, "sda") == "full"
+    assert_restore_equals_live(daemon, vm, dest, "sda")
+
+
+def test_stream_seen_by_a_check_before_it_breaks_it_too(defined: tuple[Daemon, Vm]) -> None:
+    """The same, with the daemon having seen ovl1 hold the bitmap: the image
+    that left the chain is named."""
+    daemon, vm = defined
+    with daemon.client() as c:
+        c.snapshot_create("vm1", "<domainblocksnapshot><name>cp1</name>"
+                          "</domainblocksnapshot>", checkpoint=True)
+        c.snapshot_delete("vm1", "cp1")
+        ovl1 = overlay(vm, "sda", "ovl1", copy_bitmaps=True)
+        write(vm, "sda", 2)
+        overlay(vm, "sda", "ovl2", copy_bitmaps=True)
+        assert changes(c, "cp1") == runs({2})
+        stream(vm, "sda")
+        with pytest.raises(CheckpointBroken) as err:
+            changes(c, "cp1")
+        assert "stream" in err.value.message or str(ovl1) in err.value.message
