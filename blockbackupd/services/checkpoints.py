@@ -299,6 +299,14 @@ class CheckpointService:
         """
         cp = self.get(domain, name)
         part = snapshot.disk(disk)
+        now = verified.disks.get(disk)
+        if now is not None and now.size != part.disk.size:
+            # Bitmaps of different sizes cannot be merged: the view keeps the
+            # size of its point in time, the disk's bitmaps follow the disk.
+            raise OperationFailed(
+                f"disk {disk!r} was resized from {part.disk.size} to {now.size} bytes after "
+                f"snapshot {snapshot.name!r} was taken: its change set cannot be exported "
+                "with it; take a new snapshot")
         segments = self._segments_from(domain, cp, disk)
         names = [s.name for s in segments]
         if part.boundary is None or part.boundary not in names:

@@ -19,6 +19,7 @@ from tests.vm_manager.manager import (
     overlay,
     runs,
     stream,
+    wait_job,
     write,
 )
 from tools.daemon import Daemon
@@ -211,3 +212,50 @@ def test_stream_seen_by_a_check_before_it_breaks_it_too(defined: tuple[Daemon, V
         with pytest.raises(CheckpointBroken) as err:
             changes(c, "cp1")
         assert "stream" in err.value.message or str(ovl1) in err.value.message
+
+
+def test_resize_keeps_change_sets_exact(defined: tuple[Daemon, Vm], workdir: Path) -> None:
+    daemon, vm = defined
+    dest = workdir / "b"
+    write(vm, "sda", 1)
+    first = backup(daemon, dest, "--level", "full")
+    vm.qmp("block_resize", **{"node-name": "sda-fmt", "size": 80 * 1024 * 1024})
+    vm.disks["sda"] = 80 * 1024 * 1024
+    write(vm, "sda", 2, 1100)        # cluster 1100 lies in the new 16 MiB
+    with daemon.client() as c:
+        assert changes(c, first["id"]) == runs({2, 1100})
+    second = backup(daemon, dest, "--level", "auto")
+    assert second["disks"]["sda"]["size"] == 80 * 1024 * 1024
+    assert_restore_equals_live(daemon, vm, dest, "sda")
+
+
+def test_commit_of_an_image_below_the_top(defined: tuple[Daemon, Vm], workdir: Path) -> None:
+    """A commit that is not active: the middle image goes into its backing.
+    The daemon saw the middle image hold part of the change set and cannot
+    tell a commit from a stream afterwards, so it says broken: a full backup
+    with the reason, and the restore equals the disk."""
+    daemon, vm = defined
+    dest = workdir / "b"
+    first = backup(daemon, dest, "--level", "full")
+    overlay(vm, "sda", "ovl1", copy_bitmaps=True)
+    write(vm, "sda", 2)
+    overlay(vm, "sda", "ovl2", copy_bitmaps=True)
+    write(vm, "sda", 4)
+    with daemon.client() as c:
+        assert changes(c, first["id"]) == runs({2, 4})
+    vm.qmp("block-commit", **{"job-id": "commit", "device": "ovl2", "top-node": "ovl1",
+                              "base-node": "sda-fmt"})
+    wait_job(vm, "commit", ready=False)
+    vm.qmp("blockdev-del", **{"node-name": "ovl1"})
+    vm.qmp("blockdev-del", **{"node-name": "ovl1-file"})
+    write(vm, "sda", 6)
+    with daemon.client() as c:
+        try:
+            assert changes(c, first["id"]) == runs({2, 4, 6})
+            exact = True
+        except CheckpointBroken as err:
+            assert "ovl1" in err.message
+            exact = False
+    second = backup(daemon, dest, "--level", "auto")
+    assert disk_level(second, "sda") == ("inc" if exact else "full")
+    assert_restore_equals_live(daemon, vm, dest, "sda")
