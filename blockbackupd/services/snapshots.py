@@ -602,10 +602,9 @@ class SnapshotService:
         (The export service removed its exports just before.)"""
         session = domain.session
         ops = BlockOps(session)
-        nodes = await session.execute("query-named-block-nodes", {"flat": True})
-        ours = [n["node-name"] for n in nodes if n["node-name"].startswith(PREFIX)]
-        files = [n.get("file", "") for n in nodes
-                 if n["node-name"].startswith(PREFIX) and n["node-name"].endswith("-scratch")]
+        graph = await read_graph(session)
+        ours = [n for n in graph.nodes if n.startswith(PREFIX)]
+        files = [graph.image(n).file for n in ours if n.endswith("-scratch")]
         # Views, probes and sinks first: while a view reads through a filter,
         # the filter will not share write access with the device below it.
         for node in ours:
