@@ -83,11 +83,16 @@ class BlockGraph:
         ids = {n["id"]: n for n in debug_graph.get("nodes", [])}
         #: (parent node, role, child node) between named block-driver nodes.
         self.edges: list[tuple[str, str, str]] = []
+        #: Block jobs (by id) and the nodes each uses.
+        self.jobs: dict[str, set[str]] = {}
         for e in debug_graph.get("edges", []):
             parent, child = ids.get(e["parent"]), ids.get(e["child"])
-            if parent is None or child is None or parent["type"] != "block-driver":
+            if parent is None or child is None:
                 continue
-            self.edges.append((parent["name"], e["name"], child["name"]))
+            if parent["type"] == "block-job":
+                self.jobs.setdefault(parent["name"], set()).add(child["name"])
+            elif parent["type"] == "block-driver":
+                self.edges.append((parent["name"], e["name"], child["name"]))
 
     # -- nodes ---------------------------------------------------------------
 
@@ -163,6 +168,18 @@ class BlockGraph:
                             size=size, read_only=bool(inserted.get("ro", False)), top=root,
                             chain=chain))
         return out
+
+    def jobs_on(self, disk: Disk, ours: str) -> list[str]:
+        """Block jobs not named with ``ours`` that use a node of the disk's I/O
+        path: the nodes from the device's root down to its top image (a job's
+        own filters sit there) and the images of its chain."""
+        path = {disk.top, *(image.node for image in disk.chain)}
+        node: str | None = disk.top
+        while node is not None and node in self.nodes and node != disk.node:
+            path.add(node)
+            node = self.child(node, "file")
+        return sorted(job for job, nodes in self.jobs.items()
+                      if not job.startswith(ours) and nodes & path)
 
     def disk(self, name: str) -> Disk | None:
         return next((d for d in self.disks() if d.name == name), None)

@@ -246,7 +246,7 @@ class SnapshotService:
         :raise AlreadyExists: the name is taken.
         :raise InvalidArgument: bad name or scratch file.
         :raise NoSuchDisk: a listed disk is not in the domain.
-        :raise Busy: the VM is migrating.
+        :raise Busy: the VM is migrating, or a block job not ours uses a listed disk.
         :raise Unsupported: a listed disk is read-only, or cannot keep a checkpoint.
         :raise OperationFailed: QEMU or the host refused; nothing is left behind.
         """
@@ -263,8 +263,18 @@ class SnapshotService:
             if name in state.snapshots:
                 raise AlreadyExists(f"domain {domain_name!r} already has a snapshot {name!r}")
             ops = BlockOps(domain.session)
-            present = {d.name: d for d in await query_disks(domain.session)}
+            graph = await read_graph(domain.session)
+            present = {d.name: d for d in graph.disks()}
             chosen = self._choose(domain_name, name, present, disks)
+            for disk, _ in chosen:
+                jobs = graph.jobs_on(disk, PREFIX)
+                if jobs:
+                    # A job's own filters sit in the disk's I/O path and go when
+                    # it ends; a filter of ours on top would leave its internal
+                    # bitmaps on a node QEMU then closes, and QEMU 7.2 aborts.
+                    raise Busy(f"disk {disk.name!r} is in use by block job(s) "
+                               f"{', '.join(jobs)} (e.g. the VM manager's backup, "
+                               "mirror or commit); take the snapshot when they have ended")
             snapshot = await self._build(domain, ops, name, chosen, checkpoint)
             state.snapshots[name] = snapshot
             self._ensure_prober(domain)
