@@ -130,40 +130,32 @@ class DomainService:
             for hook in self._job_hooks:
                 hook(session.domain, job_type, job_id)
             return
-        domain = self._domains.get(session.domain)
-        if domain is None or domain.session is not session or not self._job_start_hooks:
-            return
-
-        async def run() -> None:
-            async with domain.lock:
-                for hook in self._job_start_hooks:
-                    try:
-                        await hook(domain, job_id)
-                    except Exception as err:  # noqa: BLE001 - logged, the job goes on
-                        log.error("domain %s: reacting to block job %s: %s", domain.name,
-                                  job_id, err)
-
-        task = asyncio.create_task(run(), name=f"job-{domain.name}-{job_id}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._react(session, self._job_start_hooks, job_id, f"reacting to block job {job_id}")
 
     def _device_deleted(self, session: DomainSession, device: str) -> None:
+        self._react(session, self._removal_hooks, device,
+                    f"cleaning up after disk {device} was unplugged")
+
+    def _react(self, session: DomainSession,
+               hooks: list[Callable[[Domain, str], Awaitable[None]]], subject: str,
+               what: str) -> None:
+        """Run hooks(domain, subject) in a task, under the domain's lock: QEMU
+        told of something the services must follow (called from the QMP
+        reader, which must not wait)."""
         domain = self._domains.get(session.domain)
-        if domain is None or domain.session is not session or not self._removal_hooks:
+        if domain is None or domain.session is not session or not hooks:
             return
 
         async def run() -> None:
             async with domain.lock:
-                for hook in self._removal_hooks:
+                for hook in hooks:
                     try:
-                        await hook(domain, device)
-                    except Exception as err:  # the next hook still cleans its part
-                        log.error("domain %s: cleaning up after disk %s was unplugged: %s",
-                                  domain.name, device, err)
-                        domain.note_error(f"cleaning up after disk {device} was unplugged "
-                                          f"failed: {err}")
+                        await hook(domain, subject)
+                    except Exception as err:  # the next hook still does its part
+                        log.error("domain %s: %s failed: %s", domain.name, what, err)
+                        domain.note_error(f"{what} failed: {err}")
 
-        task = asyncio.create_task(run(), name=f"unplugged-{domain.name}-{device}")
+        task = asyncio.create_task(run(), name=f"{domain.name}: {what}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -11,21 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import bbctl
+from tests.test_checkpoints import K, runs  # noqa: F401 - runs: for the tests here too
 from tools.daemon import Daemon
 from tools.vm import Vm
-
-K = 64 * 1024
-
-
-def runs(clusters: set[int]) -> list[list[int]]:
-    """Expected extents for a set of 64 KiB cluster numbers."""
-    out: list[list[int]] = []
-    for c in sorted(clusters):
-        if out and out[-1][0] + out[-1][1] == c * K:
-            out[-1][1] += K
-        else:
-            out.append([c * K, K])
-    return out
 
 
 def write(vm: Vm, disk: str, *clusters: int) -> None:
