@@ -5,7 +5,19 @@ A backup directory holds one domain's backups: per backup and disk one qcow2
 file (an incremental one has the previous backup of that disk as its backing
 file, by relative name, so ``qemu-img`` works on any of them without bbctl),
 and ``manifest.json`` recording every backup: id, level, time, checkpoint,
-and per disk the file, its size, bytes read and written, and a BLAKE3 checksum.
+and per disk its level (and why a full), the file, its backing file, size,
+bytes read and written, and a BLAKE3 checksum.
+
+The level is decided per disk: a disk is incremental from the newest earlier
+backup that holds it when that backup's checkpoint is valid on that disk,
+else full, so a hot-added disk or one whose change tracking broke does not
+force a full of the others. A backup's level is ``full``, ``inc`` or
+``mixed``.
+
+``pending.json`` names the backup under way from before its snapshot is
+created until its manifest is saved or its snapshot and checkpoint are
+deleted; a backup that could not clean up after itself (the daemon or QEMU
+gone) is cleaned up by the next one into the same directory.
 """
 
 from __future__ import annotations
@@ -15,26 +27,65 @@ import hashlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import blake3
+import nbd
 
 from . import pull, qcow2
 from .client import Client
-from .errors import ApplicationError
+from .errors import (
+    ApplicationError,
+    BlockbackupError,
+    NoSuchCheckpoint,
+    NoSuchSnapshot,
+)
 
 MANIFEST = "manifest.json"
+#: The backup under way (its id and domain), until it is saved or cleaned up.
+PENDING = "pending.json"
 
 
 class BackupError(Exception):
     """The backup, restore or check cannot be done; the message says why."""
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: Any) -> None:
+    """Replace a JSON file atomically and durably: a crash leaves the old one
+    or the new one, never a mix; a failure leaves the old one and no temporary."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_directory(path.parent)
+
+
+def _remove_durably(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _sync_directory(path.parent)
 
 
 @dataclass
@@ -46,7 +97,12 @@ class Manifest:
     def load(cls, directory: Path, domain: str | None) -> Manifest:
         path = directory / MANIFEST
         if path.exists():
-            data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+            except ValueError as err:
+                raise BackupError(f"{path} is not readable JSON: {err}") from None
+            if not isinstance(data, dict) or not isinstance(data.get("backups"), list):
+                raise BackupError(f"{path} is not a backup manifest")
             if domain is not None and data.get("domain") != domain:
                 raise BackupError(f"{directory} holds backups of domain {data.get('domain')!r}, "
                                   f"not {domain!r}")
@@ -62,17 +118,7 @@ class Manifest:
     def save(self) -> None:
         """Replace the manifest atomically and durably: a crash leaves the old
         one or the new one, never a mix, and never one naming unwritten files."""
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self.data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_durably(self.path, self.data)
 
     def find(self, backup_id: str | None) -> dict[str, Any]:
         if not self.backups:
@@ -83,6 +129,22 @@ class Manifest:
             if b["id"] == backup_id:
                 return b
         raise BackupError(f"no backup {backup_id!r} in this directory")
+
+
+def disk_level(entry: dict[str, Any]) -> str:
+    """``full`` or ``inc``; manifests before per-disk levels say it by the backing file."""
+    level = entry.get("level")
+    if level in ("full", "inc"):
+        return str(level)
+    return "full" if entry.get("backing") is None else "inc"
+
+
+def record_level(record: dict[str, Any]) -> str:
+    """``full``, ``inc`` or ``mixed``: what a backup's disks are."""
+    levels = {disk_level(e) for e in record["disks"].values()}
+    if len(levels) == 1:
+        return levels.pop()
+    return "mixed" if levels else str(record.get("level", "full"))
 
 
 def checksum(path: Path) -> str:
@@ -107,28 +169,174 @@ def _matches(path: Path, entry: dict[str, Any]) -> bool:
 
 def _pause(step: str) -> None:
     """Stop here if ``BBCTL_PAUSE_AT`` names this step: the tests interrupt a
-    backup at a known point with a real SIGINT."""
-    if os.environ.get("BBCTL_PAUSE_AT") == step:
-        print(f"bbctl: paused at {step}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(3600)
+    backup at a known point with a real SIGINT. With ``BBCTL_PAUSE_WHILE``
+    naming a file, wait only while that file exists (once, the first time the
+    step is reached): the tests break something, then let the backup go on."""
+    if os.environ.get("BBCTL_PAUSE_AT") != step:
+        return
+    hold = os.environ.get("BBCTL_PAUSE_WHILE")
+    if hold and not os.path.exists(hold):
+        return
+    print(f"bbctl: paused at {step}", file=sys.stderr, flush=True)
+    while not hold or os.path.exists(hold):
+        time.sleep(0.05 if hold else 3600)
 
 
-def _pull(socket_path: str, export: str, changes: str | None, target: Path, size: int,
-          backing: str | None, progress: Callable[[int], None]) -> tuple[int, int, str]:
+# -- the level of each disk --------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """How one disk is backed up: full (and why), or incremental from ``base``."""
+
+    disk: str
+    level: str                      # "full" or "inc"
+    reason: str | None = None       # why a full; None for an incremental
+    base: dict[str, Any] | None = None  # the backup record an incremental builds on
+
+    @property
+    def checkpoint(self) -> str | None:
+        return str(self.base["checkpoint"]) if self.base is not None else None
+
+    @property
+    def backing(self) -> str | None:
+        return str(self.base["disks"][self.disk]["file"]) if self.base is not None else None
+
+    def describe(self) -> str:
+        if self.base is not None:
+            return f"{self.disk}: incremental from {self.base['id']}"
+        return f"{self.disk}: full ({self.reason})"
+
+
+class _Planner:
+    """Decides each disk's level from the manifest and the daemon's checkpoints
+    (each checkpoint looked up once)."""
+
+    def __init__(self, client: Client, domain: str, dest: Path,
+                 backups: list[dict[str, Any]], level: str) -> None:
+        self._client, self._domain, self._dest = client, domain, dest
+        self._backups, self._level = backups, level
+        self._lookups: dict[str, dict[str, Any] | ApplicationError] = {}
+
+    def _lookup(self, name: str) -> dict[str, Any] | ApplicationError:
+        if name not in self._lookups:
+            try:
+                self._lookups[name] = dict(self._client.call(
+                    "checkpoint.lookup", domain=self._domain, name=name))
+            except ApplicationError as err:
+                self._lookups[name] = err
+        return self._lookups[name]
+
+    def plan(self, disk: str, size: int | None) -> DiskPlan:
+        if self._level == "full":
+            return DiskPlan(disk, "full", "--level full")
+        base = next((b for b in reversed(self._backups) if disk in b["disks"]), None)
+        if base is None:
+            return DiskPlan(disk, "full", "new disk: no earlier backup of it" if self._backups
+                            else "no earlier backup in this directory")
+        reason = self._blocker(disk, size, base)
+        if reason is not None:
+            return DiskPlan(disk, "full", reason)
+        return DiskPlan(disk, "inc", None, base)
+
+    def _blocker(self, disk: str, size: int | None, base: dict[str, Any]) -> str | None:
+        """Why disk cannot be incremental from backup ``base``, or None."""
+        entry = base["disks"][disk]
+        if size is not None and entry.get("size") not in (None, size):
+            return f"its size changed since {base['id']} ({entry['size']} -> {size} bytes)"
+        if not (self._dest / entry["file"]).exists():
+            return f"{entry['file']} of {base['id']} is missing"
+        name = base.get("checkpoint")
+        if not name:
+            return f"backup {base['id']} has no checkpoint"
+        info = self._lookup(name)
+        if isinstance(info, ApplicationError):
+            return f"checkpoint {name}: {info.message}"
+        if disk not in info.get("disks", []):
+            return f"checkpoint {name} does not track this disk"
+        if info.get("state") != "valid":
+            broken = info.get("broken_disks")
+            if not isinstance(broken, dict):  # a daemon before per-disk states
+                return f"checkpoint {name} is broken: {info.get('reason')}"
+            if disk in broken:
+                return f"checkpoint {name} is broken on this disk: {broken[disk]}"
+        return None
+
+
+def _writable_disks(client: Client, domain: str) -> dict[str, int | None]:
+    """The domain's writable disks now and their sizes (what a snapshot
+    without a disk list takes)."""
+    try:
+        root = ET.fromstring(client.domain_get_xml(domain))
+    except ET.ParseError as err:
+        raise BackupError(f"the daemon's document of domain {domain} is unreadable: {err}") \
+            from None
+    out: dict[str, int | None] = {}
+    for el in root.iter("disk"):
+        if el.get("readonly") != "yes" and el.get("name"):
+            size = el.get("size")
+            out[str(el.get("name"))] = int(size) if size and size.isdigit() else None
+    return out
+
+
+def _refuse_incremental(plans: list[DiskPlan]) -> None:
+    """:raise BackupError: naming every disk that cannot be incremental, and why."""
+    full = [p for p in plans if p.level != "inc"]
+    if full:
+        raise BackupError("cannot take an incremental backup: "
+                          + "; ".join(f"{p.disk}: {p.reason}" for p in full))
+
+
+# -- the pull ----------------------------------------------------------------------
+
+class _FileSink:
+    """The qcow2 writer, remembering the first write that failed (a full disk
+    is then named as such, not as a failed copy)."""
+
+    def __init__(self, writer: qcow2.Qcow2Writer) -> None:
+        self.writer = writer
+        self.error: OSError | None = None
+
+    def write(self, offset: int, data: memoryview) -> None:
+        try:
+            self.writer.write(offset, data)
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+
+class _ReadFailed(BackupError):
+    """The export could not be read (the source's side failed)."""
+
+
+def _os_message(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def _pull(socket_path: str, disk: str, export: str, changes: str | None, target: Path,
+          size: int, backing: str | None, progress: Callable[[int], None]
+          ) -> tuple[int, int, str]:
     """Copy an export's data (or only its changes) into a new qcow2 file, flushed;
     returns the bytes read, the bytes recorded as zeros, and the file's checksum.
 
-    :raise pull.PullError: the export could not be read.
-    :raise OSError: the file could not be written.
+    :raise BackupError: the export could not be read, or the file written
+        (the file is then removed).
     """
-    runs = pull.plan(socket_path, export, changes)
+    try:
+        runs = pull.plan(socket_path, export, changes)
+    except pull.PullError as err:
+        raise _ReadFailed(f"reading disk {disk} over NBD: {err}") from None
     clusters = qcow2.cluster_runs([(r.offset, r.length, r.zero) for r in runs], size)
     # The image holds whole clusters: read whole clusters (the disk's end aside).
     reads = [pull.Run(c.first * qcow2.CLUSTER,
                       min(c.count * qcow2.CLUSTER, size - c.first * qcow2.CLUSTER))
              for c in clusters if not c.zero]
-    writer = qcow2.Qcow2Writer(target, size, clusters, backing)
+    try:
+        writer = qcow2.Qcow2Writer(target, size, clusters, backing)
+    except OSError as err:
+        target.unlink(missing_ok=True)
+        raise BackupError(f"writing {target}: {_os_message(err)}") from None
+    sink = _FileSink(writer)
 
     def report(n: int) -> None:
         progress(n)
@@ -144,14 +352,20 @@ def _pull(socket_path: str, export: str, changes: str | None, target: Path, size
         hasher.update(data)
 
     try:
-        read = pull.copy(socket_path, export, reads, writer, progress=report, ordered=seen)
+        read = pull.copy(socket_path, export, reads, sink, progress=report, ordered=seen)
         pad = writer.file_size - writer.data_offset - read
         hasher.update(bytes(pad))
         writer.complete()
         writer.sync()
         digest = "blake3:" + hasher.hexdigest()
-    except BaseException:
+    except BaseException as err:
         writer.abort()
+        if sink.error is not None:
+            raise BackupError(f"writing {target}: {_os_message(sink.error)}") from None
+        if isinstance(err, OSError):
+            raise BackupError(f"writing {target}: {_os_message(err)}") from None
+        if isinstance(err, (pull.PullError, nbd.Error)):
+            raise _ReadFailed(f"reading disk {disk} over NBD: {err}") from None
         raise
     return read, sum(c.count for c in clusters if c.zero) * qcow2.CLUSTER, digest
 
@@ -169,118 +383,280 @@ def _uninterrupted() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+# -- cleaning up ---------------------------------------------------------------------
+
+def _delete(client: Client, domain: str, what: str, name: str) -> tuple[bool, str | None]:
+    """Delete a snapshot or checkpoint: (whether it existed, why it could not
+    be deleted or None)."""
+    gone = NoSuchSnapshot if what == "snapshot" else NoSuchCheckpoint
+    try:
+        client.call(f"{what}.delete", domain=domain, name=name)
+    except gone:
+        return False, None
+    except ApplicationError as err:
+        return True, f"{err.message} [{err.kind}]"
+    except (BlockbackupError, OSError) as err:
+        return True, str(err)
+    return True, None
+
+
+def _clear_pending(client: Client, dest: Path, backups: list[dict[str, Any]],
+                   say: Callable[[str], None]) -> None:
+    """Finish the cleanup of a backup into this directory that failed and
+    could not clean up after itself: delete its snapshot and (unless its
+    manifest entry was saved) its checkpoint and files, then forget it.
+    Nothing else is touched: only the name the record gives, in its domain.
+
+    :raise BackupError: they cannot be deleted now (the record stays).
+    """
+    path = dest / PENDING
+    if not path.exists():
+        return
+    try:
+        pending = json.loads(path.read_text())
+        backup_id, domain = str(pending["id"]), str(pending["domain"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise BackupError(f"{path} is unreadable ({err}): remove it once the checkpoint it "
+                          "names is deleted") from None
+    saved = any(b["id"] == backup_id for b in backups)
+    # The snapshot first: its checkpoint then has nothing to fold into. A
+    # saved backup's checkpoint is the base of the next incremental: kept.
+    for what in ("snapshot",) if saved else ("snapshot", "checkpoint"):
+        existed, problem = _delete(client, domain, what, backup_id)
+        if problem is not None:
+            raise BackupError(f"cannot delete {what} {backup_id} of an earlier failed backup "
+                              f"(recorded in {path}): {problem}")
+        if existed and what == "checkpoint":
+            say(f"deleted checkpoint {backup_id} of an earlier failed backup")
+    if not saved:
+        for leftover in dest.glob(f"{backup_id}-*.qcow2"):
+            leftover.unlink()
+    _remove_durably(path)
+
+
+def _undo(client: Client, domain: str, dest: Path, backup_id: str, made: list[Path],
+          names: tuple[str, ...]) -> list[str]:
+    """Undo a failed backup: its files, then the named daemon objects
+    (snapshot, checkpoint); the pending record goes once none of them is
+    left. Returns what is left, for the message."""
+    left = []
+    for path in made:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            left.append(f"{path} could not be removed: {_os_message(err)}")
+    for i, what in enumerate(names):
+        _, problem = _delete(client, domain, what, backup_id)
+        if problem is not None:
+            them = " and ".join(names[i:])
+            left.append(f"{them} {backup_id} could not be deleted now ({problem}); the next "
+                        f"backup into {dest} deletes {'them' if i + 1 < len(names) else 'it'}")
+            return left
+    try:
+        _remove_durably(dest / PENDING)
+    except OSError as err:
+        left.append(f"{dest / PENDING} could not be removed: {_os_message(err)}")
+    return left
+
+
+def _saved(dest: Path, backup_id: str) -> bool:
+    """Whether the manifest on disk names this backup (its save got that far)."""
+    try:
+        data = json.loads((dest / MANIFEST).read_text())
+        return any(b.get("id") == backup_id for b in data.get("backups", []))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _domain_note(client: Client, domain: str) -> str:
+    """What the daemon says about the domain after a failed read, for the message."""
+    try:
+        for d in client.domain_list():
+            if d.get("name") == domain and d.get("state") == "disconnected":
+                return f" (domain {domain} is disconnected: QEMU went away)"
+    except (BlockbackupError, OSError):
+        return " (the daemon does not answer)"
+    return ""
+
+
+# -- the backup ----------------------------------------------------------------------
+
 def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str],
            say: Callable[[str], None], progress: Callable[[int], None]) -> dict[str, Any]:
-    """Take one backup; whatever happens, its snapshot and exports go.
+    """Take one backup; whatever happens, its snapshot and exports go, and if
+    it fails, its files and checkpoint too (now, or by the next backup).
 
-    :raise BackupError: the directory belongs to another domain, or a step failed.
+    :raise BackupError: the directory belongs to another domain, a disk cannot
+        be incremental with ``level="inc"``, or a step failed.
     :raise ApplicationError: the daemon refused.
+    :raise BlockbackupError: the daemon cannot be reached.
     """
-    dest.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.load(dest, domain)
-    previous = manifest.backups[-1] if manifest.backups else None
-    if level in ("inc", "auto"):
-        reason = _incremental_blocker(client, domain, previous, disks)
-        if reason is not None:
-            if level == "inc":
-                raise BackupError(f"cannot take an incremental backup: {reason}")
-            say(f"taking a full backup: {reason}")
-            level = "full"
-        else:
-            level = "inc"
+    _clear_pending(client, dest, manifest.backups, say)
+    planner = _Planner(client, domain, dest, manifest.backups, level)
+    if level == "inc":  # refused before anything is created
+        wanted = dict.fromkeys(disks) if disks else _writable_disks(client, domain)
+        _refuse_incremental([planner.plan(d, size) for d, size in wanted.items()])
     backup_id = "bk-" + time.strftime("%Y%m%dT%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
+    # Without --disk, the snapshot takes every writable disk there is at its instant.
     xml = "<domainblocksnapshot><name>" + backup_id + "</name>" + "".join(
-        f'<disk name="{d}"/>' for d in disks) + "</domainblocksnapshot>"
+        f'<disk name="{d}"/>' for d in dict.fromkeys(disks)) + "</domainblocksnapshot>"
     made: list[Path] = []
-    created = False
+    undo: tuple[str, ...] = ()  # what of the daemon's to delete if this fails
+    new_directory = not dest.exists()
+    dest.mkdir(parents=True, exist_ok=True)
     try:
-        client.snapshot_create(domain, xml, checkpoint=True)
-        created = True
+        _write_durably(dest / PENDING, {"id": backup_id, "domain": domain,
+                                        "time": int(time.time())})
+        undo = ("snapshot", "checkpoint")
+        try:
+            client.snapshot_create(domain, xml, checkpoint=True)
+        except ApplicationError:
+            # A refusal creates nothing; and after already-exists, the name is
+            # someone else's snapshot or checkpoint: not ours to delete.
+            undo = ()
+            raise
         _pause("snapshot")
         info = client.snapshot_lookup(domain, backup_id)
-        checkpoint = previous["checkpoint"] if level == "inc" and previous else None
+        sizes = {s["disk"]: int(s["size"]) for s in info["scratch"]}
+        plans = {d: planner.plan(d, sizes[d]) for d in info["disks"]}
+        if level == "inc":
+            _refuse_incremental(list(plans.values()))
+        for p in plans.values():
+            say(p.describe())
         export_xml = '<domainblockexport type="nbd">' + "".join(
             f'<disk name="{d}" snapshot="{backup_id}"'
-            + (f' checkpoint="{checkpoint}"' if checkpoint else "") + "/>"
-            for d in info["disks"]) + "</domainblockexport>"
+            + (f' checkpoint="{p.checkpoint}"' if p.checkpoint else "") + "/>"
+            for d, p in plans.items()) + "</domainblockexport>"
         started = client.export_start(domain, export_xml)
         _pause("export")
         socket_path = started["server"]["socket"]
-        record: dict[str, Any] = {"id": backup_id, "level": level, "time": int(time.time()),
-                                  "checkpoint": backup_id, "disks": {}}
-        for export, scratch in zip(started["exports"], info["scratch"], strict=True):
-            disk = export["disk"]
+        exports = {e["disk"]: e for e in started["exports"]}
+        entries: dict[str, dict[str, Any]] = {}
+        for disk, p in plans.items():
+            export = exports[disk]
+            if p.level == "inc" and not export.get("bitmap"):
+                raise BackupError(f"the export of {disk} carries no changes since "
+                                  f"{p.checkpoint}")
             target = dest / f"{backup_id}-{disk}.qcow2"
-            backing = previous["disks"][disk]["file"] if level == "inc" and previous else None
             made.append(target)
             began = time.monotonic()
-            read, zeroed, digest = _pull(socket_path, export["name"],
-                                         export.get("bitmap") if backing else None, target,
-                                         scratch["size"], backing, progress)
-            record["disks"][disk] = {
-                "file": target.name, "backing": backing, "size": scratch["size"],
+            try:
+                read, zeroed, digest = _pull(socket_path, disk, export["name"],
+                                             export.get("bitmap") if p.backing else None,
+                                             target, sizes[disk], p.backing, progress)
+            except _ReadFailed as err:
+                raise BackupError(f"{err}{_domain_note(client, domain)}") from None
+            entries[disk] = {
+                "level": p.level, "reason": p.reason,
+                "base": p.base["id"] if p.base is not None else None,
+                "file": target.name, "backing": p.backing, "size": sizes[disk],
                 "bytes_read": read, "bytes_zeroed": zeroed,
                 "bytes_written": target.stat().st_blocks * 512,
                 "seconds": round(time.monotonic() - began, 3),
                 "checksum": digest}
+        record: dict[str, Any] = {"id": backup_id, "level": record_level({"disks": entries}),
+                                  "time": int(time.time()), "checkpoint": backup_id,
+                                  "disks": entries}
         _pause("manifest")
         manifest.data["backups"].append(record)
         manifest.save()
-        return record
-    except BaseException:
+    except BaseException as err:
         with _uninterrupted():
-            for path in made:
-                path.unlink(missing_ok=True)
-            if created:
-                # The snapshot first: its checkpoint then has nothing to fold into.
-                created = False
-                for method in ("snapshot.delete", "checkpoint.delete"):
-                    try:
-                        client.call(method, domain=domain, name=backup_id)
-                    except ApplicationError:
-                        pass
+            if _saved(dest, backup_id):  # saved; only the directory's fsync failed
+                made, undo = [], ("snapshot",)
+            left = _undo(client, domain, dest, backup_id, made, undo)
+            if new_directory:
+                with contextlib.suppress(OSError):
+                    dest.rmdir()  # only if nothing is left in it
+        if left and not isinstance(err, KeyboardInterrupt):
+            err.add_note("; ".join(left))
         raise
-    finally:
-        if created:
-            with _uninterrupted():
-                try:
-                    client.snapshot_delete(domain, backup_id)
-                except ApplicationError:
-                    pass
+    with _uninterrupted():
+        _, problem = _delete(client, domain, "snapshot", backup_id)
+        if problem is None:
+            with contextlib.suppress(OSError):
+                _remove_durably(dest / PENDING)
+        else:
+            say(f"warning: snapshot {backup_id} could not be deleted ({problem}); the next "
+                f"backup into {dest} deletes it")
+    return record
 
 
-def _incremental_blocker(client: Client, domain: str, previous: dict[str, Any] | None,
-                         disks: list[str]) -> str | None:
-    """Why an incremental backup is not possible now, or None."""
-    if previous is None:
-        return "no earlier backup in this directory"
-    try:
-        info = client.call("checkpoint.lookup", domain=domain, name=previous["checkpoint"])
-    except ApplicationError as err:
-        return f"checkpoint {previous['checkpoint']!r} of the last backup: {err.message}"
-    if info["state"] != "valid":
-        return f"checkpoint {previous['checkpoint']!r} is broken: {info.get('reason')}"
-    missing = [d for d in (disks or info["disks"]) if d not in previous["disks"]]
-    if missing:
-        return f"the last backup has no disk {', '.join(missing)}"
-    return None
+# -- restore and verify -------------------------------------------------------------
+
+def _backing_name(path: Path) -> str | None:
+    """The backing file name in a qcow2 file's header (None: none).
+
+    :raise BackupError: the file is not qcow2.
+    """
+    with open(path, "rb") as f:
+        header = f.read(20)
+        if len(header) < 20 or header[:4] != b"QFI\xfb":
+            raise BackupError(f"{path.name} is not a qcow2 file")
+        offset, length = struct.unpack(">QI", header[8:20])
+        if not offset:
+            return None
+        f.seek(offset)
+        return f.read(length).decode(errors="replace")
+
+
+def chain(manifest: Manifest, backup_id: str, disk: str) -> list[str]:
+    """The files that make up disk at a backup, newest first, following each
+    file's backing file through the earlier backups of that disk.
+
+    :raise BackupError: the backup has no such disk, or a link is missing.
+    """
+    records = manifest.backups
+    index = next(i for i, b in enumerate(records) if b["id"] == backup_id)
+    if disk not in records[index]["disks"]:
+        raise BackupError(f"backup {backup_id} has no disk {disk!r}")
+    entry = records[index]["disks"][disk]
+    files = [str(entry["file"])]
+    while entry.get("backing"):
+        backing = entry["backing"]
+        found = next(((i, b["disks"][disk]) for i, b in enumerate(records[:index])
+                      if disk in b["disks"] and b["disks"][disk]["file"] == backing), None)
+        if found is None:
+            raise BackupError(f"{entry['file']} has backing file {backing}, which is not an "
+                              f"earlier backup of {disk} in the manifest")
+        index, entry = found
+        files.append(str(entry["file"]))
+    return files
 
 
 def restore(dest: Path, disk: str, at: str | None, output: Path, fmt: str) -> None:
     """Rebuild a disk as it was at a backup into a standalone image.
 
-    :raise BackupError:
+    :raise BackupError: no such backup or disk, or a file of its chain is
+        missing or names another backing file than the manifest.
+    :raise subprocess.CalledProcessError: qemu-img failed (the output is removed
+        if it did not exist before).
     """
-    record = Manifest.load(dest, None).find(at)
-    if disk not in record["disks"]:
-        raise BackupError(f"backup {record['id']} has no disk {disk!r}")
-    source = dest / record["disks"][disk]["file"]
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", fmt, str(source),
-                    str(output)], check=True, capture_output=True)
+    manifest = Manifest.load(dest, None)
+    record = manifest.find(at)
+    files = chain(manifest, record["id"], disk)
+    for i, name in enumerate(files):
+        path = dest / name
+        if not path.exists():
+            raise BackupError(f"{name} is missing: {disk} at {record['id']} needs it")
+        expected = files[i + 1] if i + 1 < len(files) else None
+        actual = _backing_name(path)
+        if actual != expected:
+            raise BackupError(f"{name} has backing file {actual}, the manifest says {expected}")
+    existed = output.exists()
+    try:
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", fmt,
+                        str(dest / files[0]), str(output)], check=True, capture_output=True)
+    except BaseException:
+        if not existed:
+            output.unlink(missing_ok=True)
+        raise
 
 
 def verify(dest: Path, at: str | None) -> list[str]:
-    """Files whose content does not match the manifest (empty: all good).
+    """Files whose content does not match the manifest, or whose backing file
+    is not the earlier backup of its disk the manifest names (empty: all good).
 
     :raise BackupError: no manifest, or no such backup.
     """
@@ -288,10 +664,20 @@ def verify(dest: Path, at: str | None) -> list[str]:
     upto = manifest.find(at)["id"]
     bad = []
     for record in manifest.backups:
-        for entry in record["disks"].values():
+        for disk, entry in record["disks"].items():
             path = dest / entry["file"]
             if not path.exists() or not _matches(path, entry):
                 bad.append(entry["file"])
+                continue
+            try:
+                files = chain(manifest, record["id"], disk)
+                actual = _backing_name(path)
+            except BackupError as err:
+                bad.append(f"{entry['file']} ({err})")
+                continue
+            if actual != (files[1] if len(files) > 1 else None):
+                bad.append(f"{entry['file']} (backing file {actual}, the manifest says "
+                           f"{entry.get('backing')})")
         if record["id"] == upto:
             break
     return bad

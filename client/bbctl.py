@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from .backup import BackupError
 from .client import DEFAULT_SOCKET, Client
-from .errors import ApplicationError, BlockbackupError
+from .errors import ApplicationError, BlockbackupError, ConnectionLost
 
 #: A command returns what --json prints and what a person reads.
 Result = tuple[Any, str]
@@ -238,19 +239,26 @@ def _backup(c: Client, a: argparse.Namespace) -> Result:
     with tqdm(unit="B", unit_scale=True, disable=not sys.stderr.isatty(),
               desc=f"backup {a.domain}") as bar:
         record = backup(c, a.domain, Path(a.dest), a.level, a.disk,
-                        say=lambda text: print(f"bbctl: {text}", file=sys.stderr),
+                        say=lambda text: bar.write(f"bbctl: {text}", file=sys.stderr),
                         progress=bar.update)
     read = sum(d["bytes_read"] for d in record["disks"].values())
     return record, f"backup {record['id']} ({record['level']}): {read} bytes read"
 
 
 def _list(c: Client | None, a: argparse.Namespace) -> Result:
-    from .backup import Manifest
+    from .backup import Manifest, disk_level, record_level
 
     backups = Manifest.load(Path(a.dest), None).backups
-    rows = [[b["id"], b["level"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["time"])),
-             ",".join(b["disks"]), str(sum(d["bytes_written"] for d in b["disks"].values()))]
-            for b in backups]
+    for b in backups:  # manifests before per-disk levels: said by the backing file
+        b["disks"] = {d: {"level": disk_level(e), **e} for d, e in b["disks"].items()}
+    rows = []
+    for b in backups:
+        level = record_level(b)
+        disks = ",".join(d if level != "mixed" else f"{d}:{e['level']}"
+                         for d, e in b["disks"].items())
+        rows.append([b["id"], level,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["time"])), disks,
+                     str(sum(d["bytes_written"] for d in b["disks"].values()))])
     return backups, _table(rows, ["ID", "LEVEL", "TIME", "DISKS", "BYTES"])
 
 
@@ -382,6 +390,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(err: BaseException) -> str:
+    """One line saying what failed, for ``bbctl: error: ...``."""
+    if isinstance(err, subprocess.CalledProcessError):
+        detail = err.stderr.decode(errors="replace").strip() if err.stderr else ""
+        text = f"{' '.join(map(str, err.cmd[:2]))} failed: {detail or f'exit {err.returncode}'}"
+    elif isinstance(err, ApplicationError):
+        text = f"{err.message} [{err.kind}]"
+    elif isinstance(err, TimeoutError):
+        text = f"the daemon did not answer in time ({err})"
+    elif isinstance(err, ConnectionLost):
+        text = f"{err} (is blockbackupd running?)" if "cannot connect" in str(err) \
+            else f"lost the daemon: {err}"
+    elif isinstance(err, (BackupError, BlockbackupError, OSError)):
+        text = str(err)
+    else:  # a bug or a library's own error: still one line, never a traceback
+        text = f"unexpected {type(err).__name__}: {err}"
+    notes = getattr(err, "__notes__", None)
+    if notes:
+        text += "; " + "; ".join(notes)
+    return " ".join(text.split())
+
+
+def _fail(err: BaseException) -> int:
+    try:
+        print(f"bbctl: error: {_message(err)}", file=sys.stderr, flush=True)
+    except Exception:  # even stderr is gone: the status still says it
+        pass
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -390,27 +428,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with Client(args.socket, timeout=None if args.area == "events" else 300.0) as client:
                 data, text = args.run(client, args)
-    except BackupError as err:
-        print(f"bbctl: error: {err}", file=sys.stderr)
-        return 1
-    except subprocess.CalledProcessError as err:
-        detail = err.stderr.decode(errors="replace").strip() if err.stderr else ""
-        print(f"bbctl: error: {' '.join(map(str, err.cmd[:2]))} failed: {detail}",
-              file=sys.stderr)
-        return 1
-    except ApplicationError as err:
-        print(f"bbctl: error: {err.message} [{err.kind}]", file=sys.stderr)
-        return 1
-    except BlockbackupError as err:
-        print(f"bbctl: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"bbctl: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
-    if args.area != "events":
-        print(json.dumps(data, indent=2) if args.json else text)
+    except Exception as err:  # every failure, expected or not: one line
+        return _fail(err)
+    if args.area == "events":
+        return 0
+    try:
+        print(json.dumps(data, indent=2) if args.json else text, flush=True)
+    except BrokenPipeError:
+        # The reader of our output went away (``bbctl list | head``): keep
+        # the interpreter's last flush from complaining about it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as err:
+        return _fail(err)
     return 0
 
 
