@@ -4,8 +4,13 @@
 
 # binutils assembles the tests' boot-sector guest; openssl makes their throwaway CA.
 # systemd provides systemd-analyze, which checks the unit file.
-APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv \
-                binutils openssl systemd
+BASE_APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python3-venv \
+                     binutils openssl systemd
+# libvirt-daemon-system (libvirtd, virtlogd, the QEMU driver) and libvirt-clients
+# (virsh), for the tests only: tests/vm_manager/test_libvirt.py runs a private
+# libvirtd of its own (config and state under a temporary directory; the
+# system's libvirt config is neither read nor changed). `make install` leaves them out.
+APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients
 VENV         := .venv
 PYTHON       := $(VENV)/bin/python
 # libnbd's Python binding is a distro package for the system Python only.
@@ -63,6 +68,7 @@ check-unit: deps
 # Install as a system service: a venv in $(PREFIX), the commands linked into
 # /usr/local/bin, the unit, and the example config unless one exists.
 PREFIX := /opt/blockbackupd
+install: APT_PACKAGES := $(BASE_APT_PACKAGES)
 install: system-deps
 	[ -x $(PREFIX)/bin/python ] || $(SYSTEM_PYTHON) -m venv --system-site-packages $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q --upgrade pip
