@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import OperationFailed
 from ..model import NbdAddress
-from .graph import device_path
+from .graph import device_path, named_nodes
 from .session import DomainSession
 
 #: Bytes of the view read by each probe: QEMU fails every read of a broken
@@ -77,7 +77,7 @@ class BlockOps:
         await self.session.execute("blockdev-del", {"node-name": node})
 
     async def node_names(self) -> set[str]:
-        nodes = await self.session.execute("query-named-block-nodes", {"flat": True})
+        nodes = await named_nodes(self.session)
         return {n["node-name"] for n in nodes}
 
     async def probe(self, job_id: str, window: str, sink: str, wait: float) -> str | None:
@@ -177,7 +177,7 @@ class Bitmaps:
 
     async def on_nodes(self) -> dict[str, dict[str, dict[str, Any]]]:
         """node name -> bitmap name -> QEMU's description of it."""
-        nodes = await self.session.execute("query-named-block-nodes", {"flat": True})
+        nodes = await named_nodes(self.session)
         # Filters keep anonymous bitmaps of their own: only named ones matter.
         return {n["node-name"]: {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
                 for n in nodes}

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import OperationFailed
+from ..errors import Busy, OperationFailed
 from ..model import Disk, Image
 from .session import DomainSession
 
@@ -185,16 +185,49 @@ class BlockGraph:
         return next((d for d in self.disks() if d.name == name), None)
 
 
+#: How long a graph read waits for the VM manager's image creation to end.
+CREATE_WAIT = 10.0
+
+
+async def named_nodes(session: DomainSession) -> list[dict[str, Any]]:
+    """``query-named-block-nodes``, never while QEMU creates an image.
+
+    QEMU 7.2 aborts (qcow2.c:5222 qcow2_get_specific_info: Assertion 'false')
+    when the query meets a qcow2 image that a ``blockdev-create`` job is still
+    writing, as libvirt's external snapshots, copies and backups do: wait for
+    such jobs to end first (they take milliseconds for an overlay). A job that
+    starts between the two commands is a window this cannot close.
+
+    :raise Busy: an image is still being created after :data:`CREATE_WAIT` s.
+    :raise DomainNotConnected: :raise OperationFailed:
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CREATE_WAIT
+    while True:
+        jobs = await session.execute("query-jobs")
+        creating = [j["id"] for j in jobs
+                    if j.get("type") == "create" and j.get("status") not in ("concluded", "null")]
+        if not creating:
+            break
+        if loop.time() > deadline:
+            raise Busy(f"QEMU is creating an image (job {', '.join(creating)}); try again when "
+                       "it is done")
+        await asyncio.sleep(0.02)
+    nodes: list[dict[str, Any]] = await session.execute("query-named-block-nodes",
+                                                        {"flat": True})
+    return nodes
+
+
 async def read_graph(session: DomainSession) -> BlockGraph:
     """Read the graph now.
 
     :raise DomainNotConnected: QEMU is not reachable.
     :raise OperationFailed: QEMU refused or did not answer in time.
+    :raise Busy: QEMU is creating an image (see :func:`named_nodes`).
     """
-    devices, nodes, debug = await asyncio.gather(
-        session.execute("query-block"),
-        session.execute("query-named-block-nodes", {"flat": True}),
-        session.execute("x-debug-query-block-graph"))
+    nodes = await named_nodes(session)
+    devices, debug = await asyncio.gather(session.execute("query-block"),
+                                          session.execute("x-debug-query-block-graph"))
     return BlockGraph(devices, nodes, debug)
 
 

@@ -59,8 +59,9 @@ def place(disk: Disk | None, record: CheckpointDiskRecord,
         return "the disk is not attached"
     begin = disk.image_index(record.image)
     if begin is None:
-        return (f"the image {record.image} where its bitmap began is no longer in the disk's "
-                f"chain (disk replaced: its top image is now {disk.file})")
+        return (f"the image {record.image} where its bitmap began left the disk's chain (a "
+                f"commit, stream or mirror, or the disk replaced: its top image is now "
+                f"{disk.file})")
     chain = disk.chain
     base = chain[begin]
     if bitmap not in base.bitmaps:

@@ -520,8 +520,9 @@ class SnapshotService:
         be among those dropped, and QEMU 7.2 aborts when the manager then
         deletes it (bdrv_close: Assertion `QLIST_EMPTY(&bs->dirty_bitmaps)').
         So the snapshot gives way on those disks, at the stream's start."""
-        jobs = await domain.session.execute("query-block-jobs")
-        job = next((j for j in jobs if j.get("device") == job_id), None)
+        # query-jobs lists every kind (query-block-jobs omits image creation).
+        jobs = await domain.session.execute("query-jobs")
+        job = next((j for j in jobs if j.get("id") == job_id), None)
         if job is not None and job.get("type") != "stream":
             return
         state = self._state(domain.name)
