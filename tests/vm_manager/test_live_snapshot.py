@@ -15,6 +15,7 @@ import pytest
 
 from blockbackup_client import Busy
 from tests.conftest import NbdReader, domain_state, export_xml, snapshot_xml, wait_for
+from tests.faults.checks import store_records
 from tests.vm_manager.manager import (
     K,
     active_commit,
@@ -53,8 +54,11 @@ def assert_view(sock: str, disk: str, expected: dict[int, bytes]) -> None:
 
 
 def assert_clean(daemon: Daemon, vm: Vm) -> None:
+    """No node, scratch file, NBD socket or store record of ours is left."""
     assert our_nodes(vm) == set()
     assert os.listdir(daemon.daemon_keys["scratch_dir"]) == []
+    assert [p for p in os.listdir(daemon.daemon_keys["run_dir"]) if p.endswith(".nbd")] == []
+    assert store_records(daemon) == []
     with daemon.client() as c:
         assert c.snapshot_list("vm1") == [] and c.export_list("vm1") == []
 
