@@ -461,6 +461,9 @@ class SnapshotService:
         progress = True
         while progress and state.retired:
             progress = False
+            # One reading a pass: taking out a filter changes the users of the
+            # filter below it on the same disk (left for the next pass), of
+            # no other part.
             graph = await read_graph(domain.session)
             filters = {p.filter_node for p in self._parts(domain.name)}
             for part in list(state.retired):
@@ -476,7 +479,6 @@ class SnapshotService:
                 self._remove_scratch(part)
                 state.retired.remove(part)
                 progress = True
-                break
 
     async def _take_out(self, domain: Domain, graph: BlockGraph, part: SnapshotDisk) -> None:
         """Relink every user of a filter to the filter's current child, then
