@@ -15,8 +15,11 @@ so "changes from X to snapshot S" is exact for any older X named later.
 Every change is ordered so a crash at any point is recoverable: an intent is
 recorded in the store before the QMP transaction, and the checkpoint rows
 replace it after; on the next connect an intent is finished or forgotten by
-what QEMU shows. On every connect the bitmaps QEMU loaded are compared with
-the store; a checkpoint whose change set may be incomplete becomes broken.
+what QEMU shows. On every connect, and before every operation that serves
+or extends a change set, each segment is checked against the disk's chain as
+it is now (:mod:`.segments`: the VM manager stacks and removes images
+without telling); a checkpoint whose change set may be incomplete becomes
+broken, never served short.
 """
 
 from __future__ import annotations

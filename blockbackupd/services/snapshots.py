@@ -453,8 +453,8 @@ class SnapshotService:
 
     async def _unstack(self, domain: Domain, ops: BlockOps) -> None:
         """Take retired filters out of whatever now surrounds them, with their
-        scratch nodes and files. The graph is read afresh for each: the VM
-        manager may have put an overlay above a filter (then the overlay's
+        scratch nodes and files. The graph is read afresh for each pass: the
+        VM manager may have put an overlay above a filter (then the overlay's
         backing is re-pointed past it) or below it (then the device goes onto
         the overlay, the filter's child now), never the node we remember."""
         state = self._state(domain.name)
