@@ -51,6 +51,11 @@ class Disk:
     #: The images from ``node`` down its backing files, top first.
     chain: tuple[Image, ...] = ()
 
+    @property
+    def bitmaps(self) -> Mapping[str, Mapping[str, Any]]:
+        """The bitmaps of the top image, the one that takes the guest's writes."""
+        return self.chain[0].bitmaps if self.chain else {}
+
     def image_index(self, file: str) -> int | None:
         """Where an image file sits in the chain (0: the top), or None."""
         return next((i for i, image in enumerate(self.chain) if image.file == file), None)

@@ -181,9 +181,6 @@ class BlockGraph:
         return sorted(job for job, nodes in self.jobs.items()
                       if not job.startswith(ours) and nodes & path)
 
-    def disk(self, name: str) -> Disk | None:
-        return next((d for d in self.disks() if d.name == name), None)
-
 
 #: How long a graph read waits for the VM manager's image creation to end.
 CREATE_WAIT = 10.0

@@ -205,13 +205,13 @@ class CheckpointService:
         for part in parts:
             disk = part.disk
             node = disk.node
-            on_node = disk.chain[0].bitmaps if disk.chain else {}
+            on_node = disk.bitmaps
             segments = chain(records, disk.name)
             newest = segments[-1] if segments and segments[-1].record.broken is None else None
             placement = None if newest is None else \
                 verified.placements.get((newest.name, disk.name))
-            recording = newest if placement is not None and placement.top.node == node and \
-                placement.top.bitmaps[placement.bitmap].get("recording") else None
+            recording = newest if placement is not None and placement.records_at(node) \
+                else None
             if checkpoint and newest is not None and recording is None:
                 raise InvalidArgument(
                     f"checkpoint {newest.name!r}, the newest on disk {disk.name!r}, is not "
@@ -373,8 +373,7 @@ class CheckpointService:
                     segments = segments[:names.index(until)]
                 else:
                     newest = verified.placements.get((segments[-1].name, disk))
-                    if newest is None or newest.top.node != disks[disk].node or \
-                            not newest.top.bitmaps[newest.bitmap].get("recording"):
+                    if newest is None or not newest.records_at(disks[disk].node):
                         raise InvalidArgument(
                             f"checkpoint {segments[-1].name!r}, the newest on disk {disk!r}, "
                             "is not recording: redefine the checkpoints newer than it first")
@@ -505,13 +504,9 @@ class CheckpointService:
                 infos.append((disk, bitmap, info, begin.file))
                 holders_of[disk_name] = tuple(h.file for h in holders)
 
-            def top_bitmaps(disk: str) -> Mapping[str, Mapping[str, Any]]:
-                d = present.get(disk)
-                return d.chain[0].bitmaps if d is not None and d.chain else {}
-
             def recording(cp: CheckpointRecord) -> bool:
-                return any(top_bitmaps(d.disk).get(d.bitmap, {}).get("recording")
-                           for d in cp.disks)
+                return any(present[d.disk].bitmaps.get(d.bitmap, {}).get("recording")
+                           for d in cp.disks if d.disk in present)
 
             # Its place in the chain: by creation time; within the same second a
             # recording segment is the newer one.
@@ -523,7 +518,7 @@ class CheckpointService:
             for disk, bitmap, info, image in infos:
                 later = chain(records[pos:], disk.name)
                 known = {s.record.bitmap for s in chain(records, disk.name)}
-                newer_in_image = [b for b, i in top_bitmaps(disk.name).items()
+                newer_in_image = [b for b, i in disk.bitmaps.items()
                                   if i.get("recording") and i.get("persistent")
                                   and b != bitmap and b not in known]
                 if info["recording"] and later:
@@ -607,10 +602,11 @@ class CheckpointService:
         name = intent.payload["name"]
         if intent.kind == "checkpoint-create":
             present = [d for d in intent.payload["disks"]
-                       if d in disks and disks[d].chain and name in disks[d].chain[0].bitmaps]
+                       if d in disks and name in disks[d].bitmaps]
             if present and len(present) == len(intent.payload["disks"]):
-                recs = [CheckpointDiskRecord(d, name, disks[d].file, int(
-                    disks[d].chain[0].bitmaps[name]["granularity"])) for d in present]
+                recs = [CheckpointDiskRecord(d, name, disks[d].file,
+                                             int(disks[d].bitmaps[name]["granularity"]))
+                        for d in present]
                 self._store.add_checkpoint(domain.name, name, time.time(), recs,
                                            intent=intent.id)
                 log.warning("checkpoint %s/%s: creation cut short; finished it",
@@ -619,8 +615,7 @@ class CheckpointService:
         elif intent.kind == "checkpoint-delete":
             cp = next((c for c in self._store.checkpoints(domain.name) if c.name == name), None)
             gone = cp is None or not any(
-                r.disk in disks and disks[r.disk].chain and
-                r.bitmap in disks[r.disk].chain[0].bitmaps for r in cp.disks)
+                r.disk in disks and r.bitmap in disks[r.disk].bitmaps for r in cp.disks)
             if gone:
                 self._store.delete_checkpoint(domain.name, name, intent=intent.id)
                 log.warning("checkpoint %s/%s: deletion cut short; finished it",
@@ -642,9 +637,9 @@ class CheckpointService:
             # A newer recording bitmap in the top image that the store does not
             # know yet is a checkpoint waiting to be redefined: until then the
             # newest known segment is closed, not broken.
-            pending = disk is not None and bool(disk.chain) and any(
+            pending = disk is not None and any(
                 info.get("recording") and info.get("persistent") and b not in known
-                for b, info in disk.chain[0].bitmaps.items())
+                for b, info in disk.bitmaps.items())
             worst = -1
             reason = ""
             for i, seg in enumerate(segments):

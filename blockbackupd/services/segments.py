@@ -48,6 +48,10 @@ class Placement:
     def top(self) -> Image:
         return self.holders[0]
 
+    def records_at(self, node: str) -> bool:
+        """Whether the segment's topmost copy is on ``node`` and records."""
+        return self.top.node == node and bool(self.top.bitmaps[self.bitmap].get("recording"))
+
 
 def place(disk: Disk | None, record: CheckpointDiskRecord,
           recording: bool) -> Placement | str:
