@@ -50,7 +50,7 @@ from ..store import Store
 from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
 from .domains import Domain, DomainService
 from .events import EventBus
-from .segments import Placement, place, span
+from .segments import Placement, bitmap_problem, place, span
 from .snapshots import PREFIX, Instant, Snapshot, SnapshotDisk, SnapshotService
 
 log = logging.getLogger("blockbackupd.checkpoints")
@@ -488,8 +488,8 @@ class CheckpointService:
                     raise NoSuchDisk(f"domain {domain_name!r} has no disk {disk_name!r}")
                 # The segment began in the lowest image that holds the bitmap.
                 holders = [image for image in disk.chain if bitmap in image.bitmaps]
-                problem = _bitmap_problem(None, bitmap, disk) if not holders else next(
-                    (p for p in (_bitmap_problem(h.bitmaps[bitmap], bitmap, disk)
+                problem = bitmap_problem(None, bitmap, disk.file) if not holders else next(
+                    (p for p in (bitmap_problem(h.bitmaps[bitmap], bitmap, h.file)
                                  for h in holders) if p is not None), None)
                 if problem is None and holders[0] is not disk.chain[0] and \
                         holders[0].bitmaps[bitmap].get("recording"):
@@ -712,18 +712,3 @@ async def _revert_instant(session: DomainSession, added: Sequence[Sequence[str]]
     for node, bitmap in added:
         if bitmap in now.get(node, {}):
             await ops.remove(node, bitmap)
-
-
-def _bitmap_problem(info: Mapping[str, Any] | None, bitmap: str, disk: Disk,
-                    granularity: int | None = None) -> str | None:
-    """Why a bitmap QEMU shows cannot carry a checkpoint, or None."""
-    if info is None:
-        return f"bitmap {bitmap!r} is missing from the image"
-    if info.get("inconsistent"):
-        return "the image was not closed cleanly (bitmap inconsistent)"
-    if not info.get("persistent"):
-        return f"bitmap {bitmap!r} is not persistent"
-    if granularity is not None and int(info["granularity"]) != granularity:
-        return f"bitmap granularity {info['granularity']} is not {granularity}"
-    return None
-

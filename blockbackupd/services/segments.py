@@ -27,7 +27,9 @@ any operation could disable the segment.)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..model import Disk, Image
 from ..store.db import CheckpointDiskRecord
@@ -68,21 +70,17 @@ def place(disk: Disk | None, record: CheckpointDiskRecord,
                 f"{disk.file})")
     chain = disk.chain
     base = chain[begin]
-    if bitmap not in base.bitmaps:
-        return f"bitmap {bitmap!r} is missing from the image {base.file}"
-    info = base.bitmaps[bitmap]
-    if record.granularity and int(info.get("granularity", 0)) != record.granularity:
-        return f"bitmap granularity {info.get('granularity')} is not {record.granularity}"
+    problem = bitmap_problem(base.bitmaps.get(bitmap), bitmap, base.file, record.granularity)
+    if problem is not None:
+        return problem
     topmost = next(i for i in range(begin + 1) if bitmap in chain[i].bitmaps)
-    for image in chain[topmost:begin + 1]:
-        held = image.bitmaps.get(bitmap)
-        if held is None:
+    for image in chain[topmost:begin]:
+        if bitmap not in image.bitmaps:
             return (f"image {image.file} lacks bitmap {bitmap!r}: the writes it took while it "
                     "was on top were not recorded")
-        if held.get("inconsistent"):
-            return f"the image {image.file} was not closed cleanly (bitmap inconsistent)"
-        if not held.get("persistent"):
-            return f"bitmap {bitmap!r} in image {image.file} is not persistent"
+        problem = bitmap_problem(image.bitmaps[bitmap], bitmap, image.file)
+        if problem is not None:
+            return problem
     files = [image.file for image in chain[topmost:begin + 1]]
     for i, file in enumerate(record.span):
         if file in files:
@@ -106,6 +104,21 @@ def place(disk: Disk | None, record: CheckpointDiskRecord,
         if not chain[0].bitmaps[bitmap].get("recording"):
             return "its bitmap stopped recording"
     return Placement(bitmap, chain[topmost:begin + 1])
+
+
+def bitmap_problem(info: Mapping[str, Any] | None, bitmap: str, image: str,
+                   granularity: int = 0) -> str | None:
+    """Why one copy of a checkpoint's bitmap, as QEMU shows it in ``image``,
+    cannot carry a change set, or None. ``granularity``: the one recorded, if any."""
+    if info is None:
+        return f"bitmap {bitmap!r} is missing from the image {image}"
+    if info.get("inconsistent"):
+        return f"the image {image} was not closed cleanly (bitmap inconsistent)"
+    if not info.get("persistent"):
+        return f"bitmap {bitmap!r} in image {image} is not persistent"
+    if granularity and int(info.get("granularity", 0)) != granularity:
+        return f"bitmap granularity {info.get('granularity')} is not {granularity}"
+    return None
 
 
 def span(placement: Placement) -> tuple[str, ...]:
