@@ -435,19 +435,8 @@ class SnapshotService:
             for hook in self._before_delete:
                 await hook(domain, snapshot)
             ops = BlockOps(domain.session)
-            existing = await ops.node_names()
-            bitmaps = await Bitmaps(domain.session).on_nodes()
-            state = self._state(domain_name)
-            for part in snapshot.disks:
-                if part.tail is not None and part.tail in bitmaps.get(part.disk.node, {}):
-                    await Bitmaps(domain.session).remove(part.disk.node, part.tail)
-                for node in part.nodes()[:3]:  # probe nodes and the view
-                    if node in existing:
-                        await ops.delete_node(node)
-                await faults.check("snapshot-delete:view-removed")
-                if part not in state.retired:
-                    state.retired.append(part)
-            del state.snapshots[name]
+            await self._retire(domain, snapshot.disks)
+            del self._state(domain_name).snapshots[name]
             await self._unstack(domain, ops)
         log.info("snapshot %s/%s deleted", domain_name, name)
 
@@ -548,24 +537,31 @@ class SnapshotService:
         """Take disks out of live snapshots at once: exports, tail bitmap, view,
         probe, filter, scratch node and file; the snapshots keep their other
         disks and list these under ``removed_disks``."""
-        state = self._state(domain.name)
-        ops = BlockOps(domain.session)
         for snapshot, part in parts:
             for hook in self._before_part_delete:
                 await hook(domain, snapshot, part.disk.name)
-        existing = await ops.node_names()
-        bitmaps = Bitmaps(domain.session)
-        on_nodes = await bitmaps.on_nodes()
+        await self._retire(domain, [part for _, part in parts])
         for snapshot, part in parts:
-            if part.tail is not None and part.tail in on_nodes.get(part.disk.node, {}):
-                await bitmaps.remove(part.disk.node, part.tail)
-            for node in part.nodes()[:3]:
-                if node in existing:
-                    await ops.delete_node(node)
             snapshot.disks.remove(part)
             snapshot.removed[part.disk.name] = reason
-            state.retired.append(part)
-        await self._unstack(domain, ops)
+        await self._unstack(domain, BlockOps(domain.session))
+
+    async def _retire(self, domain: Domain, parts: list[SnapshotDisk]) -> None:
+        """Remove the parts' tail bitmaps, probe nodes and views (the exports
+        reading them went before) and hand their filters to the retired ones,
+        which :meth:`_unstack` takes out."""
+        state = self._state(domain.name)
+        ops, bitmaps = BlockOps(domain.session), Bitmaps(domain.session)
+        on_nodes = await bitmaps.on_nodes()  # every node, with its bitmaps: one query
+        for part in parts:
+            if part.tail is not None and part.tail in on_nodes.get(part.disk.node, {}):
+                await bitmaps.remove(part.disk.node, part.tail)
+            for node in part.nodes()[:3]:  # probe nodes and the view
+                if node in on_nodes:
+                    await ops.delete_node(node)
+            await faults.check("snapshot-delete:view-removed")
+            if part not in state.retired:
+                state.retired.append(part)
 
     # -- breaks -----------------------------------------------------------------
 
