@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 
 NAME_MAX = 64
+
+#: Every QEMU node, bitmap, export, job and object the daemon makes is named
+#: with this prefix, so what an earlier daemon left can be told apart.
+PREFIX = "bb-"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 

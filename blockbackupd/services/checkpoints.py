@@ -42,7 +42,7 @@ from ..errors import (
     Unsupported,
 )
 from ..model import Disk, Image
-from ..names import check_name
+from ..names import PREFIX, check_name
 from ..qemu.blockops import Bitmaps, action, bitmap_ref
 from ..qemu.graph import query_disks
 from ..qemu.session import DomainSession, NoAnswer
@@ -51,7 +51,7 @@ from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
 from .domains import Domain, DomainService
 from .events import EventBus
 from .segments import Placement, bitmap_problem, place, span
-from .snapshots import PREFIX, Instant, Snapshot, SnapshotDisk, SnapshotService
+from .snapshots import Instant, Snapshot, SnapshotDisk, SnapshotService
 
 log = logging.getLogger("blockbackupd.checkpoints")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import AlreadyExists, Busy, DomainNotConnected, InvalidArgument, NoSuchDomain
 from ..model import DomainState, ExportDiskSpec
-from ..names import check_name
+from ..names import PREFIX, check_name
 from ..qemu.graph import query_disks
 from ..qemu.session import DomainSession
 from ..store import Store
@@ -124,7 +124,7 @@ class DomainService:
 
     def _job_event(self, session: DomainSession, kind: str, job_type: str,
                    job_id: str) -> None:
-        if job_id.startswith("bb-"):
+        if job_id.startswith(PREFIX):
             return  # our own probes
         if kind == "completed":
             for hook in self._job_hooks:

@@ -21,13 +21,14 @@ from typing import Any
 from .. import faults
 from ..errors import AlreadyExists, Busy, InvalidArgument, OperationFailed, Unsupported
 from ..model import ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
+from ..names import PREFIX
 from ..qemu.blockops import Bitmaps, BlockOps
 from ..qemu.nbdread import dirty_extents
 from ..store.db import Store
 from .checkpoints import CheckpointService, Verified
 from .domains import Domain, DomainService
 from .events import EventBus
-from .snapshots import PREFIX, Snapshot, SnapshotService
+from .snapshots import Snapshot, SnapshotService
 from .undo import Undo
 
 log = logging.getLogger("blockbackupd.exports")

@@ -39,7 +39,7 @@ from ..errors import (
     Unsupported,
 )
 from ..model import Disk, SnapshotDiskView, SnapshotState, SnapshotView
-from ..names import check_name
+from ..names import PREFIX, check_name
 from ..qemu.blockops import Bitmaps, BlockOps
 from ..qemu.graph import BlockGraph, query_disks, read_graph, relink
 from ..store.db import Store
@@ -50,9 +50,6 @@ from .undo import Undo
 
 log = logging.getLogger("blockbackupd.snapshots")
 
-#: Every QEMU node, bitmap, export, job and object the daemon makes is named
-#: with this prefix, so what an earlier daemon left can be told apart.
-PREFIX = "bb-"
 
 #: QEMU run states in which the block graph must not change under a migration.
 _MIGRATING = frozenset({"inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"})
