@@ -23,14 +23,13 @@ import pytest
 from blockbackup_client import Busy
 from tests.conftest import (
     NbdReader,
-    bbctl,
     domain_state,
     export_xml,
     snapshot_xml,
     wait_for,
 )
 from tests.vm_manager.libvirt import Domain, Libvirt, libvirt_errors, make_libvirt
-from tests.vm_manager.manager import backup, disk_level
+from tests.vm_manager.manager import assert_restore_equals, backup, disk_level
 from tools.daemon import Daemon
 
 K = 64 * 1024
@@ -113,23 +112,14 @@ def blockcopy(dom: Domain, target: str, dest: Path, *args: str, check: bool = Tr
 def restore_equals_live(daemon: Daemon, dom: Domain, dest: Path, target: str) -> None:
     """The disk restored from the backups equals the live disk flattened,
     compared while libvirt has the guest suspended."""
-    disk = dom.qdevs()[target]
-    out = dest.parent / f"restored-{disk}.raw"
-    out.unlink(missing_ok=True)
-    r = bbctl(daemon, "restore", str(dest), "--disk", disk, "--output", str(out),
-              "--format", "raw")
-    assert r.returncode == 0, r.stderr
     running = dom.state().startswith("running")
     if running:
         dom.virsh("suspend", "vm1")
     try:
-        cmp = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", str(out),
-                              dom.sources()[target]], capture_output=True, text=True)
+        assert_restore_equals(daemon, dest, dom.qdevs()[target], dom.sources()[target])
     finally:
         if running:
             dom.virsh("resume", "vm1")
-    out.unlink()
-    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
 def our_nodes(dom: Domain) -> list[str]:
