@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import OperationFailed
 from ..model import NbdAddress
-from .graph import device_path, named_nodes
+from .graph import device_path, named_bitmaps, named_nodes
 from .session import DomainSession
 
 #: Bytes of the view read by each probe: QEMU fails every read of a broken
@@ -177,10 +177,7 @@ class Bitmaps:
 
     async def on_nodes(self) -> dict[str, dict[str, dict[str, Any]]]:
         """node name -> bitmap name -> QEMU's description of it."""
-        nodes = await named_nodes(self.session)
-        # Filters keep anonymous bitmaps of their own: only named ones matter.
-        return {n["node-name"]: {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
-                for n in nodes}
+        return {n["node-name"]: named_bitmaps(n) for n in await named_nodes(self.session)}
 
     async def add(self, node: str, name: str, *, persistent: bool = False,
                   disabled: bool = False, granularity: int | None = None) -> None:

@@ -107,9 +107,7 @@ class BlockGraph:
         return out
 
     def bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
-        """Named bitmaps on a node (filters keep anonymous ones of their own)."""
-        info = self.nodes.get(node, {})
-        return {b["name"]: b for b in info.get("dirty-bitmaps", []) if "name" in b}
+        return named_bitmaps(self.nodes.get(node, {}))
 
     def below_filters(self, node: str) -> str:
         """The first node at or below ``node`` that is not a filter."""
@@ -180,6 +178,12 @@ class BlockGraph:
             node = self.child(node, "file")
         return sorted(job for job, nodes in self.jobs.items()
                       if not job.startswith(ours) and nodes & path)
+
+
+def named_bitmaps(node: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The named bitmaps of one node of ``query-named-block-nodes``, by name
+    (filters keep anonymous bitmaps of their own: only named ones matter)."""
+    return {b["name"]: b for b in node.get("dirty-bitmaps", []) if "name" in b}
 
 
 #: How long a graph read waits for the VM manager's image creation to end.
