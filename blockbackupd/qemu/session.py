@@ -54,25 +54,32 @@ class _Listener(EventListener):
             await self._queue.put(event)
 
 
-class _JobWatch(EventListener):
-    """Calls back at once, inside qemu.qmp's reader, for each finished block
-    job: before any reply that QEMU sent after the event is delivered, so a
-    request that reads the graph after a job changed it already knows."""
+class _GraphWatch(EventListener):
+    """Calls back at once, inside qemu.qmp's reader, for the events that tell
+    of a changed block graph (a block job created or ended, a device
+    unplugged): before any reply that QEMU sent after the event is delivered,
+    so a request that reads the graph afterwards already knows."""
 
     def __init__(self, session: DomainSession) -> None:
-        super().__init__(("BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE"))
+        super().__init__(("BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE", "DEVICE_DELETED"))
         self._session = session
 
     async def put(self, event: Message) -> None:
-        hook = self._session._on_job
-        if not self.accept(event) or hook is None:
+        if not self.accept(event):
             return
+        session = self._session
         data: Any = event.get("data", {})
-        if event["event"] == "BLOCK_JOB_COMPLETED":
-            hook(self._session, "completed", str(data.get("type", "")),
-                 str(data.get("device", "")))
+        job, unplugged = session._on_job, session._on_device_deleted
+        if event["event"] == "DEVICE_DELETED":
+            # QEMU also reports backends (virtio-backend), without an id.
+            if unplugged is not None and data.get("device"):
+                unplugged(session, str(data["device"]))
+        elif job is None:
+            return
+        elif event["event"] == "BLOCK_JOB_COMPLETED":
+            job(session, "completed", str(data.get("type", "")), str(data.get("device", "")))
         elif data.get("status") == "created":
-            hook(self._session, "created", "", str(data.get("id", "")))
+            job(session, "created", "", str(data.get("id", "")))
 
 
 class NoAnswer(OperationFailed):
@@ -212,9 +219,9 @@ class DomainSession:
             qmp = QMPClient(self.domain)
             # The default catch-all listener would queue every event forever.
             qmp.events.event_filter = _accept_none
-            listener = _Listener(("STOP", "RESUME", "DEVICE_DELETED"))
+            listener = _Listener(("STOP", "RESUME"))
             qmp.register_listener(listener)
-            qmp.register_listener(_JobWatch(self))
+            qmp.register_listener(_GraphWatch(self))
             try:
                 try:
                     # A socket that accepts but never greets must not hold us.
@@ -284,11 +291,7 @@ class DomainSession:
                 self._set_status("running")
             elif name == "STOP":
                 self._set_status("paused")
-            elif name == "DEVICE_DELETED" and self._on_device_deleted is not None:
-                data: Any = event.get("data", {})
-                device = data.get("device")
-                if device:  # QEMU also reports backends (virtio-backend), without an id
-                    self._on_device_deleted(self, str(device))
+
 
     @staticmethod
     async def _close_client(qmp: QMPClient) -> None:

@@ -91,8 +91,8 @@ class ExportService:
         checkpoints.bitmap_reader = self.read_bitmaps
         self._settings = settings
         self._servers: dict[str, _Server] = {}
-        snapshots.add_before_delete(self._stop_for_snapshot)
-        snapshots.add_before_part_delete(self._stop_for_part)
+        snapshots.add_before_delete(self._stop_for)
+        snapshots.add_before_part_delete(self._stop_for)
         events.subscribe(None, self._on_event)
         domains.add_usage_check(self._usage)
         domains.exports_of = lambda d: [e.spec() for e in self.exports(d)]
@@ -326,17 +326,14 @@ class ExportService:
                 chosen.append(export)
             await self._remove(domain, chosen)
 
-    async def _stop_for_snapshot(self, domain: Domain, snapshot: Snapshot) -> None:
+    async def _stop_for(self, domain: Domain, snapshot: Snapshot,
+                        disk: str | None = None) -> None:
+        """Stop the exports of a snapshot (of one of its disks) before its nodes go."""
         server = self._servers.get(domain.name)
         if server is not None:
             await self._remove(domain, [e for e in server.exports.values()
-                                        if e.snapshot == snapshot.name])
-
-    async def _stop_for_part(self, domain: Domain, snapshot: Snapshot, disk: str) -> None:
-        server = self._servers.get(domain.name)
-        if server is not None:
-            await self._remove(domain, [e for e in server.exports.values()
-                                        if e.snapshot == snapshot.name and e.disk == disk])
+                                        if e.snapshot == snapshot.name
+                                        and disk in (None, e.disk)])
 
     async def _remove(self, domain: Domain, exports: list[Export]) -> None:
         """Remove exports (caller holds the domain lock); stop an emptied server."""
