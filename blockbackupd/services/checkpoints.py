@@ -186,8 +186,9 @@ class CheckpointService:
     # -- the instant of a snapshot -------------------------------------------------
 
     async def _prepare_instant(self, domain: Domain, name: str, parts: list[SnapshotDisk],
-                               checkpoint: bool) -> Instant:
-        """Plan the bitmap actions of a snapshot's instant (see :class:`Instant`).
+                               checkpoint: bool, disks: list[Disk]) -> Instant:
+        """Plan the bitmap actions of a snapshot's instant (see :class:`Instant`),
+        checking the chains of ``disks``, as the snapshot read them.
 
         :raise AlreadyExists: a checkpoint, or a bitmap in an image, has that name.
         :raise Unsupported: a disk's format cannot keep persistent bitmaps.
@@ -195,7 +196,7 @@ class CheckpointService:
         records = self._store.checkpoints(domain.name)
         if checkpoint and any(c.name == name for c in records):
             raise AlreadyExists(f"domain {domain.name!r} already has a checkpoint {name!r}")
-        verified = await self.verify(domain)
+        verified = await self.verify(domain, disks)
         records = self._store.checkpoints(domain.name)
         actions: list[dict[str, Any]] = []
         bounds: dict[str, tuple[str | None, str | None]] = {}
@@ -556,8 +557,9 @@ class CheckpointService:
         await self._remove_orphans(domain, disks)
         self._check(domain.name, disks)
 
-    async def verify(self, domain: Domain) -> Verified:
-        """Read every disk's chain now and check each segment against it
+    async def verify(self, domain: Domain, disks: Sequence[Disk] | None = None) -> Verified:
+        """Read every disk's chain now (or take ``disks``, just read by the
+        caller) and check each segment against it
         (:mod:`.segments`): a segment that is not whole is marked broken, with
         the checkpoints whose change sets include it, and ``checkpoint-broken``
         is sent once. Called before every operation that serves or extends a
@@ -565,9 +567,11 @@ class CheckpointService:
 
         :raise DomainNotConnected: :raise OperationFailed:
         """
-        disks = {d.name: d for d in await query_disks(domain.session)}
-        await self._remove_orphans(domain, disks)
-        return self._check(domain.name, disks)
+        if disks is None:
+            disks = await query_disks(domain.session)
+        by_name = {d.name: d for d in disks}
+        await self._remove_orphans(domain, by_name)
+        return self._check(domain.name, by_name)
 
     async def _remove_orphans(self, domain: Domain, disks: dict[str, Disk]) -> None:
         """Remove the bitmaps of deleted checkpoints left in read-only backing

@@ -157,7 +157,8 @@ class Instant:
     keep: Callable[[], None]
 
 
-InstantHook = Callable[[Domain, str, list[SnapshotDisk], bool], Awaitable[Instant]]
+#: (domain, snapshot name, its parts, checkpoint?, every disk as read for this snapshot)
+InstantHook = Callable[[Domain, str, list[SnapshotDisk], bool, list[Disk]], Awaitable[Instant]]
 
 
 #: Kind of the store records that say a scratch file exists.
@@ -272,7 +273,8 @@ class SnapshotService:
                     raise Busy(f"disk {disk.name!r} is in use by block job(s) "
                                f"{', '.join(jobs)} (e.g. the VM manager's backup, "
                                "mirror or commit); take the snapshot when they have ended")
-            snapshot = await self._build(domain, ops, name, chosen, checkpoint)
+            snapshot = await self._build(domain, ops, name, chosen, checkpoint,
+                                         list(present.values()))
             state.snapshots[name] = snapshot
             self._ensure_prober(domain)
         log.info("snapshot %s/%s created: disks %s, held-I/O window %.3f ms", domain_name, name,
@@ -305,7 +307,8 @@ class SnapshotService:
         return chosen
 
     async def _build(self, domain: Domain, ops: BlockOps, name: str,
-                     chosen: list[tuple[Disk, Path]], checkpoint: bool) -> Snapshot:
+                     chosen: list[tuple[Disk, Path]], checkpoint: bool,
+                     disks: list[Disk]) -> Snapshot:
         undo = Undo(f"snapshot {domain.name}/{name}")
         try:
             parts = []
@@ -341,7 +344,7 @@ class SnapshotService:
 
             instant = None
             if self.instant_hook is not None:
-                instant = await self.instant_hook(domain, name, parts, checkpoint)
+                instant = await self.instant_hook(domain, name, parts, checkpoint, disks)
                 undo.push_record("checkpoint intent", instant.abort, instant.keep)
                 for part in parts:
                     part.boundary, part.tail = instant.bounds.get(part.disk.name, (None, None))
