@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -590,15 +589,10 @@ def _backing_name(path: Path) -> str | None:
 
     :raise BackupError: the file is not qcow2.
     """
-    with open(path, "rb") as f:
-        header = f.read(20)
-        if len(header) < 20 or header[:4] != b"QFI\xfb":
-            raise BackupError(f"{path.name} is not a qcow2 file")
-        offset, length = struct.unpack(">QI", header[8:20])
-        if not offset:
-            return None
-        f.seek(offset)
-        return f.read(length).decode(errors="replace")
+    try:
+        return qcow2.backing_file(path)
+    except ValueError as err:
+        raise BackupError(str(err)) from None
 
 
 def chain(manifest: Manifest, backup_id: str, disk: str) -> list[str]:

@@ -35,6 +35,7 @@ _COPIED = 1 << 63
 _ZERO = 1
 _EXT_BACKING_FORMAT = 0xE2792ACA
 _HEADER_LENGTH = 104
+_MAGIC = b"QFI\xfb"
 #: O_DIRECT needs offsets, lengths and buffer addresses in whole blocks.
 _BLOCK = 4096
 
@@ -271,8 +272,24 @@ class Qcow2Writer:
         if backing_offset + len(name) > CLUSTER:
             raise ValueError("backing file name too long")
         header = struct.pack(
-            ">4sIQIIQIIQQIIQQQQII", b"QFI\xfb", 3, backing_offset, len(name), CLUSTER_BITS,
+            ">4sIQIIQIIQQIIQQQQII", _MAGIC, 3, backing_offset, len(name), CLUSTER_BITS,
             self.size, 0, self.l1_size, self.l1_offset, self.reftable_offset,
             self.reftable_clusters, 0, 0, 0, 0, 0, 4, _HEADER_LENGTH)
         assert len(header) == _HEADER_LENGTH
         return header + extensions + name
+
+
+def backing_file(path: Path) -> str | None:
+    """The backing file name in a qcow2 file's header (None: none).
+
+    :raise ValueError: the file is not qcow2.
+    """
+    with open(path, "rb") as f:
+        header = f.read(20)
+        if len(header) < 20 or header[:4] != _MAGIC:
+            raise ValueError(f"{path.name} is not a qcow2 file")
+        offset, length = struct.unpack(">QI", header[8:20])
+        if not offset:
+            return None
+        f.seek(offset)
+        return f.read(length).decode(errors="replace")
