@@ -107,10 +107,11 @@ def active_commit(vm: Vm, disk: str) -> None:
     vm.qmp("blockdev-del", **{"node-name": f"{top}-file"})
 
 
-def stream(vm: Vm, disk: str) -> list[str]:
+def stream(vm: Vm, disk: str, speed: int = 0) -> list[str]:
     """Pull the images between the top and the disk's bottom image into the
-    top (block-stream with a base node); the manager then deletes the nodes
-    of the images that left the chain. Returns those nodes."""
+    top (block-stream with a base node, at ``speed`` bytes/s, 0: as fast as it
+    goes); the manager then deletes the nodes of the images that left the
+    chain. Returns those nodes."""
     top = image_node(vm, disk)
     graph = vm.qmp("x-debug-query-block-graph")
     names = {n["id"]: n["name"] for n in graph["nodes"]}
@@ -119,7 +120,8 @@ def stream(vm: Vm, disk: str) -> list[str]:
     chain = [top]
     while chain[-1] in backing:
         chain.append(backing[chain[-1]])
-    vm.qmp("block-stream", **{"job-id": "stream", "device": top, "base-node": chain[-1]})
+    vm.qmp("block-stream", **{"job-id": "stream", "device": top, "base-node": chain[-1],
+                              **({"speed": speed} if speed else {})})
     wait_job(vm, "stream", ready=False)
     for node in chain[1:-1]:
         vm.qmp("blockdev-del", **{"node-name": node})

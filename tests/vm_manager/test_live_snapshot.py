@@ -236,7 +236,12 @@ def test_stream_below_the_snapshot_makes_it_give_way(defined: tuple[Daemon, Vm])
     drops the image our filter was put on, and the manager deletes it: QEMU
     7.2 would abort (our filter's internal bitmaps sit on that image), so the
     snapshot gives way on that disk when the stream starts. The guest and
-    QEMU live on; the other disk's view still serves."""
+    QEMU live on; the other disk's view still serves.
+
+    The stream is held to 64 KiB/s (about 2 s for its 128 KiB), as a real
+    disk's takes seconds: giving way is a race against the job's end, which
+    an unthrottled stream of this tiny disk wins about once in ten runs
+    (README, known problems; libvirt's blockpull, xfail in test_libvirt)."""
     daemon, vm = defined
     write(vm, "sda", 1)
     overlay(vm, "sda", "ovl1", copy_bitmaps=False)
@@ -246,7 +251,7 @@ def test_stream_below_the_snapshot_makes_it_give_way(defined: tuple[Daemon, Vm])
     sock = start(daemon)
     overlay(vm, "sda", "ovl2", copy_bitmaps=False, on=image_node(vm, "sda"))
     write(vm, "sda", 3)
-    assert stream(vm, "sda") == ["ovl1"]
+    assert stream(vm, "sda", speed=64 * 1024) == ["ovl1"]
     assert vm.running
     with daemon.client() as c:
         info = c.snapshot_lookup("vm1", "s1")
