@@ -85,6 +85,9 @@ class DaemonSection(_Section):
     # Added: how often each snapshot's view is read to find out whether it broke
     # (QEMU 7.2 reports no event for that).
     snapshot_probe_interval: float = Field(default=5.0, gt=0, le=15)
+    # Added: the longest snapshot.create waits for the guest agent to freeze the
+    # guest's filesystems (and each thaw attempt); past it, quiesce-failed.
+    quiesce_timeout: float = Field(default=30.0, gt=0, le=600)
 
     @field_validator("socket", "state_dir", "scratch_dir", "run_dir")
     @classmethod
@@ -178,6 +181,9 @@ class NbdSection(_Section):
 class DomainSection(_Section):
     name: str
     qmp_socket: Path
+    # v1.1: the host side of the guest agent's channel (QEMU's chardev of
+    # org.qemu.guest_agent.0); needed to quiesce.
+    guest_agent_socket: Path | None = None
 
     @field_validator("name")
     @classmethod
@@ -188,6 +194,11 @@ class DomainSection(_Section):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return _absolute_path(value)
+
+    @field_validator("guest_agent_socket")
+    @classmethod
+    def _absolute_agent(cls, value: Path | None) -> Path | None:
+        return None if value is None else _absolute_path(value)
 
 
 class Config(_Section):
@@ -212,6 +223,8 @@ class Config(_Section):
     def to_toml(self) -> str:
         """The effective configuration, as a TOML document that loads back to itself."""
         data: dict[str, Any] = self.model_dump(mode="json")
+        # TOML has no null: an unset optional key is left out.
+        data["domain"] = [{k: v for k, v in d.items() if v is not None} for d in data["domain"]]
         if not data["domain"]:
             del data["domain"]
         return tomli_w.dumps(data)

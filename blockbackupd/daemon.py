@@ -17,6 +17,7 @@ from .services.checkpoints import CheckpointService
 from .services.domains import DomainService, DomainSettings
 from .services.events import EventBus
 from .services.exports import ExportService, ExportSettings
+from .services.quiesce import QuiesceService, QuiesceSettings
 from .services.snapshots import SnapshotService, SnapshotSettings
 from .store import Store
 
@@ -47,9 +48,11 @@ async def run(config: Config) -> None:
         domains = DomainService(store, events, DomainSettings(
             qmp_timeout=d.qmp_timeout, reconnect_max_delay=d.reconnect_max_delay))
         stack.push_async_callback(domains.close)
+        quiesce = QuiesceService(domains, store, QuiesceSettings(timeout=d.quiesce_timeout))
+        stack.push_async_callback(quiesce.close)
         snapshots = SnapshotService(domains, events, store, SnapshotSettings(
             scratch_dirs=d.scratch_dirs, cbw_timeout=d.cbw_timeout,
-            probe_interval=d.snapshot_probe_interval, probe_timeout=d.qmp_timeout))
+            probe_interval=d.snapshot_probe_interval, probe_timeout=d.qmp_timeout), quiesce)
         stack.push_async_callback(snapshots.close)
         checkpoints = CheckpointService(domains, snapshots, events, store)
         exports = ExportService(domains, snapshots, checkpoints, events, store, ExportSettings(
@@ -58,7 +61,10 @@ async def run(config: Config) -> None:
             allow_plain_tcp=config.nbd.allow_plain_tcp, timeout=d.qmp_timeout))
         # Sessions start once every service has hooked in, so the first
         # connect is reconciled like every later one.
-        domains.start((c.name, str(c.qmp_socket)) for c in config.domain)
+        domains.start((c.name, str(c.qmp_socket),
+                       None if c.guest_agent_socket is None else str(c.guest_agent_socket))
+                      for c in config.domain)
+        quiesce.start()
 
         server = RpcServer(d.socket,
                            build_methods(domains, snapshots, checkpoints, exports, events),

@@ -16,6 +16,7 @@
      +-- CheckpointBroken       1011 checkpoint-broken
      +-- PermissionDenied       1012 permission-denied
      +-- Unsupported            1013 unsupported
+     +-- QuiesceFailed          1014 quiesce-failed
 
 Every layer raises these; only the rpc layer turns them into JSON-RPC error
 objects, so the contract's codes and kinds live here and nowhere else in the
@@ -98,8 +99,12 @@ class Unsupported(BlockbackupError):
     code, kind = 1013, "unsupported"
 
 
+class QuiesceFailed(BlockbackupError):
+    code, kind = 1014, "quiesce-failed"
+
+
 ALL_ERRORS: tuple[type[BlockbackupError], ...] = (
     NoSuchDomain, NoSuchSnapshot, NoSuchCheckpoint, NoSuchDisk, AlreadyExists,
     DomainNotConnected, InvalidXml, InvalidArgument, OperationFailed, Busy,
-    CheckpointBroken, PermissionDenied, Unsupported,
+    CheckpointBroken, PermissionDenied, Unsupported, QuiesceFailed,
 )

@@ -80,6 +80,8 @@ class SnapshotSpec:
 
     name: str | None
     disks: tuple[SnapshotDiskSpec, ...] | None
+    #: ``<quiesce/>``: freeze the guest's filesystems around the instant.
+    quiesce: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class SnapshotView:
     state: SnapshotState
     held_io_window: float
     disks: tuple[SnapshotDiskView, ...]
+    #: Seconds the guest's filesystems were frozen (None: not quiesced).
+    frozen_window: float | None = None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from .errors import (
     OperationFailed,
     PermissionDenied,
     ProtocolError,
+    QuiesceFailed,
     Unsupported,
 )
 
@@ -31,5 +32,5 @@ __all__ = [
     "AlreadyExists", "ApplicationError", "BlockbackupError", "Busy", "CheckpointBroken",
     "ConnectionLost", "DomainNotConnected", "InvalidArgument", "InvalidXml",
     "NoSuchCheckpoint", "NoSuchDisk", "NoSuchDomain", "NoSuchSnapshot", "OperationFailed",
-    "PermissionDenied", "ProtocolError", "Unsupported",
+    "PermissionDenied", "ProtocolError", "QuiesceFailed", "Unsupported",
 ]

@@ -12,7 +12,8 @@ The level is decided per disk: a disk is incremental from the newest earlier
 backup that holds it when that backup's checkpoint is valid on that disk,
 else full, so a hot-added disk or one whose change tracking broke does not
 force a full of the others. A backup's level is ``full``, ``inc`` or
-``mixed``.
+``mixed``. Each backup also records whether its instant was quiesced (the
+guest's filesystems frozen through its agent) or only crash-consistent.
 
 ``pending.json`` names the backup under way from before its snapshot is
 created until its manifest is saved or its snapshot and checkpoint are
@@ -47,6 +48,7 @@ from .errors import (
     BlockbackupError,
     NoSuchCheckpoint,
     NoSuchSnapshot,
+    QuiesceFailed,
 )
 
 MANIFEST = "manifest.json"
@@ -480,14 +482,26 @@ def _domain_note(client: Client, domain: str) -> str:
 
 # -- the backup ----------------------------------------------------------------------
 
+def _has_agent(client: Client, domain: str) -> bool:
+    """Whether the domain is defined with a guest agent to quiesce through."""
+    return any(d["name"] == domain and d.get("guest_agent_socket")
+               for d in client.domain_list())
+
+
 def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str],
-           say: Callable[[str], None], progress: Callable[[int], None]) -> dict[str, Any]:
+           say: Callable[[str], None], progress: Callable[[int], None],
+           quiesce: str = "auto") -> dict[str, Any]:
     """Take one backup; whatever happens, its snapshot and exports go, and if
     it fails, its files and checkpoint too (now, or by the next backup).
 
+    ``quiesce``: ``yes`` freezes the guest's filesystems around the instant
+    (the backup fails if that cannot be done), ``no`` does not, and ``auto``
+    does when the domain has a guest agent, falling back to a crash-consistent
+    backup, with a warning and the reason in the manifest, when it cannot.
+
     :raise BackupError: the directory belongs to another domain, a disk cannot
         be incremental with ``level="inc"``, or a step failed.
-    :raise ApplicationError: the daemon refused.
+    :raise ApplicationError: the daemon refused (QuiesceFailed with ``yes``).
     :raise BlockbackupError: the daemon cannot be reached.
     """
     manifest = Manifest.load(dest, domain)
@@ -500,6 +514,8 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
     # Without --disk, the snapshot takes every writable disk there is at its instant.
     xml = "<domainblocksnapshot><name>" + backup_id + "</name>" + "".join(
         f'<disk name="{d}"/>' for d in dict.fromkeys(disks)) + "</domainblocksnapshot>"
+    freeze = quiesce == "yes" or (quiesce == "auto" and _has_agent(client, domain))
+    quiesce_error: str | None = None
     made: list[Path] = []
     undo: tuple[str, ...] = ()  # what of the daemon's to delete if this fails
     new_directory = not dest.exists()
@@ -509,7 +525,15 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
                                         "time": int(time.time())})
         undo = ("snapshot", "checkpoint")
         try:
-            client.snapshot_create(domain, xml, checkpoint=True)
+            try:
+                client.snapshot_create(domain, xml, checkpoint=True, quiesce=freeze or None)
+            except QuiesceFailed as err:
+                if quiesce != "auto":
+                    raise
+                quiesce_error = err.message  # nothing was created: take it unfrozen
+                say(f"warning: cannot quiesce ({err.message}); this backup is "
+                    "crash-consistent")
+                client.snapshot_create(domain, xml, checkpoint=True)
         except ApplicationError:
             # A refusal creates nothing; and after already-exists, the name is
             # someone else's snapshot or checkpoint: not ours to delete.
@@ -556,7 +580,12 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
                 "checksum": digest}
         record: dict[str, Any] = {"id": backup_id, "level": record_level({"disks": entries}),
                                   "time": int(time.time()), "checkpoint": backup_id,
+                                  "quiesced": bool(info.get("quiesced")),
                                   "disks": entries}
+        if info.get("frozen_window") is not None:
+            record["frozen_window"] = info["frozen_window"]
+        if quiesce_error is not None:
+            record["quiesce_error"] = quiesce_error
         _pause("manifest")
         manifest.data["backups"].append(record)
         manifest.save()

@@ -68,12 +68,13 @@ def _daemon_info(c: Client, a: argparse.Namespace) -> Result:
 
 def _domain_list(c: Client, a: argparse.Namespace) -> Result:
     domains = c.domain_list()
-    return domains, _table([[d["name"], d["state"], d["qmp_socket"]] for d in domains],
-                           ["NAME", "STATE", "QMP SOCKET"])
+    return domains, _table([[d["name"], d["state"], d["qmp_socket"],
+                             d.get("guest_agent_socket", "-")] for d in domains],
+                           ["NAME", "STATE", "QMP SOCKET", "GUEST AGENT"])
 
 
 def _domain_define(c: Client, a: argparse.Namespace) -> Result:
-    result = c.domain_define(a.name, a.qmp_socket)
+    result = c.domain_define(a.name, a.qmp_socket, a.guest_agent_socket)
     return result, f"domain {result['name']} defined"
 
 
@@ -105,9 +106,10 @@ def _snapshot_document(a: argparse.Namespace) -> str | None:
 
 
 def _snapshot_create(c: Client, a: argparse.Namespace) -> Result:
-    result = c.snapshot_create(a.domain, _snapshot_document(a), checkpoint=a.checkpoint or None)
+    result = c.snapshot_create(a.domain, _snapshot_document(a), checkpoint=a.checkpoint or None,
+                               quiesce=a.quiesce or None)
     what = "snapshot and checkpoint" if a.checkpoint else "snapshot"
-    return result, f"{what} {result['name']} created"
+    return result, f"{what} {result['name']} created" + (" (quiesced)" if a.quiesce else "")
 
 
 def _snapshot_delete(c: Client, a: argparse.Namespace) -> Result:
@@ -240,9 +242,11 @@ def _backup(c: Client, a: argparse.Namespace) -> Result:
               desc=f"backup {a.domain}") as bar:
         record = backup(c, a.domain, Path(a.dest), a.level, a.disk,
                         say=lambda text: bar.write(f"bbctl: {text}", file=sys.stderr),
-                        progress=bar.update)
+                        progress=bar.update, quiesce=a.quiesce)
     read = sum(d["bytes_read"] for d in record["disks"].values())
-    return record, f"backup {record['id']} ({record['level']}): {read} bytes read"
+    consistency = "quiesced" if record["quiesced"] else "crash-consistent"
+    return record, (f"backup {record['id']} ({record['level']}, {consistency}): "
+                    f"{read} bytes read")
 
 
 def _list(c: Client | None, a: argparse.Namespace) -> Result:
@@ -257,9 +261,10 @@ def _list(c: Client | None, a: argparse.Namespace) -> Result:
         disks = ",".join(d if level != "mixed" else f"{d}:{e['level']}"
                          for d, e in b["disks"].items())
         rows.append([b["id"], level,
-                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["time"])), disks,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["time"])),
+                     "yes" if b.get("quiesced") else "no", disks,
                      str(sum(d["bytes_written"] for d in b["disks"].values()))])
-    return backups, _table(rows, ["ID", "LEVEL", "TIME", "DISKS", "BYTES"])
+    return backups, _table(rows, ["ID", "LEVEL", "TIME", "QUIESCED", "DISKS", "BYTES"])
 
 
 def _restore(c: Client | None, a: argparse.Namespace) -> Result:
@@ -308,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     domain = area("domain", "defined domains")
     verb(domain, "list", _domain_list, "list domains and their state")
-    verb(domain, "define", _domain_define, "define a domain by its QMP socket",
-         "name", "qmp_socket")
+    p = verb(domain, "define", _domain_define, "define a domain by its QMP socket",
+             "name", "qmp_socket")
+    p.add_argument("--guest-agent-socket", metavar="PATH",
+                   help="the host side of its guest agent channel, to quiesce")
     p = verb(domain, "undefine", _domain_undefine, "forget a domain", "name")
     p.add_argument("--force", action="store_true", help="also drop its checkpoint metadata")
     verb(domain, "xml", _domain_xml, "the live domain document", "domain")
@@ -323,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a disk to include, optionally with its scratch file; repeatable")
     p.add_argument("--checkpoint", action="store_true",
                    help="also create a checkpoint of the same name at the same instant")
+    p.add_argument("--quiesce", action="store_true",
+                   help="freeze the guest's filesystems through its agent around the instant")
     verb(snapshot, "delete", _snapshot_delete, "delete a snapshot and its exports",
          "domain", "name")
     verb(snapshot, "list", _snapshot_list, "list snapshots, oldest first", "domain")
@@ -362,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", required=True, help="the backup directory of this domain")
     p.add_argument("--level", choices=["full", "inc", "auto"], default="auto")
     p.add_argument("--disk", action="append", default=[], help="only this disk; repeatable")
+    p.add_argument("--quiesce", nargs="?", const="yes", default="auto",
+                   choices=["auto", "yes", "no"],
+                   help="freeze the guest's filesystems through its agent around the instant: "
+                        "--quiesce (or =yes) fails the backup if that cannot be done; auto "
+                        "(the default) quiesces when the domain has a guest agent and falls "
+                        "back to crash-consistent with a warning; no never does")
     p.set_defaults(run=_backup)
     p = areas.add_parser("list", help="the backups in a directory",
                          description="one line per backup, oldest first")

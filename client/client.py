@@ -50,8 +50,10 @@ class _Methods:
     def daemon_info(self) -> Any:
         return self.call("daemon.info")
 
-    def domain_define(self, name: str, qmp_socket: str) -> Any:
-        return self.call("domain.define", name=name, qmp_socket=qmp_socket)
+    def domain_define(self, name: str, qmp_socket: str,
+                      guest_agent_socket: str | None = None) -> Any:
+        return self.call("domain.define", **_params(name=name, qmp_socket=qmp_socket,
+                                                    guest_agent_socket=guest_agent_socket))
 
     def domain_undefine(self, name: str, force: bool | None = None) -> Any:
         return self.call("domain.undefine", **_params(name=name, force=force))
@@ -63,9 +65,9 @@ class _Methods:
         return self.call("domain.get_xml", domain=domain)
 
     def snapshot_create(self, domain: str, xml: str | None = None,
-                        checkpoint: bool | None = None) -> Any:
+                        checkpoint: bool | None = None, quiesce: bool | None = None) -> Any:
         return self.call("snapshot.create", **_params(domain=domain, xml=xml,
-                                                      checkpoint=checkpoint))
+                                                      checkpoint=checkpoint, quiesce=quiesce))
 
     def snapshot_delete(self, domain: str, name: str) -> Any:
         return self.call("snapshot.delete", domain=domain, name=name)

@@ -6,7 +6,7 @@
      +-- ConnectionLost         the socket closed or could not be reached
      +-- ProtocolError          a JSON-RPC protocol error (-32700 .. -32603)
      +-- ApplicationError       an error from the contract's table (code, kind)
-          +-- NoSuchDomain (1001) ... Unsupported (1013)
+          +-- NoSuchDomain (1001) ... QuiesceFailed (1014)
 """
 
 from __future__ import annotations
@@ -96,11 +96,15 @@ class Unsupported(ApplicationError):
     code, kind = 1013, "unsupported"
 
 
+class QuiesceFailed(ApplicationError):
+    code, kind = 1014, "quiesce-failed"
+
+
 BY_CODE: dict[int, type[ApplicationError]] = {
     cls.code: cls for cls in (
         NoSuchDomain, NoSuchSnapshot, NoSuchCheckpoint, NoSuchDisk, AlreadyExists,
         DomainNotConnected, InvalidXml, InvalidArgument, OperationFailed, Busy,
-        CheckpointBroken, PermissionDenied, Unsupported,
+        CheckpointBroken, PermissionDenied, Unsupported, QuiesceFailed,
     )
 }
 

@@ -28,6 +28,7 @@ CONTRACT_ERRORS = {
     1004: "no-such-disk", 1005: "already-exists", 1006: "domain-not-connected",
     1007: "invalid-xml", 1008: "invalid-argument", 1009: "operation-failed", 1010: "busy",
     1011: "checkpoint-broken", 1012: "permission-denied", 1013: "unsupported",
+    1014: "quiesce-failed",
 }
 
 
@@ -123,13 +124,28 @@ def test_bbctl_domain_commands(daemon: Daemon, vm: Vm) -> None:
     wait_for(lambda: domain_state(daemon, "vm1") == "running")
     r = bbctl(daemon, "domain", "list")
     assert r.returncode == 0
+    width = len(str(vm.daemon_qmp))
     assert r.stdout.splitlines() == [
-        "NAME  STATE    QMP SOCKET",
-        f"vm1   running  {vm.daemon_qmp}",
+        "NAME  STATE    " + "QMP SOCKET".ljust(width) + "  GUEST AGENT",
+        f"vm1   running  {vm.daemon_qmp}  -",
     ]
     r = bbctl(daemon, "--json", "domain", "list")
     assert json.loads(r.stdout) == [
         {"name": "vm1", "qmp_socket": str(vm.daemon_qmp), "state": "running"}]
+    # The same definition with a guest agent socket adds it (and only it).
+    agent = str(vm.workdir / "vm1.qga")
+    r = bbctl(daemon, "domain", "define", "vm1", str(vm.daemon_qmp),
+              "--guest-agent-socket", agent)
+    assert (r.returncode, r.stdout) == (0, "domain vm1 defined\n")
+    r = bbctl(daemon, "--json", "domain", "list")
+    assert json.loads(r.stdout) == [
+        {"name": "vm1", "qmp_socket": str(vm.daemon_qmp), "state": "running",
+         "guest_agent_socket": agent}]
+    r = bbctl(daemon, "domain", "define", "vm1", str(vm.daemon_qmp),
+              "--guest-agent-socket", "relative.qga")
+    assert r.returncode == 1
+    assert r.stderr == ("bbctl: error: guest_agent_socket 'relative.qga' must be an absolute "
+                        "path [invalid-argument]\n")
     r = bbctl(daemon, "domain", "xml", "vm1")
     assert r.stdout.startswith('<domain name="vm1" state="running">')
     r = bbctl(daemon, "domain", "xml", "nope")

@@ -102,7 +102,7 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
             pass
 
     async def domain_define(peer: Peer, a: p.DomainDefine) -> dict[str, Any]:
-        domain = await domains.define(a.name, a.qmp_socket)
+        domain = await domains.define(a.name, a.qmp_socket, a.guest_agent_socket)
         return {"name": domain.name}
 
     async def domain_undefine(peer: Peer, a: p.DomainUndefine) -> dict[str, Any]:
@@ -110,7 +110,9 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         return {}
 
     async def domain_list(peer: Peer, _: p.NoParams) -> list[dict[str, Any]]:
-        return [{"name": d.name, "qmp_socket": d.qmp_socket, "state": d.state.value}
+        return [{"name": d.name, "qmp_socket": d.qmp_socket, "state": d.state.value,
+                 **({"guest_agent_socket": d.guest_agent_socket}
+                    if d.guest_agent_socket is not None else {})}
                 for d in domains.all()]
 
     async def domain_get_xml(peer: Peer, a: p.DomainRef) -> str:
@@ -123,7 +125,8 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         if spec is not None and spec.disks is not None:
             disks = [(d.name, d.scratch) for d in spec.disks]
         snapshot = await snapshots.create(a.domain, spec.name if spec else None, disks,
-                                          a.checkpoint)
+                                          a.checkpoint,
+                                          a.quiesce or (spec is not None and spec.quiesce))
         return {"name": snapshot.name, "xml": render_snapshot(snapshot.view())}
 
     async def snapshot_delete(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:

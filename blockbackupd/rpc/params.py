@@ -20,6 +20,7 @@ class NoParams(Params):
 class DomainDefine(Params):
     name: str
     qmp_socket: str
+    guest_agent_socket: str | None = None
 
 
 class DomainUndefine(Params):
@@ -35,6 +36,7 @@ class SnapshotCreate(Params):
     domain: str
     xml: str | None = None
     checkpoint: bool = False
+    quiesce: bool = False
 
 
 class SnapshotRef(Params):

@@ -32,6 +32,8 @@ class Domain:
     qmp_socket: str
     origin: str
     session: DomainSession
+    #: The host side of the guest agent's channel, for quiesce (None: no agent).
+    guest_agent_socket: str | None = None
     #: Held by every operation that changes the domain's block graph
     #: (snapshots, exports, probes), so they never interleave.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -165,22 +167,25 @@ class DomainService:
 
     # -- lifecycle ----------------------------------------------------------
 
-    def start(self, configured: Iterable[tuple[str, str]]) -> None:
+    def start(self, configured: Iterable[tuple[str, str, str | None]]) -> None:
         """Load definitions from the store, apply the config file's, start sessions.
 
-        A domain in the config file wins over a stored definition with the same
-        name or QMP socket: the file is the administrator's statement.
+        ``configured``: (name, QMP socket, guest agent socket or None) per
+        domain of the config file. A domain in the config file wins over a
+        stored definition with the same name or QMP socket: the file is the
+        administrator's statement.
         """
-        for name, qmp_socket in configured:
+        for name, qmp_socket, agent in configured:
             stored = {r.name: r for r in self._store.domains()}
             known = stored.get(name)
-            if known is None or known.qmp_socket != qmp_socket or known.origin != ORIGIN_CONFIG:
+            if (known is None or known.qmp_socket != qmp_socket
+                    or known.origin != ORIGIN_CONFIG or known.guest_agent_socket != agent):
                 if known is not None and known.qmp_socket != qmp_socket:
                     log.warning("domain %s: config file moves it from %s to %s",
                                 name, known.qmp_socket, qmp_socket)
-                self._store.put_domain(name, qmp_socket, ORIGIN_CONFIG)
+                self._store.put_domain(name, qmp_socket, ORIGIN_CONFIG, agent)
         for record in self._store.domains():
-            self._add(record.name, record.qmp_socket, record.origin)
+            self._add(record.name, record.qmp_socket, record.origin, record.guest_agent_socket)
         log.info("%d domain(s) defined", len(self._domains))
 
     async def close(self) -> None:
@@ -188,7 +193,8 @@ class DomainService:
         domains, self._domains = list(self._domains.values()), {}
         await asyncio.gather(*(d.session.close() for d in domains))
 
-    def _add(self, name: str, qmp_socket: str, origin: str) -> Domain:
+    def _add(self, name: str, qmp_socket: str, origin: str,
+             guest_agent_socket: str | None) -> Domain:
         session = DomainSession(
             name, qmp_socket,
             command_timeout=self._settings.qmp_timeout,
@@ -198,7 +204,7 @@ class DomainService:
             on_device_deleted=self._device_deleted,
             on_job=self._job_event,
         )
-        domain = Domain(name, qmp_socket, origin, session)
+        domain = Domain(name, qmp_socket, origin, session, guest_agent_socket)
         self._domains[name] = domain
         session.start()
         return domain
@@ -249,24 +255,33 @@ class DomainService:
 
     # -- definitions --------------------------------------------------------
 
-    async def define(self, name: str, qmp_socket: str) -> Domain:
+    async def define(self, name: str, qmp_socket: str,
+                     guest_agent_socket: str | None = None) -> Domain:
         """Define a domain (persisted); the same definition again is a no-op.
+        The same name and QMP socket with another guest agent socket (or none)
+        changes only that.
 
-        :raise InvalidArgument: bad name or a QMP socket path that is not absolute.
+        :raise InvalidArgument: bad name or a socket path that is not absolute.
         :raise AlreadyExists: the name, or the QMP socket, belongs to another definition.
         """
         try:
             check_name(name, "domain name")
         except ValueError as err:
             raise InvalidArgument(str(err)) from None
-        if "\0" in qmp_socket or not os.path.isabs(qmp_socket):
-            raise InvalidArgument(f"qmp_socket {qmp_socket[:200]!r} must be an absolute path")
-        qmp_socket = os.path.normpath(qmp_socket)
-        if len(os.fsencode(qmp_socket)) >= 108:
-            raise InvalidArgument(f"qmp_socket {qmp_socket[:200]!r} is too long for a UNIX socket")
+        qmp_socket = _socket_path("qmp_socket", qmp_socket)
+        if guest_agent_socket is not None:
+            guest_agent_socket = _socket_path("guest_agent_socket", guest_agent_socket)
+            if guest_agent_socket == qmp_socket:
+                raise InvalidArgument("guest_agent_socket must not be the qmp_socket")
         existing = self._domains.get(name)
         if existing is not None:
             if Path(existing.qmp_socket) == Path(qmp_socket):
+                if existing.guest_agent_socket != guest_agent_socket:
+                    self._store.put_domain(name, qmp_socket, existing.origin,
+                                           guest_agent_socket)
+                    existing.guest_agent_socket = guest_agent_socket
+                    log.info("domain %s: guest agent socket now %s", name,
+                             guest_agent_socket or "(none)")
                 return existing
             raise AlreadyExists(
                 f"domain {name!r} is already defined with qmp_socket {existing.qmp_socket!r}"
@@ -276,9 +291,10 @@ class DomainService:
                 raise AlreadyExists(
                     f"qmp_socket {qmp_socket!r} already belongs to domain {other.name!r}"
                 )
-        self._store.put_domain(name, qmp_socket, ORIGIN_RPC)
-        log.info("domain %s: defined on %s", name, qmp_socket)
-        return self._add(name, qmp_socket, ORIGIN_RPC)
+        self._store.put_domain(name, qmp_socket, ORIGIN_RPC, guest_agent_socket)
+        log.info("domain %s: defined on %s%s", name, qmp_socket,
+                 f", guest agent on {guest_agent_socket}" if guest_agent_socket else "")
+        return self._add(name, qmp_socket, ORIGIN_RPC, guest_agent_socket)
 
     async def undefine(self, name: str, force: bool = False) -> None:
         """Forget a domain and close its session.
@@ -301,3 +317,16 @@ class DomainService:
         del self._domains[name]
         log.info("domain %s: undefined", name)
         await domain.session.close()
+
+
+def _socket_path(key: str, path: str) -> str:
+    """A UNIX socket path as given in a definition, normalised.
+
+    :raise InvalidArgument: not absolute, or too long for a UNIX socket.
+    """
+    if "\0" in path or not os.path.isabs(path):
+        raise InvalidArgument(f"{key} {path[:200]!r} must be an absolute path")
+    path = os.path.normpath(path)
+    if len(os.fsencode(path)) >= 108:
+        raise InvalidArgument(f"{key} {path[:200]!r} is too long for a UNIX socket")
+    return path

@@ -36,6 +36,7 @@ from ..errors import (
     InvalidArgument,
     NoSuchDisk,
     NoSuchSnapshot,
+    QuiesceFailed,
     Unsupported,
 )
 from ..model import Disk, SnapshotDiskView, SnapshotState, SnapshotView
@@ -46,6 +47,7 @@ from ..store.db import Store
 from . import scratch
 from .domains import Domain, DomainService
 from .events import EventBus
+from .quiesce import Frozen, QuiesceService
 from .undo import Undo
 
 log = logging.getLogger("blockbackupd.snapshots")
@@ -106,6 +108,13 @@ class Snapshot:
     #: Disks whose device the VM manager unplugged while the snapshot lived:
     #: disk -> why its view is gone.
     removed: dict[str, str] = field(default_factory=dict)
+    #: Seconds the guest's filesystems stayed frozen for the instant (None:
+    #: not quiesced).
+    frozen_window: float | None = None
+
+    @property
+    def quiesced(self) -> bool:
+        return self.frozen_window is not None
 
     def disk(self, name: str) -> SnapshotDisk:
         for d in self.disks:
@@ -119,7 +128,7 @@ class Snapshot:
     def view(self) -> SnapshotView:
         return SnapshotView(
             name=self.name, created=int(self.created), state=self.state,
-            held_io_window=self.held_io_window,
+            held_io_window=self.held_io_window, frozen_window=self.frozen_window,
             disks=tuple(SnapshotDiskView(d.disk.name, str(d.scratch)) for d in self.disks))
 
 
@@ -169,8 +178,9 @@ HELD_IO_RECORD = "held-io"
 
 class SnapshotService:
     def __init__(self, domains: DomainService, events: EventBus, store: Store,
-                 settings: SnapshotSettings) -> None:
+                 settings: SnapshotSettings, quiesce: QuiesceService | None = None) -> None:
         self._domains = domains
+        self._quiesce = quiesce
         self._events = events
         self._store = store
         self._settings = settings
@@ -236,9 +246,10 @@ class SnapshotService:
 
     async def create(self, domain_name: str, name: str | None,
                      disks: list[tuple[str, str | None]] | None,
-                     checkpoint: bool = False) -> Snapshot:
+                     checkpoint: bool = False, quiesce: bool = False) -> Snapshot:
         """Take one point-in-time view of the listed disks (None: every writable disk);
-        with ``checkpoint``, a checkpoint of the same name at the same instant.
+        with ``checkpoint``, a checkpoint of the same name at the same instant;
+        with ``quiesce``, the guest's filesystems frozen around the instant.
 
         :raise NoSuchDomain: :raise DomainNotConnected:
         :raise AlreadyExists: the name is taken.
@@ -246,9 +257,14 @@ class SnapshotService:
         :raise NoSuchDisk: a listed disk is not in the domain.
         :raise Busy: the VM is migrating, or a block job not ours uses a listed disk.
         :raise Unsupported: a listed disk is read-only, or cannot keep a checkpoint.
+        :raise QuiesceFailed: quiesce asked, and the guest agent is not defined,
+            not reachable, refused, or did not answer in time; nothing is left.
         :raise OperationFailed: QEMU or the host refused; nothing is left behind.
         """
         domain = self._domains.connected(domain_name)
+        if quiesce and (self._quiesce is None or domain.guest_agent_socket is None):
+            raise QuiesceFailed(f"domain {domain_name!r} has no guest agent: define it with "
+                                "guest_agent_socket to quiesce")
         if name is None:
             name = str(uuid.uuid4())
         try:
@@ -274,11 +290,13 @@ class SnapshotService:
                                f"{', '.join(jobs)} (e.g. the VM manager's backup, "
                                "mirror or commit); take the snapshot when they have ended")
             snapshot = await self._build(domain, ops, name, chosen, checkpoint,
-                                         list(present.values()))
+                                         list(present.values()), quiesce)
             state.snapshots[name] = snapshot
             self._ensure_prober(domain)
-        log.info("snapshot %s/%s created: disks %s, held-I/O window %.3f ms", domain_name, name,
-                 ",".join(d.disk.name for d in snapshot.disks), snapshot.held_io_window * 1e3)
+        log.info("snapshot %s/%s created: disks %s, held-I/O window %.3f ms%s", domain_name, name,
+                 ",".join(d.disk.name for d in snapshot.disks), snapshot.held_io_window * 1e3,
+                 "" if snapshot.frozen_window is None
+                 else f", filesystems frozen {snapshot.frozen_window * 1e3:.1f} ms")
         return snapshot
 
     def _choose(self, domain: str, snapshot: str, present: dict[str, Disk],
@@ -308,7 +326,7 @@ class SnapshotService:
 
     async def _build(self, domain: Domain, ops: BlockOps, name: str,
                      chosen: list[tuple[Disk, Path]], checkpoint: bool,
-                     disks: list[Disk]) -> Snapshot:
+                     disks: list[Disk], quiesce: bool) -> Snapshot:
         undo = Undo(f"snapshot {domain.name}/{name}")
         try:
             parts = []
@@ -351,7 +369,17 @@ class SnapshotService:
             elif checkpoint:
                 raise Unsupported("checkpoints are not available")
 
+            frozen: Frozen | None = None
+            if quiesce:
+                # As late as can be: from here on the guest's writes wait.
+                assert self._quiesce is not None
+                frozen = await self._quiesce.freeze(domain, name)
+                undo.push("frozen guest filesystems", partial(self._quiesce.thaw, frozen))
+                await faults.check("snapshot:frozen")
             window = await self._switch(ops, domain.name, name, parts, undo, instant)
+            if frozen is not None:
+                assert self._quiesce is not None
+                await self._quiesce.thaw(frozen)
             await faults.check("snapshot:switched")
 
             for part in parts:
@@ -367,7 +395,8 @@ class SnapshotService:
             await undo.rollback(err)
             raise
         undo.discard()
-        return Snapshot(domain.name, name, time.time(), window, parts)
+        return Snapshot(domain.name, name, time.time(), window, parts,
+                        frozen_window=None if frozen is None else frozen.window)
 
     async def _switch(self, ops: BlockOps, domain: str, name: str, parts: list[SnapshotDisk],
                       undo: Undo, instant: Instant | None) -> float:
@@ -708,9 +737,12 @@ def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
         "disks": [d.disk.name for d in snapshot.disks],
         "state": snapshot.state.value,
         "held_io_window": round(snapshot.held_io_window, 6),
+        "quiesced": snapshot.quiesced,
         "scratch": [{"disk": d.disk.name, "file": str(d.scratch), "size": d.disk.size,
                      "allocated": scratch.allocated_bytes(d.scratch)} for d in snapshot.disks],
     }
+    if snapshot.frozen_window is not None:
+        result["frozen_window"] = round(snapshot.frozen_window, 6)
     if snapshot.broken_reason is not None:
         result["reason"] = snapshot.broken_reason
     if snapshot.removed:

@@ -69,6 +69,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE checkpoint_disk ADD COLUMN span TEXT;
     """,
+    # 4: the host side of the domain's guest agent channel (NULL: none), for quiesce.
+    """
+    ALTER TABLE domain ADD COLUMN guest_agent_socket TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -128,6 +132,7 @@ class DomainRecord:
     qmp_socket: str
     origin: str
     defined_at: float
+    guest_agent_socket: str | None = None
 
 
 class Store:
@@ -203,18 +208,22 @@ class Store:
     def domains(self) -> list[DomainRecord]:
         with self.transaction() as db:
             rows = db.execute(
-                "SELECT name, qmp_socket, origin, defined_at FROM domain ORDER BY name"
+                "SELECT name, qmp_socket, origin, defined_at, guest_agent_socket FROM domain "
+                "ORDER BY name"
             ).fetchall()
         return [DomainRecord(**dict(r)) for r in rows]
 
-    def put_domain(self, name: str, qmp_socket: str, origin: str) -> DomainRecord:
+    def put_domain(self, name: str, qmp_socket: str, origin: str,
+                   guest_agent_socket: str | None = None) -> DomainRecord:
         """Insert or replace the domain's row."""
-        record = DomainRecord(name, qmp_socket, origin, time.time())
+        record = DomainRecord(name, qmp_socket, origin, time.time(), guest_agent_socket)
         with self.transaction() as db:
             db.execute("DELETE FROM domain WHERE name = ? OR qmp_socket = ?", (name, qmp_socket))
             db.execute(
-                "INSERT INTO domain (name, qmp_socket, origin, defined_at) VALUES (?, ?, ?, ?)",
-                (record.name, record.qmp_socket, record.origin, record.defined_at),
+                "INSERT INTO domain (name, qmp_socket, origin, defined_at, guest_agent_socket) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (record.name, record.qmp_socket, record.origin, record.defined_at,
+                 record.guest_agent_socket),
             )
         return record
 

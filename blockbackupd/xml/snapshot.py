@@ -13,8 +13,9 @@ DOCUMENT = "domainblocksnapshot"
 def parse_snapshot(text: str) -> SnapshotSpec:
     """Read a snapshot.create document.
 
-    Elements only ``get_xml`` writes (creationTime, state, heldIoWindow) are
-    accepted and ignored, so a document read back can be sent again.
+    Elements only ``get_xml`` writes (creationTime, state, heldIoWindow,
+    frozenWindow) are accepted and ignored, so a document read back can be
+    sent again. ``<quiesce/>`` asks for the guest's filesystems to be frozen.
 
     :raise InvalidXml: not well formed or not valid; the message gives the line.
     """
@@ -26,7 +27,8 @@ def parse_snapshot(text: str) -> SnapshotSpec:
         disks.append(SnapshotDiskSpec(el.get("name", ""),
                                       None if source is None else source.get("file")))
     return SnapshotSpec(name=name.strip() if name is not None else None,
-                        disks=tuple(disks) if disks else None)
+                        disks=tuple(disks) if disks else None,
+                        quiesce=root.find("quiesce") is not None)
 
 
 def render_snapshot(view: SnapshotView) -> str:
@@ -35,6 +37,9 @@ def render_snapshot(view: SnapshotView) -> str:
     etree.SubElement(root, "creationTime").text = str(view.created)
     etree.SubElement(root, "state").text = view.state.value
     etree.SubElement(root, "heldIoWindow").text = f"{view.held_io_window:.6f}"
+    if view.frozen_window is not None:
+        etree.SubElement(root, "quiesce")
+        etree.SubElement(root, "frozenWindow").text = f"{view.frozen_window:.6f}"
     for disk in view.disks:
         el = etree.SubElement(root, "disk", name=disk.name, type="file")
         etree.SubElement(el, "source", file=disk.scratch)

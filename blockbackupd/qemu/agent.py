@@ -1,0 +1,118 @@
+"""A client of the QEMU guest agent (qemu-ga) on the host side of its channel.
+
+The agent's channel is a QEMU chardev (a UNIX socket QEMU listens on) joined
+to a virtio-serial port in the guest. QEMU serves one client at a time on it:
+a second client's connect succeeds but nothing it sends is read until the
+first one leaves. So every call here opens the socket, synchronises, runs one
+command and closes, holding the channel as briefly as it can, and is bounded
+by a deadline: an agent that is absent, busy with another client or hung
+costs at most that long.
+
+A stream on this channel survives earlier clients: bytes one of them left
+unread, or a reply to a command it gave up on, may still arrive. Each call
+therefore starts with ``guest-sync-delimited`` and a fresh random id; the
+agent answers it after a 0xFF byte, and everything before that reply is
+dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from typing import Any
+
+#: The byte qemu-ga writes before the reply to guest-sync-delimited, and which
+#: resets its JSON parser when a client sends it.
+_SYNC = b"\xff"
+#: Longest reply line read; an fsfreeze reply is tens of bytes.
+_LINE_LIMIT = 1 << 20
+
+
+class AgentError(Exception):
+    """The agent could not be reached, did not answer in time, or refused;
+    the message says which."""
+
+
+class GuestAgent:
+    """The guest agent behind one channel; each command bounded by ``timeout``."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    async def command(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one guest agent command and return its ``return`` value.
+
+        :raise AgentError: the socket cannot be reached, the agent does not
+            answer within ``timeout`` seconds, or it answers with an error.
+        """
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await _command(self.path, command, arguments)
+        except TimeoutError:
+            raise AgentError(f"the guest agent did not answer {command} within "
+                             f"{self.timeout:g} s") from None
+        except OSError as err:
+            raise AgentError(f"cannot reach the guest agent at {self.path}: "
+                             f"{err.strerror or err}") from None
+
+
+async def _command(path: str, command: str, arguments: dict[str, Any] | None) -> Any:
+    reader, writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
+    try:
+        sync_id = secrets.randbelow(1 << 31)
+        writer.write(_SYNC + _message("guest-sync-delimited", {"id": sync_id}))
+        await writer.drain()
+        while True:
+            await reader.readuntil(_SYNC)
+            reply = await _read_reply(reader)
+            if reply.get("return") == sync_id:
+                break
+        writer.write(_message(command, arguments))
+        await writer.drain()
+        while True:
+            reply = await _read_reply(reader)
+            if "error" in reply:
+                error = reply["error"]
+                raise AgentError(f"the guest agent refused {command}: "
+                                 f"{error.get('desc', error)}")
+            if "return" in reply:
+                return reply["return"]
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """The next JSON object the agent sends (blank lines skipped).
+
+    :raise AgentError: the agent closed the channel or sent something else.
+    """
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            raise AgentError("the guest agent closed the channel") from None
+        except asyncio.LimitOverrunError:
+            raise AgentError("the guest agent sent an overlong line") from None
+        line = line.strip(b"\xff \r\n")
+        if not line:
+            continue
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise AgentError(f"the guest agent sent something that is not JSON: "
+                             f"{line[:80]!r}") from None
+        if isinstance(reply, dict):
+            return reply
+
+
+def _message(command: str, arguments: dict[str, Any] | None) -> bytes:
+    msg: dict[str, Any] = {"execute": command}
+    if arguments:
+        msg["arguments"] = arguments
+    return json.dumps(msg).encode() + b"\n"
