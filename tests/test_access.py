@@ -8,10 +8,11 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import stat
 import subprocess
-import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from tools.vm import Vm
 NOBODY = pwd.getpwnam("nobody").pw_uid
 NOGROUP = grp.getgrnam("nogroup").gr_gid
 DAEMON_GID = grp.getgrnam("daemon").gr_gid
+#: The system's Python: the checkout's venv may not be readable by nobody.
+OTHER_PYTHON = "/usr/bin/python3"
 
 #: Run by the other user: one daemon.info, and what came back.
 PROBE = """
@@ -38,10 +41,35 @@ except OSError as err:  # the client's ConnectionLost, caused by connect()'s err
 """
 
 
-def call_as(socket_path: Path, gid: int, groups: list[int]) -> dict[str, object]:
-    r = subprocess.run([sys.executable, "-c", PROBE, str(socket_path)], user=NOBODY,
-                       group=gid, extra_groups=groups, capture_output=True, text=True,
-                       timeout=60, cwd="/")
+@pytest.fixture(scope="module")
+def client_copy() -> Iterator[Path]:
+    """The client library where the other user can read it.
+
+    The checkout (and its venv) may lie where ``nobody`` cannot go: under
+    root's home, or a ``mktemp -d``. The client needs only the standard
+    library, so the other user runs the system's Python on a copy of it.
+    """
+    top = Path(tempfile.mkdtemp(prefix="bb-client-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)
+        shutil.copytree(Path(__file__).parent.parent / "client", top / "blockbackup_client",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [top, *top.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def run_as_nobody(client: Path, script: str, *args: str, gid: int,
+                  groups: list[int]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([OTHER_PYTHON, "-c", script, *args], user=NOBODY, group=gid,
+                          extra_groups=groups, capture_output=True, text=True, timeout=60,
+                          cwd="/", env={"PYTHONPATH": str(client), "PATH": "/usr/bin:/bin"})
+
+
+def call_as(client: Path, socket_path: Path, gid: int, groups: list[int]) -> dict[str, object]:
+    r = run_as_nobody(client, PROBE, str(socket_path), gid=gid, groups=groups)
     assert r.returncode == 0, r.stderr
     return dict(json.loads(r.stdout))
 
@@ -54,7 +82,7 @@ def open_workdir(workdir: Path) -> Path:
 
 
 def test_socket_group_and_mode(make_daemon: Callable[..., Daemon], make_vm: Callable[..., Vm],
-                               open_workdir: Path) -> None:
+                               open_workdir: Path, client_copy: Path) -> None:
     d = make_daemon(socket_group="nogroup", socket_mode="0660")
     st = d.socket.stat()
     assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (NOGROUP, 0o660)
@@ -67,9 +95,9 @@ def test_socket_group_and_mode(make_daemon: Callable[..., Daemon], make_vm: Call
     nbd = Path(server["socket"]).stat()
     assert (nbd.st_gid, stat.S_IMODE(nbd.st_mode)) == (NOGROUP, 0o660)
     # A member of the group can connect, but is not on the allow-list.
-    assert call_as(d.socket, NOGROUP, [])["code"] == 1012
+    assert call_as(client_copy, d.socket, NOGROUP, [])["code"] == 1012
     # Someone outside the group cannot even connect.
-    assert call_as(d.socket, DAEMON_GID, [])["oserror"] == 13
+    assert call_as(client_copy, d.socket, DAEMON_GID, [])["oserror"] == 13
 
 
 @pytest.mark.parametrize("allow, gid, groups, allowed", [
@@ -81,11 +109,11 @@ def test_socket_group_and_mode(make_daemon: Callable[..., Daemon], make_vm: Call
     ({"allowed_groups": ["nogroup"]}, DAEMON_GID, [], False),
     ({"allowed_users": ["root"], "allowed_groups": ["daemon"]}, NOGROUP, [], False),
 ])
-def test_allow_lists(make_daemon: Callable[..., Daemon], open_workdir: Path,
+def test_allow_lists(make_daemon: Callable[..., Daemon], open_workdir: Path, client_copy: Path,
                      allow: dict[str, list[str | int]], gid: int, groups: list[int],
                      allowed: bool) -> None:
     d = make_daemon(socket_mode="0666", **allow)
-    result = call_as(d.socket, gid, groups)
+    result = call_as(client_copy, d.socket, gid, groups)
     if allowed:
         assert "ok" in result, result
     else:
@@ -97,16 +125,16 @@ def test_allow_lists(make_daemon: Callable[..., Daemon], open_workdir: Path,
 
 
 def test_a_denied_peer_changes_nothing(make_daemon: Callable[..., Daemon],
-                                       make_vm: Callable[..., Vm], open_workdir: Path) -> None:
+                                       make_vm: Callable[..., Vm], open_workdir: Path,
+                                       client_copy: Path) -> None:
     d = make_daemon(socket_mode="0666")
     vm = make_vm()
     script = ("import json, sys\nfrom blockbackup_client import Client, ApplicationError\n"
               "c = Client(sys.argv[1], timeout=10)\n"
               "try:\n    c.domain_define('vm1', sys.argv[2])\n"
               "except ApplicationError as err:\n    print(err.code)\n")
-    r = subprocess.run([sys.executable, "-c", script, str(d.socket), str(vm.daemon_qmp)],
-                       user=NOBODY, group=NOGROUP, extra_groups=[], capture_output=True,
-                       text=True, timeout=60, cwd="/")
+    r = run_as_nobody(client_copy, script, str(d.socket), str(vm.daemon_qmp), gid=NOGROUP,
+                      groups=[])
     assert r.stdout.strip() == "1012", r.stderr
     with d.client() as c:
         assert c.domain_list() == []
