@@ -31,7 +31,13 @@ _LINE_LIMIT = 1 << 20
 
 class AgentError(Exception):
     """The agent could not be reached, did not answer in time, or refused;
-    the message says which."""
+    the message says which. ``delivered``: whether the command itself reached
+    the agent (after a synchronisation it answered), so it may have run or
+    may yet run."""
+
+    def __init__(self, message: str, delivered: bool = False) -> None:
+        super().__init__(message)
+        self.delivered = delivered
 
 
 class GuestAgent:
@@ -47,18 +53,30 @@ class GuestAgent:
         :raise AgentError: the socket cannot be reached, the agent does not
             answer within ``timeout`` seconds, or it answers with an error.
         """
+        progress = _Progress()
         try:
             async with asyncio.timeout(self.timeout):
-                return await _command(self.path, command, arguments)
+                return await _command(self.path, command, arguments, progress)
         except TimeoutError:
-            raise AgentError(f"the guest agent did not answer {command} within "
-                             f"{self.timeout:g} s") from None
+            what = command if progress.delivered else "guest-sync-delimited"
+            busy = "" if progress.delivered else \
+                " (is the guest agent running, or is another client using its channel?)"
+            raise AgentError(f"the guest agent did not answer {what} within "
+                             f"{self.timeout:g} s{busy}", progress.delivered) from None
+        except AgentError as err:
+            err.delivered = progress.delivered
+            raise
         except OSError as err:
             raise AgentError(f"cannot reach the guest agent at {self.path}: "
-                             f"{err.strerror or err}") from None
+                             f"{err.strerror or err}", progress.delivered) from None
 
 
-async def _command(path: str, command: str, arguments: dict[str, Any] | None) -> Any:
+class _Progress:
+    delivered = False
+
+
+async def _command(path: str, command: str, arguments: dict[str, Any] | None,
+                   progress: _Progress) -> Any:
     reader, writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
     try:
         sync_id = secrets.randbelow(1 << 31)
@@ -69,6 +87,7 @@ async def _command(path: str, command: str, arguments: dict[str, Any] | None) ->
             reply = await _read_reply(reader)
             if reply.get("return") == sync_id:
                 break
+        progress.delivered = True  # from here on it may run, even if we give up
         writer.write(_message(command, arguments))
         await writer.drain()
         while True:

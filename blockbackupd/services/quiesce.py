@@ -94,11 +94,12 @@ class QuiesceService:
             count = await self._agent(socket).command("guest-fsfreeze-freeze")
         except AgentError as err:
             # Refused: qemu-ga thawed what it froze. Not answered: it may yet
-            # freeze. Either way a thaw makes sure; unreachable: nothing to thaw.
-            if _unreachable(socket):
-                self._store.drop_intent(record)
-            else:
+            # freeze. Either way a thaw makes sure. Never delivered (agent not
+            # there, or not answering even the synchronisation): nothing to thaw.
+            if err.delivered and not _unreachable(socket):
                 self._retry(domain.name, socket, record)
+            else:
+                self._store.drop_intent(record)
             raise QuiesceFailed(f"domain {domain.name!r}: cannot freeze the guest's "
                                 f"filesystems: {err}") from None
         except BaseException:
