@@ -10,7 +10,11 @@ BASE_APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python
 # (virsh), for the tests only: tests/vm_manager/test_libvirt.py runs a private
 # libvirtd of its own (config and state under a temporary directory; the
 # system's libvirt config is neither read nor changed). `make install` leaves them out.
-APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients
+# e2fsprogs: tests/guest and the demo read the Linux guest's ext4 disks
+# (debugfs, e2fsck, dumpe2fs) and copy its programs into the guest. The guest's
+# kernel, busybox-static and qemu-guest-agent are not installed: `make guest`
+# fetches them with apt-get download into its cache (tools/linux_guest).
+APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients e2fsprogs
 VENV         := .venv
 PYTHON       := $(VENV)/bin/python
 # libnbd's Python binding is a distro package for the system Python only.
@@ -18,7 +22,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 
-.PHONY: all test demo bench deps system-deps lint check-unit install clean
+.PHONY: all test demo bench deps system-deps lint check-unit guest install clean
 
 all: test
 
@@ -40,11 +44,16 @@ $(STAMP): pyproject.toml | system-deps
 
 deps: system-deps $(STAMP)
 
-test: lint check-unit
+test: lint check-unit guest
 	$(PYTHON) -m pytest
 
-demo: deps
+demo: deps guest
 	$(PYTHON) -m tools.demo
+
+# The tests' Linux guest (kernel + initramfs from Debian packages), built into
+# /var/cache/blockbackupd-guest ($$BB_GUEST_CACHE) unless already there.
+guest: deps
+	$(PYTHON) -m tools.linux_guest
 
 bench: deps
 	$(PYTHON) -m bench.snapshot_window

@@ -141,8 +141,12 @@ class Vm:
             if self.writer:
                 args += ["-device", f"ide-hd,drive={disk}-fmt,{placements[i]},id={disk}"]
             else:
-                args += ["-device", f"scsi-hd,drive={disk}-fmt,id={disk}"]
+                args += self.disk_device(disk)
         return args + self.extra_args
+
+    def disk_device(self, disk: str) -> list[str]:
+        """The -device arguments of a disk's device (subclasses choose the bus)."""
+        return ["-device", f"scsi-hd,drive={disk}-fmt,id={disk}"]
 
     def start(self, timeout: float = 30.0) -> Vm:
         self.create_images()
