@@ -98,14 +98,16 @@ def test_killed_guest_leaves_a_recoverable_state_with_consistent_logs(
     assert check.steps >= 5
 
 
-def test_power_button_shuts_down_cleanly_even_when_frozen(
-        make_guest: Callable[..., LinuxVm]) -> None:
-    vm = make_guest("idle", disks={"sda": 32 * MiB})
+@pytest.mark.parametrize("via", ["acpi", "agent"])
+def test_shutdown_is_clean_even_when_frozen(make_guest: Callable[..., LinuxVm],
+                                            via: str) -> None:
+    vm = make_guest(f"idle-{via}", disks={"sda": 32 * MiB})
     vm.wait_ready()
+    assert vm.markers("READY")[0].endswith("workload=idle disks=sda")
     done = vm.guest_exec("echo hello > /mnt/sda/hello && sync && cat /proc/mounts")
     assert done.returncode == 0 and b"/mnt/sda ext4" in done.stdout
     assert vm.agent("guest-fsfreeze-freeze") == 1
-    vm.shutdown(via="acpi")
+    vm.shutdown(via=via)
     with Ext4Image(vm.image("sda")) as fs:
         assert not fs.needs_recovery()
         assert fs.fsck().clean

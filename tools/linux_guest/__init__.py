@@ -74,7 +74,7 @@ Console markers (serial console, ttyS0)
 ---------------------------------------
 ``BB-INIT uptime=S kernel=V``; ``BB-DISK id=vda dev=/dev/vda mnt=/mnt/vda
 formatted=0|1`` (or ``... raw``); ``BB-AGENT port=/dev/vportNpM pid=P``;
-``BB-READY uptime=S workload=W disks=a,b,``; ``BB-CRASH a= b= keep= resume=``;
+``BB-READY uptime=S workload=W disks=a,b``; ``BB-CRASH a= b= keep= resume=``;
 ``BB-STEP n``; ``BB-RESULT <kind> key=value...``; ``BB-DONE <workload> rc=N``;
 ``BB-SHUTDOWN``; ``BB-POWEROFF``; ``BB-ERROR <what>`` for every failure the
 guest sees (a failed write, mkfs, mount, module, a missing disk...). The

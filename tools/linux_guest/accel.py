@@ -81,6 +81,8 @@ def probe(name: str, image: GuestImage) -> tuple[float | None, str]:
         seconds = time.monotonic() - started
         vm.wait_exit(10.0)
         return seconds, ""
+    except TimeoutError:
+        return None, f"hung (no BB-READY in {PROBE_TIMEOUT[name]:.0f} s)"
     except Exception as e:  # any failure means: not this one
         vm.kill()
         said = [line for line in vm.qemu_output().splitlines() if "error" in line.lower()]

@@ -332,7 +332,7 @@ if [ "$runfor" != 0 ]; then
     (sleep "$runfor"; kill -USR1 1) &
 fi
 
-say "BB-READY uptime=$(uptime_s) workload=$(param workload idle) disks=$(mounted_disks | tr '\n' ',')"
+say "BB-READY uptime=$(uptime_s) workload=$(param workload idle) disks=$(mounted_disks | paste -sd,)"
 BB_ROLE=workload setsid /init &
 WL=$!
 

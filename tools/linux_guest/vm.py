@@ -220,7 +220,8 @@ class LinuxVm(Vm):
         unmounted, then poweroff), then QEMU's exit.
 
         ``via="acpi"``: QMP system_powerdown (the guest watches its power button);
-        ``via="agent"``: the guest agent's guest-shutdown. Raises if the guest
+        ``via="agent"``: the guest agent's guest-shutdown (after a thaw if the
+        agent has the filesystems frozen). Raises if the guest
         did not get to BB-POWEROFF in time (QEMU is killed then) or reported an
         unmount failure.
         """
@@ -228,6 +229,10 @@ class LinuxVm(Vm):
             self._forget()
             return
         if via == "agent":
+            # A frozen agent refuses guest-shutdown (the answer would be its
+            # only one): thaw first, as the guest's own shutdown would.
+            if self.agent("guest-fsfreeze-status") == "frozen":
+                self.agent("guest-fsfreeze-thaw")
             self.agent_client().send("guest-shutdown")
         elif via == "acpi":
             self.qmp("system_powerdown")
