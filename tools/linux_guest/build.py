@@ -159,7 +159,9 @@ def _apt_fingerprint() -> str:
 
 
 def _apt_show(packages: Iterable[str]) -> dict[str, dict[str, str]]:
-    out = run(["apt-cache", "show", "--no-all-versions", *packages]).stdout
+    # Not run(): apt-cache fails when one of them is unknown, yet shows the others.
+    out = subprocess.run(["apt-cache", "show", "--no-all-versions", *packages],
+                         capture_output=True, text=True).stdout
     result: dict[str, dict[str, str]] = {}
     for stanza in out.strip().split("\n\n"):
         fields: dict[str, str] = {}
@@ -187,6 +189,11 @@ def resolve_packages(cache: Path) -> dict[str, dict[str, str]]:
     except (OSError, ValueError, KeyError):
         pass
     meta = _apt_show([KERNEL_META]).get(KERNEL_META)
+    if meta is None:
+        # A fresh machine whose packages came preinstalled may have empty
+        # lists: fetch them once, as `make`'s system-deps would.
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True)
+        meta = _apt_show([KERNEL_META]).get(KERNEL_META)
     if meta is None:
         raise BuildError(f"apt knows no {KERNEL_META} (run apt-get update; Debian only)")
     kernel = next((d.split()[0] for d in meta.get("Depends", "").split(",")
