@@ -49,6 +49,8 @@ class Frozen:
     #: to the filesystems being frozen wait.
     since: float
     thawed: bool = False
+    #: Whether a thaw must be sent (False when the freeze froze nothing).
+    owed: bool = True
     #: How long the guest's filesystems stayed frozen (set by the thaw).
     window: float | None = field(default=None)
 
@@ -111,7 +113,14 @@ class QuiesceService:
             count = 0
         log.info("domain %s: froze %d filesystem(s) in %.1f ms for snapshot %s", domain.name,
                  count, (time.perf_counter() - since) * 1e3, snapshot)
-        return Frozen(domain.name, socket, record, count, since)
+        frozen = Frozen(domain.name, socket, record, count, since)
+        if count == 0:
+            # Nothing of ours to thaw: the guest has no filesystem its agent can
+            # freeze, or another agent (the manager's) froze them already, and
+            # qemu-ga's thaw would thaw them all, theirs included.
+            self._store.drop_intent(record)
+            frozen.owed = False
+        return frozen
 
     async def thaw(self, frozen: Frozen) -> None:
         """Thaw what ``freeze`` froze; a no-op the second time. Never raises: a
@@ -119,6 +128,9 @@ class QuiesceService:
         if frozen.thawed:
             return
         frozen.thawed = True
+        if not frozen.owed:
+            frozen.window = time.perf_counter() - frozen.since
+            return
         try:
             await self._agent(frozen.socket).command("guest-fsfreeze-thaw")
         except AgentError as err:

@@ -111,6 +111,8 @@ class Snapshot:
     #: Seconds the guest's filesystems stayed frozen for the instant (None:
     #: not quiesced).
     frozen_window: float | None = None
+    #: How many filesystems the guest agent froze for it.
+    frozen_filesystems: int = 0
 
     @property
     def quiesced(self) -> bool:
@@ -396,7 +398,8 @@ class SnapshotService:
             raise
         undo.discard()
         return Snapshot(domain.name, name, time.time(), window, parts,
-                        frozen_window=None if frozen is None else frozen.window)
+                        frozen_window=None if frozen is None else frozen.window,
+                        frozen_filesystems=0 if frozen is None else frozen.filesystems)
 
     async def _switch(self, ops: BlockOps, domain: str, name: str, parts: list[SnapshotDisk],
                       undo: Undo, instant: Instant | None) -> float:
@@ -743,6 +746,7 @@ def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
     }
     if snapshot.frozen_window is not None:
         result["frozen_window"] = round(snapshot.frozen_window, 6)
+        result["frozen_filesystems"] = snapshot.frozen_filesystems
     if snapshot.broken_reason is not None:
         result["reason"] = snapshot.broken_reason
     if snapshot.removed:

@@ -10,6 +10,7 @@ daemon quiesces through the second.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,12 +61,29 @@ def test_quiesce_through_a_channel_of_its_own_while_the_manager_holds_its_own(
                 c.snapshot_create("vm1", snapshot_xml(f"s{i}"), quiesce=True)
                 info = c.snapshot_lookup("vm1", f"s{i}")
                 assert info["quiesced"] is True and 0 < info["frozen_window"] < 5
+                assert info["frozen_filesystems"] == 2
                 c.snapshot_delete("vm1", f"s{i}")
             # The manager's agent still answers, and the guest writes on.
             assert manager.cmd("guest-ping") == {}
             wait_for(lambda before=before: vm.steps() >= before + 2, timeout=30,
                      what="the guest writing after the snapshot")
         assert manager.cmd("guest-fsfreeze-status") == "thawed"
+
+        # The manager freezes the guest itself: our agent then freezes nothing
+        # (the filesystems are frozen already), and the daemon must not thaw
+        # what the manager froze (qemu-ga's thaw would thaw every filesystem).
+        assert manager.cmd("guest-fsfreeze-freeze") == 2
+        with daemon.client() as c:
+            c.snapshot_create("vm1", snapshot_xml("s9"), quiesce=True)
+            info = c.snapshot_lookup("vm1", "s9")
+            assert info["quiesced"] is True and info["frozen_filesystems"] == 0
+            c.snapshot_delete("vm1", "s9")
+        before = vm.steps()
+        time.sleep(1.5)
+        assert vm.steps() <= before + 1, "the manager's freeze was thawed"
+        assert manager.cmd("guest-fsfreeze-status") == "frozen"
+        assert manager.cmd("guest-fsfreeze-thaw") == 2
+        wait_for(lambda: vm.steps() >= before + 2, timeout=30, what="writes after the thaw")
         assert vm.errors() == []
     finally:
         manager.close()
