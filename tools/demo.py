@@ -1,175 +1,451 @@
-"""``make demo``: the whole backup story on a throwaway VM, as a user runs it.
+"""``make demo``: the whole backup story on a real Linux guest that keeps writing.
 
-Starts blockbackupd with a demo config in a temporary directory and a QEMU
-with two qcow2 disks (no guest OS; the "guest" writes are qemu-io through the
-VM's devices), then, with ``bbctl`` only: defines the domain, takes a full
-backup, writes more, takes an incremental one, lists and verifies them,
-restores both disks and proves them byte-identical to the VM's disks with
-``qemu-img compare``. Prints a report and removes everything it made.
+Boots the tiny Linux guest of tools/linux_guest with two 64 MiB disks, ``vda``
+on virtio-blk and ``sdb`` on scsi-hd, which it formats with ext4 at first
+boot; its ``crash`` workload keeps writing files of random bytes to both and
+logging their sha256 (fsync'd), step after step. Starts blockbackupd with a
+demo config in a temporary directory, defines the domain with its QMP socket
+and its guest agent channel, then, with ``bbctl`` only, while the guest
+writes: a quiesced full backup (the daemon freezes the guest's filesystems
+through the agent around the point in time), a quiesced incremental and a
+crash-consistent one. It lists and verifies them, restores every point of
+both disks to raw images and checks them without mounting them (debugfs,
+e2fsck): a quiesced point needs no journal replay and is fsck-clean as it
+is; every point (after the replay a mount would do) holds every file its
+logs name with the logged checksum, and both disks show one instant. Then
+it shows the guest was never left frozen, shuts it down cleanly, stops the
+daemon, prints the figures it measured and removes everything it made.
+
+Any failed check raises: the demo then prints the tails of the guest's
+console and of the daemon's log, and exits 1. ``BB_DEMO_KEEP=1`` keeps the
+work directory (images, backups, logs) instead of removing it.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tools.daemon import Daemon
-from tools.vm import MiB, Vm
+from tools.linux_guest.accel import accelerator
+from tools.linux_guest.build import build
+from tools.linux_guest.fsread import Ext4Image, check_crash_logs
+from tools.linux_guest.vm import LinuxVm
+from tools.vm import MiB
 
 KiB = 1024
-DISKS = {"sda": 256 * MiB, "sdb": 128 * MiB}
-#: (disk, offset, length, byte) written before the full backup; None writes zeros.
-FIRST = [("sda", 0, 48 * MiB, 0x11), ("sda", 128 * MiB, 16 * MiB, 0x12),
-         ("sdb", 8 * MiB, 24 * MiB, 0x21)]
-#: ... and before the incremental one: scattered, and some zeros over old data.
-SECOND = [("sda", 1 * MiB, 64 * KiB, 0x31), ("sda", 130 * MiB, 256 * KiB, 0x32),
-          ("sda", 250 * MiB, 1 * MiB, 0x33), ("sdb", 9 * MiB, 128 * KiB, 0x41),
-          ("sdb", 20 * MiB, 512 * KiB, None), ("sdb", 100 * MiB, 64 * KiB, 0x42)]
+DISKS = {"vda": 64 * MiB, "sdb": 64 * MiB}
+#: The crash workload's files: 16..256 KiB each (A = vda, B = sdb).
+GUEST_PARAMS: dict[str, str | int | float] = {"kmin": 16, "kmax": 256}
+#: The backups, in turn: (quiesce mode, what it is). The first is the full.
+PLAN = [("yes", "quiesced full"), ("yes", "quiesced incremental"),
+        ("no", "crash-consistent incremental")]
+#: Guest steps to see completed after each backup returned: the guest writes, not frozen.
+STEPS_AFTER = 2
+
+
+class DemoFailed(RuntimeError):
+    """A check of the demo failed; the message says which."""
 
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Wait until condition() holds; seconds waited. Raises after timeout."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise DemoFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+@dataclass
+class Backup:
+    quiesce: str
+    what: str
+    record: dict[str, Any]
+    seconds: float            # bbctl backup, end to end
+    steps_before: int         # the guest's step when the backup started
+    steps_at_return: int      # ... when bbctl returned
+    steps_after: int          # ... once it had completed STEPS_AFTER more
+    resumed_in: float         # seconds after bbctl returned until then
+    #: How long the guest's I/O was held (vCPUs paused) for the switch to the
+    #: point in time: the daemon logs it when it creates the snapshot.
+    held_io_ms: float | None = None
+
+    @property
+    def id(self) -> str:
+        return str(self.record["id"])
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(int(e["bytes_read"]) for e in self.record["disks"].values())
+
+    @property
+    def frozen_ms(self) -> float | None:
+        window = self.record.get("frozen_window")
+        return None if window is None else float(window) * 1e3
+
+
+@dataclass
+class PointCheck:
+    backup: Backup
+    needs_recovery: dict[str, bool]
+    fsck: str
+    steps_a: int
+    steps_b: int
+    seconds: float
+    problems: list[str] = field(default_factory=list)
+
+
 class Demo:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.vm = Vm(workdir, "demo-vm", disks=DISKS)
-        self.daemon = Daemon(workdir, log_level="info")
+        self.vm = LinuxVm(workdir, "vm1", disks=DISKS, workload="crash",
+                          params=GUEST_PARAMS, agent=True)
+        self.daemon = Daemon(workdir, log_level="info", quiesce_timeout=20.0)
         self.dest = workdir / "backups"
+        self.restored = workdir / "restored"
+        self.boot_seconds = 0.0
+        self.backups: list[Backup] = []
+        self.checks: list[PointCheck] = []
 
-    def bbctl(self, *args: str, quiet: bool = False) -> str:
-        """Run bbctl as a user would, show the command and what it printed."""
-        argv = ["bbctl", "--socket", str(self.daemon.socket), *args]
-        print("$ " + shlex.join(argv), flush=True)
-        r = subprocess.run([sys.executable, "-m", "blockbackup_client.bbctl", *argv[1:]],
-                           capture_output=True, text=True)
-        for stream in (r.stderr, r.stdout if not quiet else ""):
+    # ----------------------------------------------------------------- helpers
+
+    def bbctl(self, *args: str, quiet: bool = False, show: bool = True) -> str:
+        """Run bbctl as a user would (in the work directory, relative paths),
+        show the command and what it printed (``quiet``: not its output,
+        unless it fails; ``show=False``: nothing); raise if it fails."""
+        if show:
+            print("$ bbctl " + shlex.join(args), flush=True)
+        r = subprocess.run([sys.executable, "-m", "blockbackup_client.bbctl",
+                            "--socket", str(self.daemon.socket), *args],
+                           capture_output=True, text=True, cwd=self.workdir)
+        if not show and r.returncode:
+            print("$ bbctl " + shlex.join(args), flush=True)
+        for stream in (r.stderr if show or r.returncode else "",
+                       r.stdout if not quiet or r.returncode else ""):
             if stream.strip():
                 print("  " + stream.strip().replace("\n", "\n  "), flush=True)
         if r.returncode != 0:
-            raise RuntimeError(f"bbctl {args[0]} failed with {r.returncode}")
+            raise DemoFailed(f"bbctl {shlex.join(args)} failed with exit status "
+                             f"{r.returncode}")
         return r.stdout
 
-    def write(self, batch: list[tuple[str, int, int, int | None]]) -> None:
-        for disk, offset, length, byte in batch:
-            if byte is None:
-                self.vm.zero(disk, offset, length)
-                print(f"  {disk}: zeros at {offset // KiB} KiB, {length // KiB} KiB")
-            else:
-                self.vm.write(disk, offset, length, byte)
-                print(f"  {disk}: {length // KiB} KiB of {byte:#04x} at {offset // KiB} KiB")
+    def bbctl_json(self, *args: str, show: bool = True) -> Any:
+        return json.loads(self.bbctl("--json", *args, quiet=True, show=show))
 
-    def backup(self, level: str) -> tuple[dict[str, Any], float]:
-        start = time.monotonic()
-        out = self.bbctl("--json", "backup", self.vm.name, "--dest", str(self.dest),
-                         "--level", level, quiet=True)
-        seconds = time.monotonic() - start
-        record: dict[str, Any] = json.loads(out)
-        print(f"  backup {record['id']} ({record['level']}) in {seconds:.2f} s")
-        return record, seconds
+    def rel(self, path: Path) -> str:
+        return str(path.relative_to(self.workdir))
 
-    def restore(self, disk: str, at: str | None, reference: Path) -> None:
-        out = self.workdir / f"restored-{disk}-{at or 'latest'}.qcow2"
-        self.bbctl("restore", str(self.dest), "--disk", disk, "--output", str(out),
-                   *(["--at", at] if at else []))
-        cmp = subprocess.run(["qemu-img", "compare", "-U", str(out), str(reference)],
-                             capture_output=True, text=True)
-        print(f"$ qemu-img compare -U {out.name} {reference.name}\n  " + cmp.stdout.strip())
-        if cmp.returncode != 0:
-            raise RuntimeError(f"restored {disk} differs from {reference.name}")
+    # ------------------------------------------------------------------- story
 
-    def run(self) -> int:
-        vm, daemon = self.vm, self.daemon
-        step(f"starting QEMU ({vm.name}: sda 256 MiB, sdb 128 MiB) and blockbackupd "
-             f"in {self.workdir}")
+    def run(self) -> None:
+        vm = self.vm
+        image = build()
+        accel = accelerator(image)
+        step(f"boot the Linux guest (kernel {image.kernel_version}) in {self.workdir}")
+        print(accel.describe())
+        print(f"disks: vda {DISKS['vda'] // MiB} MiB on virtio-blk, sdb {DISKS['sdb'] // MiB} "
+              "MiB on scsi-hd (qcow2 images, empty: the guest makes ext4 on them)")
         vm.start()
-        daemon.start()
-        self.bbctl("domain", "define", vm.name, str(vm.daemon_qmp))
-        deadline = time.monotonic() + 10
-        while "running" not in self.bbctl("domain", "list", quiet=True):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the daemon did not reach the VM")
-            time.sleep(0.1)
+        self.boot_seconds = vm.wait_ready()
+        print(f"guest ready in {self.boot_seconds:.1f} s (QEMU start to BB-READY: disks "
+              "formatted and mounted, guest agent serving)")
+        for disk, info in vm.guest_disks().items():
+            print(f"  {disk}: {info['dev']} mounted at {info['mnt']}"
+                  f"{', formatted at this boot' if info.get('formatted') == '1' else ''}")
+        fsinfo = vm.agent("guest-get-fsinfo")
+        for fs in sorted(fsinfo, key=lambda f: f["mountpoint"]):
+            buses = ",".join(d.get("bus-type", "?") for d in fs.get("disk", []))
+            print(f"  guest agent: {fs['mountpoint']} {fs['type']} on {buses}")
+        vm.close_agent()  # the agent's channel serves one client: the daemon's from now on
+        print("the guest's crash workload runs: step n writes f<n> (random bytes) on vda, "
+              "fsync, logs its sha256 in vda's log, fsync, then the same on sdb")
+
+        step("start blockbackupd and define the domain with its guest agent channel")
+        self.daemon.start()
+        print(f"(bbctl --socket {self.daemon.socket} below, run in {self.workdir})")
+        self.bbctl("domain", "define", vm.name, str(vm.daemon_qmp),
+                   "--guest-agent-socket", str(vm.agent_socket))
+        wait_for(lambda: self.bbctl_state() == "running", 20, "the daemon to reach QEMU")
         self.bbctl("domain", "list")
+        wait_for(lambda: vm.steps() >= 3, 60, "the guest's first three steps")
 
-        step("the guest writes its first data")
-        self.write(FIRST)
-        step("full backup")
-        full, full_s = self.backup("full")
-        # Keep a copy of the disks as they were, to check the restore of the full later.
-        for disk in DISKS:
-            vm.qemu_io(disk, "flush")
-            subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(vm.image(disk)),
-                            str(self.workdir / f"then-{disk}.qcow2")], check=True)
-
-        step("the guest writes more: scattered blocks on both disks, and zeros")
-        self.write(SECOND)
-        step("incremental backup: only the blocks changed since the full one")
-        inc, inc_s = self.backup("inc")
+        for quiesce, what in PLAN:
+            step(f"{what} while the guest writes (at step {vm.steps()})")
+            self.backup(quiesce, what)
 
         step("what the backup directory holds")
-        self.bbctl("list", str(self.dest))
-        self.bbctl("verify", str(self.dest))
-        chain = subprocess.run(["qemu-img", "info", "--backing-chain",
-                                str(self.dest / inc["disks"]["sda"]["file"])],
-                               capture_output=True, text=True, check=True).stdout
-        print("$ qemu-img info --backing-chain " + inc["disks"]["sda"]["file"])
-        print("  " + "\n  ".join(line for line in chain.splitlines()
-                                 if line.startswith(("image:", "backing file:"))))
+        self.bbctl("list", self.rel(self.dest))
+        self.bbctl("verify", self.rel(self.dest))
+        self.show_chain()
+        if self.bbctl_json("snapshot", "list", vm.name):
+            raise DemoFailed("a backup left a snapshot behind")
+        print("no snapshot left behind; the checkpoint of each backup stays for the next "
+              "incremental:")
+        self.bbctl("checkpoint", "list", vm.name)
+        last = self.backups[-1].id
+        changes = {d: self.bbctl_json("checkpoint", "changes", vm.name, last, "--disk", d)
+                   for d in DISKS}
+        print("  since " + last + ", the guest changed " + ", ".join(
+            f"{d} {len(c['extents'])} extents ({c['bytes'] // KiB} KiB)"
+            for d, c in changes.items()) + " so far: what the next incremental would read")
 
-        step("restore both disks from the latest backup; compare with the VM's disks")
+        step("restore every point of both disks; check them without mounting them")
+        self.restored.mkdir()
+        for b in self.backups:
+            self.check_point(b)
+        self.print_checks()
+
+        step("the guest was never left frozen")
+        self.check_never_frozen()
+
+        step("shut the guest down cleanly, stop the daemon")
+        started = time.monotonic()
+        vm.shutdown(via="acpi")
+        print(f"guest powered off cleanly in {time.monotonic() - started:.1f} s "
+              f"(step {vm.steps()} was its last; every filesystem unmounted)")
+        if vm.errors():
+            raise DemoFailed("the guest reported errors: " + "; ".join(vm.errors()))
+        code = self.daemon.stop()
+        if code != 0:
+            raise DemoFailed(f"blockbackupd exited with {code}")
+        print("blockbackupd exited with 0")
+        errors = [line for line in self.daemon.log().splitlines() if " ERROR " in line]
+        if errors:
+            raise DemoFailed("blockbackupd logged errors:\n" + "\n".join(errors[-10:]))
+        self.report()
+
+    def bbctl_state(self) -> str:
+        domains = self.bbctl_json("domain", "list", show=False)
+        return next((str(d["state"]) for d in domains if d["name"] == self.vm.name), "")
+
+    def backup(self, quiesce: str, what: str) -> None:
+        vm = self.vm
+        before = vm.steps()
+        started = time.monotonic()
+        record = self.bbctl_json("backup", vm.name, "--dest", self.rel(self.dest),
+                                 *(["--quiesce"] if quiesce == "yes" else ["--quiesce", "no"]))
+        seconds = time.monotonic() - started
+        b = Backup(quiesce, what, record, seconds, before, 0, 0, 0.0)
+        if record["quiesced"] != (quiesce == "yes"):
+            raise DemoFailed(f"backup {b.id}: quiesced is {record['quiesced']}, asked "
+                             f"--quiesce {quiesce}")
+        if quiesce == "yes" and b.frozen_ms is None:
+            raise DemoFailed(f"backup {b.id} was quiesced but reports no frozen window")
+        expected = "full" if not self.backups else "inc"
+        if record["level"] != expected:
+            raise DemoFailed(f"backup {b.id} is {record['level']}, expected {expected}")
+        # Steps the guest completes from now on were written after the thaw.
+        at_return = b.steps_at_return = vm.steps()
+        b.resumed_in = wait_for(lambda: vm.steps() >= at_return + STEPS_AFTER, 60,
+                                f"the guest to write again after backup {b.id}")
+        b.steps_after = vm.steps()
+        self.backups.append(b)
+        frozen = f"filesystems frozen {b.frozen_ms:.0f} ms" if b.frozen_ms is not None \
+            else "not frozen"
+        print(f"  {b.id}: {record['level']}, "
+              f"{'quiesced' if record['quiesced'] else 'crash-consistent'}, {frozen}; "
+              f"{b.bytes_read / MiB:.1f} MiB read in {seconds:.1f} s")
+        print(f"  the guest went on: step {before} when it started, {at_return} when it "
+              f"returned, {b.steps_after} {b.resumed_in:.1f} s later")
+
+    def show_chain(self) -> None:
+        entry = self.backups[-1].record["disks"]["vda"]
+        chain = [entry["file"]]
+        while entry.get("backing"):
+            chain.append(entry["backing"])
+            entry = next(e for b in self.backups for e in [b.record["disks"]["vda"]]
+                         if e["file"] == entry["backing"])
+        print("vda's chain (qcow2 backing files, readable by qemu-img alone): "
+              + " -> ".join(chain))
+
+    def check_point(self, b: Backup) -> None:
+        started = time.monotonic()
+        paths = {}
         for disk in DISKS:
-            vm.qemu_io(disk, "flush")  # so the image file holds what the guest wrote
-            self.restore(disk, None, vm.image(disk))
-        step("restore both disks as they were at the full backup; compare with the copies")
-        for disk in DISKS:
-            self.restore(disk, full["id"], self.workdir / f"then-{disk}.qcow2")
+            out = self.restored / f"{b.id}-{disk}.raw"
+            self.bbctl("restore", self.rel(self.dest), "--disk", disk, "--at", b.id,
+                       "--output", self.rel(out), "--format", "raw", quiet=True)
+            paths[disk] = out
+        problems = []
+        with Ext4Image(paths["vda"], "raw") as a, Ext4Image(paths["sdb"], "raw") as fs_b:
+            images = {"vda": a, "sdb": fs_b}
+            needs = {d: fs.needs_recovery() for d, fs in images.items()}
+            fsck_note = ""
+            if b.record["quiesced"]:
+                # Frozen filesystems have their journal flushed and marked clean:
+                # as restored, with nothing replayed.
+                if any(needs.values()):
+                    problems.append("quiesced, yet its journal needs a replay")
+                for disk, fs in images.items():
+                    result = fs.fsck()
+                    if not result.clean:
+                        problems.append(f"{disk}: e2fsck -fn exit {result.returncode}: "
+                                        f"{result.output.strip()[-500:]}")
+                fsck_note = "clean as restored"
+            check = check_crash_logs(a, fs_b)  # replays the journals first, as a mount would
+            problems += check.problems
+            if not b.record["quiesced"]:
+                for disk, fs in images.items():
+                    result = fs.fsck()
+                    if not result.clean:
+                        problems.append(f"{disk}: e2fsck -fn after the journal replay: exit "
+                                        f"{result.returncode}: {result.output.strip()[-500:]}")
+                fsck_note = "clean after replay" if any(needs.values()) else "clean as restored"
+            steps_a, steps_b = len(check.a.entries), len(check.b.entries)
+        # The point lies within the backup: at least every step done before it
+        # started, at most the steps seen once the guest went on afterwards.
+        if not b.steps_before <= steps_b <= steps_a <= b.steps_after + 1:
+            problems.append(f"logs at {steps_a}/{steps_b} steps: not between steps "
+                            f"{b.steps_before} and {b.steps_after}")
+        for path in paths.values():
+            path.unlink()
+        point = PointCheck(b, needs, fsck_note if not problems else "FAILED",
+                           steps_a, steps_b, time.monotonic() - started, problems)
+        self.checks.append(point)
+        if problems:
+            raise DemoFailed(f"restored point {b.id} ({b.what}): " + "; ".join(problems))
 
-        if json.loads(self.bbctl("--json", "snapshot", "list", vm.name, quiet=True)):
-            raise RuntimeError("a backup left a snapshot behind")
-        print("  no snapshot left behind")
-        self.report([(full, full_s), (inc, inc_s)])
-        return 0
+    def print_checks(self) -> None:
+        print(f"{'point':<24} {'level':<5} {'quiesced':<8} {'frozen':>7} "
+              f"{'log steps':>10} {'needs replay':<14} {'e2fsck -fn':<18}")
+        for c in self.checks:
+            b = c.backup
+            frozen = f"{b.frozen_ms:.0f} ms" if b.frozen_ms is not None else "-"
+            needs = "/".join("yes" if c.needs_recovery[d] else "no" for d in DISKS)
+            print(f"{b.id:<24} {b.record['level']:<5} "
+                  f"{'yes' if b.record['quiesced'] else 'no':<8} {frozen:>7} "
+                  f"{f'{c.steps_a}/{c.steps_b}':>10} {needs:<14} {c.fsck:<18}")
+        print("(log steps: complete lines in vda's / sdb's log; needs replay: vda/sdb "
+              "journal holds transactions a mount would replay)")
+        print("every point: every file its logs name is there with the logged sha256 "
+              "(read with debugfs), and sdb's log is as long as vda's or one step behind: "
+              "both disks at one instant")
+        steps = [c.steps_b for c in self.checks]
+        if steps != sorted(steps) or steps[-1] <= steps[0]:
+            raise DemoFailed(f"the points do not move forward with the guest: steps {steps}")
 
-    def report(self, backups: list[tuple[dict[str, Any], float]]) -> None:
-        step("report")
-        changed = {d: sum(n for disk, _, n, _ in SECOND if disk == d) for d in DISKS}
-        print(f"{'backup':<6} {'disk':<4} {'size':>8} {'changed':>9} {'read':>9} "
-              f"{'zeroed':>9} {'file':>9} {'pull s':>7}")
-        for record, _ in backups:
-            for disk, e in record["disks"].items():
-                print(f"{record['level']:<6} {disk:<4} {e['size'] // MiB:>6}Mi "
-                      f"{(changed[disk] if record['level'] == 'inc' else 0) // KiB:>7}Ki "
-                      f"{e['bytes_read'] // KiB:>7}Ki {e['bytes_zeroed'] // KiB:>7}Ki "
-                      f"{e['bytes_written'] // KiB:>7}Ki {e['seconds']:>7.2f}")
-        for record, seconds in backups:
-            read = sum(e["bytes_read"] for e in record["disks"].values())
-            print(f"{record['level']} backup: {read / MiB:.1f} MiB pulled, "
-                  f"{seconds:.2f} s end to end (bbctl start, snapshot, export, pull, "
-                  f"checksums, teardown)")
-        print("every restored disk is byte-identical to the disk at that backup")
+    def check_never_frozen(self) -> None:
+        vm = self.vm
+        now = vm.steps()
+        last = self.backups[-1].steps_after
+        if now <= last:
+            raise DemoFailed(f"the guest stopped writing: step {now}, already {last} right "
+                             "after the last backup")
+        status = vm.agent("guest-fsfreeze-status")
+        vm.close_agent()
+        if status != "thawed":
+            raise DemoFailed(f"the guest agent says the filesystems are {status}")
+        errors = vm.errors()
+        if errors:
+            raise DemoFailed("the guest's console shows errors: " + "; ".join(errors))
+        print("the guest's step at each backup's start, return, and soon after: " + ", ".join(
+            f"{b.steps_before} -> {b.steps_at_return} -> {b.steps_after}"
+            for b in self.backups)
+            + f"; now at step {now}")
+        print("guest agent: guest-fsfreeze-status = thawed; console: no I/O error, "
+              "no ext4 error, no BB-ERROR")
+
+    def held_io_windows(self) -> None:
+        log = self.daemon.log()
+        for b in self.backups:
+            m = re.search(rf"snapshot {self.vm.name}/{re.escape(b.id)} created: .*"
+                          r"held-I/O window ([0-9.]+) ms", log)
+            b.held_io_ms = float(m.group(1)) if m else None
+
+    def report(self) -> None:
+        step("figures")
+        self.held_io_windows()
+        print(f"guest boot: {self.boot_seconds:.1f} s to BB-READY "
+              f"({accelerator().name}, 2 disks formatted at first boot)")
+        print(f"{'backup':<30} {'wall s':>7} {'read MiB':>9} {'frozen ms':>10} "
+              f"{'I/O held ms':>12} {'guest went on in':>17}")
+        for b in self.backups:
+            frozen = f"{b.frozen_ms:.0f}" if b.frozen_ms is not None else "-"
+            held = f"{b.held_io_ms:.1f}" if b.held_io_ms is not None else "?"
+            print(f"{b.what:<30} {b.seconds:>7.1f} {b.bytes_read / MiB:>9.1f} {frozen:>10} "
+                  f"{held:>12} {b.resumed_in:>15.1f} s")
+        print("(frozen: the guest's filesystems frozen through its agent, freeze asked to "
+              "thaw answered; I/O held: vCPUs paused while the disks switch to the point "
+              "in time)")
+        per_disk = ", ".join(f"{d} {e['bytes_read'] / MiB:.1f}"
+                             for d, e in self.backups[1].record["disks"].items())
+        print(f"(read: what was pulled over NBD; the incrementals read only the blocks the "
+              f"guest changed, e.g. {per_disk} MiB for the second)")
+        total = sum(c.seconds for c in self.checks)
+        print(f"restore + check of {len(self.checks)} points x {len(DISKS)} disks: "
+              f"{total:.1f} s")
+
+
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join("  " + line for line in text.splitlines()[-lines:])
+
+
+def console_tail(text: str, lines: int = 25) -> str:
+    """The guest console's tail without the crash workload's BB-STEP lines
+    (only the last one stays): what the guest said besides."""
+    kept = text.splitlines()
+    last_step = next((line for line in reversed(kept) if line.startswith("BB-STEP")), None)
+    kept = [line for line in kept if not line.startswith("BB-STEP") or line is last_step]
+    return tail("\n".join(kept), lines)
 
 
 def main() -> int:
+    started = time.monotonic()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # in order with stderr in CI logs
     workdir = Path(tempfile.mkdtemp(prefix="bb-demo-", dir="/var/tmp"))
     demo = Demo(workdir)
+    failure: str | None = "interrupted"
     try:
-        return demo.run()
+        demo.run()
+        failure = None
+    except Exception as e:
+        failure = f"{type(e).__name__}: {e}"
+        print(f"\nDEMO FAILED: {failure}", file=sys.stderr, flush=True)
+        print("--- guest console (tail) ---\n" + console_tail(demo.vm.console()),
+              file=sys.stderr)
+        print("--- blockbackupd log (tail) ---\n" + tail(demo.daemon.log()), file=sys.stderr)
     finally:
         step("cleaning up")
         if demo.daemon.proc is not None:
-            print(f"blockbackupd exited with {demo.daemon.stop()}")
-        demo.vm.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-        print(f"removed {workdir}")
+            try:
+                print(f"blockbackupd exited with {demo.daemon.stop()}")
+            except Exception as e:
+                demo.daemon.kill()
+                print(f"blockbackupd killed ({e})")
+        if demo.vm.running:
+            demo.vm.kill()
+            print("QEMU killed")
+        demo.vm.close_agent()
+        if os.environ.get("BB_DEMO_KEEP"):
+            print(f"kept {workdir} (BB_DEMO_KEEP)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            print(f"removed {workdir}")
+    elapsed = time.monotonic() - started
+    if failure is not None:
+        print(f"demo FAILED after {elapsed:.0f} s: {failure}", file=sys.stderr)
+        return 1
+    print(f"demo passed in {elapsed:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
