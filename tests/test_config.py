@@ -41,6 +41,9 @@ def test_defaults_are_the_contracts() -> None:
     ('[[domain]]\nname = "vm1"\nqmp_socket = "/q"\ncolour = 1\n', "domain.0.colour: unknown key"),
     ('[[domain]]\nname = "a"\nqmp_socket = "/q"\n[[domain]]\nname = "a"\nqmp_socket = "/r"\n',
      "domain: Value error, domain 'a' is defined twice"),
+    ('[[domain]]\nname = "vm1"\nqmp_socket = "/q"\nguest_agent_socket = "q.qga"\n',
+     "domain.0.guest_agent_socket: Value error, must be an absolute path"),
+    ('[daemon]\nquiesce_timeout = -1\n', "daemon.quiesce_timeout: Input should be greater than 0"),
     ('[daemon\n', "not valid TOML"),
     ('[daemon]\nsocket_group = "no-such-group"\n',
      "daemon.socket_group: Value error, no group 'no-such-group' on this host"),
@@ -93,3 +96,14 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     for section in (Config().daemon, Config().nbd):
         for key in section.model_dump():
             assert f"\n{key} = " in text, key
+
+
+def test_a_domain_with_a_guest_agent_shows_and_loads_back() -> None:
+    text = ('[[domain]]\nname = "vm1"\nqmp_socket = "/run/vms/vm1.qmp"\n'
+            'guest_agent_socket = "/run/vms/vm1.qga"\n'
+            '[[domain]]\nname = "vm2"\nqmp_socket = "/run/vms/vm2.qmp"\n')
+    config = parse_config(text)
+    assert [str(d.guest_agent_socket) for d in config.domain] == ["/run/vms/vm1.qga", "None"]
+    shown = config.to_toml()  # no agent: the key is left out (TOML has no null)
+    assert shown.count("guest_agent_socket") == 1
+    assert parse_config(shown) == config
