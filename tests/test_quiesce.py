@@ -78,10 +78,12 @@ def test_a_guest_agent_that_never_answers(make_daemon: Callable[..., Daemon],
                                           make_vm: Callable[..., Vm], workdir: Path) -> None:
     qga = workdir / "vm1.qga"
     vm = make_vm(extra_args=agent_channel(qga))
-    daemon = make_daemon(quiesce_timeout=TIMEOUT)
-    with daemon.client() as c:
-        c.domain_define("vm1", str(vm.daemon_qmp), guest_agent_socket=str(qga))
+    # Defined in the config file this time (domain.define is tested with bbctl).
+    daemon = make_daemon(quiesce_timeout=TIMEOUT, domains=[
+        {"name": "vm1", "qmp_socket": str(vm.daemon_qmp), "guest_agent_socket": str(qga)}])
     wait_for(lambda: domain_state(daemon, "vm1") == "running", what="vm1 running")
+    with daemon.client() as c:
+        assert c.domain_list()[0]["guest_agent_socket"] == str(qga)
     with daemon.client() as c:
         start = time.monotonic()
         with pytest.raises(QuiesceFailed) as err:
