@@ -157,7 +157,7 @@ def test_hot_added_disk_is_full_the_others_incremental(defined: tuple[Daemon, Vm
     r = bbctl(daemon, "backup", "vm1", "--dest", str(dest))  # human output
     assert r.returncode == 0, r.stderr
     third = manifest(dest)["backups"][2]
-    assert r.stdout == f"backup {third['id']} (inc): {64 * KiB} bytes read\n"
+    assert r.stdout == f"backup {third['id']} (inc, crash-consistent): {64 * KiB} bytes read\n"
     assert r.stderr.splitlines() == [f"bbctl: {d}: incremental from {second['id']}"
                                      for d in ("sda", "sdb", "sdc")]
     assert {d: (e["level"], e["reason"]) for d, e in third["disks"].items()} == {
@@ -165,7 +165,7 @@ def test_hot_added_disk_is_full_the_others_incremental(defined: tuple[Daemon, Vm
     point(third)
 
     listing = bbctl(daemon, "list", str(dest)).stdout.splitlines()
-    assert [(line.split()[1], line.split()[4]) for line in listing[1:]] == [
+    assert [(line.split()[1], line.split()[5]) for line in listing[1:]] == [
         ("full", "sda,sdb"), ("mixed", "sda:inc,sdb:inc,sdc:full"), ("inc", "sda,sdb,sdc")]
     listed = json.loads(bbctl(daemon, "--json", "list", str(dest)).stdout)
     assert [listed[1]["disks"][d]["level"] for d in ("sda", "sdb", "sdc")] == [
@@ -259,7 +259,7 @@ def test_a_manifest_without_per_disk_levels_still_works(defined: tuple[Daemon, V
                 del entry[key]
     (dest / "manifest.json").write_text(json.dumps(old, indent=2) + "\n")
     listing = bbctl(daemon, "list", str(dest)).stdout.splitlines()
-    assert [(line.split()[1], line.split()[4]) for line in listing[1:]] == [
+    assert [(line.split()[1], line.split()[5]) for line in listing[1:]] == [
         ("full", "sda,sdb"), ("inc", "sda,sdb")]
     listed = json.loads(bbctl(daemon, "--json", "list", str(dest)).stdout)
     assert [[e["level"] for e in b["disks"].values()] for b in listed] == [
