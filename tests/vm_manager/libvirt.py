@@ -135,6 +135,17 @@ class Libvirt:
                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _wait(lambda: self.path("run", "virtlogd-sock").exists(), 20, "virtlogd's socket",
               self.virtlogd, (out, self.path("log", "virtlogd.log")))
+        self.start_seconds = self._start_libvirtd()
+        # Domains a crashed libvirtd left defined (restart()): none on a new root.
+        for name in self.virsh("list", "--all", "--name").stdout.split():
+            self.virsh("destroy", name, check=False)
+            self.virsh("undefine", name, check=False)
+        return self
+
+    def _start_libvirtd(self) -> float:
+        """Start libvirtd in virtlogd's mount namespace; seconds to its first answer."""
+        assert self.virtlogd is not None and self.virtlogd.poll() is None, "virtlogd is down"
+        out = self.root / "daemons.out"
         started = time.monotonic()
         with open(out, "ab") as f:
             # nsenter execs libvirtd in virtlogd's mount namespace.
@@ -144,12 +155,24 @@ class Libvirt:
                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _wait(lambda: self.virsh("version", check=False).returncode == 0, 120,
               "libvirtd's first answer", self.libvirtd, (out, self.libvirtd_log))
-        self.start_seconds = time.monotonic() - started
-        # Domains a crashed libvirtd left defined (restart()): none on a new root.
-        for name in self.virsh("list", "--all", "--name").stdout.split():
-            self.virsh("destroy", name, check=False)
-            self.virsh("undefine", name, check=False)
-        return self
+        return time.monotonic() - started
+
+    def restart_libvirtd(self) -> float:
+        """Stop libvirtd alone (SIGTERM, by PID) and start it again, as an
+        upgrade of libvirt would: the domains keep running, and the new
+        libvirtd reconnects to their monitors and guest agents. Seconds from
+        the new start to its first answer."""
+        _stop(self.libvirtd)
+        return self._start_libvirtd()
+
+    def host_path(self, path: str | Path) -> Path:
+        """A path as libvirt reports it (inside its mount namespace, e.g. a
+        channel socket under /var/lib/libvirt) as seen from outside."""
+        path = Path(path)
+        for key, inside in BINDS.items():
+            if path.is_relative_to(inside):
+                return self.path(key, str(path.relative_to(inside)))
+        return path
 
     @property
     def alive(self) -> bool:
