@@ -59,6 +59,7 @@ bench: deps
 	$(PYTHON) -m bench.snapshot_window
 	$(PYTHON) -m bench.checkpoint_writes
 	$(PYTHON) -m bench.run_all
+	$(PYTHON) -m bench.guest_writes
 
 lint: deps
 	$(VENV)/bin/ruff check blockbackupd client tests tools bench
