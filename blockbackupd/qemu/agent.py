@@ -10,9 +10,19 @@ costs at most that long.
 
 A stream on this channel survives earlier clients: bytes one of them left
 unread, or a reply to a command it gave up on, may still arrive. Each call
-therefore starts with ``guest-sync-delimited`` and a fresh random id; the
-agent answers it after a 0xFF byte, and everything before that reply is
-dropped.
+therefore starts with a 0xFF byte (which resets the agent's parser) and
+``guest-sync`` with a fresh random id, and every line before the reply that
+carries that id is dropped. Not ``guest-sync-delimited``: while another
+client holds the channel (libvirt holds ``org.qemu.guest_agent.0`` for the
+domain's life), our connection waits in the socket's accept queue with the
+request unread, and when that client reconnects QEMU may serve the dead
+connection first: the agent's answer then reaches the other client. Plain
+JSON is an answer libvirt ignores as a stray reply; the 0xFF that
+``guest-sync-delimited`` puts before it makes libvirt's parser fail and
+its agent unusable until it reconnects (seen under libvirt 9.0 in 7 of 17
+reconnects with queued ``guest-sync-delimited`` requests). The command itself
+is sent only once the synchronisation is answered, so it can never wait in
+that queue.
 """
 
 from __future__ import annotations
@@ -22,8 +32,8 @@ import json
 import secrets
 from typing import Any
 
-#: The byte qemu-ga writes before the reply to guest-sync-delimited, and which
-#: resets its JSON parser when a client sends it.
+#: The byte that resets qemu-ga's JSON parser when a client sends it (qemu-ga
+#: also writes it before its answer to guest-sync-delimited, never used here).
 _SYNC = b"\xff"
 #: Longest reply line read; an fsfreeze reply is tens of bytes.
 _LINE_LIMIT = 1 << 20
@@ -58,7 +68,7 @@ class GuestAgent:
             async with asyncio.timeout(self.timeout):
                 return await _command(self.path, command, arguments, progress)
         except TimeoutError:
-            what = command if progress.delivered else "guest-sync-delimited"
+            what = command if progress.delivered else "guest-sync"
             busy = "" if progress.delivered else \
                 " (is the guest agent running, or is another client using its channel?)"
             raise AgentError(f"the guest agent did not answer {what} within "
@@ -80,11 +90,10 @@ async def _command(path: str, command: str, arguments: dict[str, Any] | None,
     reader, writer = await asyncio.open_unix_connection(path, limit=_LINE_LIMIT)
     try:
         sync_id = secrets.randbelow(1 << 31)
-        writer.write(_SYNC + _message("guest-sync-delimited", {"id": sync_id}))
+        writer.write(_SYNC + _message("guest-sync", {"id": sync_id}))
         await writer.drain()
         while True:
-            await reader.readuntil(_SYNC)
-            reply = await _read_reply(reader)
+            reply = await _read_reply(reader, lenient=True)
             if reply.get("return") == sync_id:
                 break
         progress.delivered = True  # from here on it may run, even if we give up
@@ -106,8 +115,10 @@ async def _command(path: str, command: str, arguments: dict[str, Any] | None,
             pass
 
 
-async def _read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
-    """The next JSON object the agent sends (blank lines skipped).
+async def _read_reply(reader: asyncio.StreamReader, lenient: bool = False) -> dict[str, Any]:
+    """The next JSON object the agent sends (blank lines skipped; with
+    ``lenient``, lines that are not JSON too: the tail of an earlier client's
+    answer before the synchronisation).
 
     :raise AgentError: the agent closed the channel or sent something else.
     """
@@ -124,6 +135,8 @@ async def _read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
         try:
             reply = json.loads(line)
         except ValueError:
+            if lenient:
+                continue
             raise AgentError(f"the guest agent sent something that is not JSON: "
                              f"{line[:80]!r}") from None
         if isinstance(reply, dict):

@@ -10,10 +10,16 @@ daemon quiesces through the second.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from blockbackup_client import QuiesceFailed
 from tests.conftest import domain_state, snapshot_xml, wait_for
 from tools.daemon import Daemon
 from tools.linux_guest.vm import GuestAgent, LinuxVm
@@ -87,3 +93,42 @@ def test_quiesce_through_a_channel_of_its_own_while_the_manager_holds_its_own(
         assert vm.errors() == []
     finally:
         manager.close()
+
+
+def test_a_request_left_queued_on_a_held_channel_reaches_the_next_client_as_plain_json(
+        make_guest: Callable[..., LinuxVm], make_daemon: Callable[..., Daemon]) -> None:
+    """While another client holds the channel, the daemon's connection waits
+    in the socket's accept queue with its synchronisation unread; when the
+    holder reconnects, QEMU serves the dead connection first and the agent's
+    answers reach the holder (every time, here). They must be plain JSON
+    lines, which libvirt ignores as stray replies: an answer to
+    guest-sync-delimited starts with 0xFF, which libvirt cannot parse (its
+    agent then stays unusable until it reconnects)."""
+    vm = make_guest("vm1", disks={"vda": 64 * MiB}, workload="idle")
+    vm.wait_ready()
+    daemon = make_daemon(quiesce_timeout=1.0)
+    with daemon.client() as c:
+        c.domain_define("vm1", str(vm.daemon_qmp), guest_agent_socket=str(vm.agent_socket))
+    wait_for(lambda: domain_state(daemon, "vm1") == "running", what="domain running")
+    for round in range(3):
+        holder = GuestAgent(vm.agent_socket)
+        holder.sync()
+        with daemon.client() as c, pytest.raises(QuiesceFailed, match="another client"):
+            c.snapshot_create("vm1", snapshot_xml(f"s{round}"), quiesce=True)
+        holder.close()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as next_client:
+            next_client.connect(str(vm.agent_socket))
+            next_client.settimeout(1.0)
+            received = b""
+            with contextlib.suppress(TimeoutError):
+                while chunk := next_client.recv(65536):
+                    received += chunk
+        assert b"\xff" not in received, received
+        replies = [json.loads(line) for line in received.splitlines() if line.strip()]
+        # The daemon's synchronisation was answered, to the next client.
+        assert sum(isinstance(r.get("return"), int) for r in replies) == 1, replies
+    with daemon.client() as c:
+        assert c.snapshot_list("vm1") == []
+        c.snapshot_create("vm1", snapshot_xml("ok"), quiesce=True)
+        assert c.snapshot_lookup("vm1", "ok")["frozen_filesystems"] == 1
+        c.snapshot_delete("vm1", "ok")
