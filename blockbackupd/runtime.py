@@ -91,7 +91,9 @@ def bind_unix_socket(path: Path, mode: int, gid: int | None = None) -> socket.so
         if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, mode)
-        sock.listen(128)
+        # Room for a burst of clients connecting at once while the loop is
+        # busy (the kernel caps it at net.core.somaxconn).
+        sock.listen(1024)
     except OSError as err:
         sock.close()
         raise StartupError(f"cannot listen on {path}: {err}") from err

@@ -180,6 +180,37 @@ class Client(_Methods):
         return reply
 
 
+async def _connect_unix(path: str) -> socket.socket:
+    """A connected non-blocking UNIX socket.
+
+    A UNIX socket's non-blocking connect fails with EAGAIN when the server's
+    accept queue is full, and then nothing is in progress: asyncio's
+    sock_connect waits for writability, finds no error and calls the socket
+    connected, and the first write fails with ENOTCONN (seen with 200
+    clients connecting at once). So EAGAIN is retried here, for a while.
+
+    :raise OSError: the connect failed, or the queue stayed full for 10 s.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10.0
+    delay = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if loop.time() > deadline:
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 class AsyncClient(_Methods):
     """asyncio client; many requests may be in flight at once.
 
@@ -197,8 +228,9 @@ class AsyncClient(_Methods):
     async def connect(self) -> AsyncClient:
         """:raise ConnectionLost: the socket cannot be reached."""
         try:
+            sock = await _connect_unix(self.socket_path)
             reader, self._writer = await asyncio.open_unix_connection(
-                self.socket_path, limit=_LINE_LIMIT)
+                sock=sock, limit=_LINE_LIMIT)
         except OSError as err:
             raise ConnectionLost(f"cannot connect to {self.socket_path}: {err}") from err
         self._reader_task = asyncio.create_task(self._read_loop(reader))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +164,43 @@ def test_bbctl_without_daemon(workdir) -> None:  # type: ignore[no-untyped-def]
                         str(workdir / "none.sock"), "domain", "list"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot connect to" in r.stderr
+
+
+async def test_async_clients_wait_while_the_accept_queue_is_full(workdir: Path) -> None:
+    """More clients than the server's accept queue holds, while it accepts
+    nothing: each connect waits for room (a UNIX socket's EAGAIN), and every
+    call is answered once the server gets to them; none fails with ENOTCONN."""
+    path = workdir / "busy.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    served: list[int] = []
+
+    def serve() -> None:
+        time.sleep(0.5)  # the queue stays full meanwhile
+        server.settimeout(5)  # a client that never came: the test fails, not hangs
+        for _ in range(CLIENTS):
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                request = json.loads(f.readline())
+                f.write(json.dumps({"jsonrpc": "2.0", "id": request["id"],
+                                    "result": {"version": "x"}}).encode() + b"\n")
+                f.flush()
+            served.append(request["id"])
+
+    async def one() -> object:
+        async with AsyncClient(str(path)) as c:
+            return await c.daemon_info()
+
+    CLIENTS = 8
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        answers = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(CLIENTS))), 30)
+    finally:
+        thread.join(30)
+        server.close()
+    assert answers == [{"version": "x"}] * CLIENTS and len(served) == CLIENTS
