@@ -88,6 +88,9 @@ class DaemonSection(_Section):
     # Added: the longest snapshot.create waits for the guest agent to freeze the
     # guest's filesystems (and each thaw attempt); past it, quiesce-failed.
     quiesce_timeout: float = Field(default=30.0, gt=0, le=600)
+    # Added: warn (log, daemon.info) when a domain's persistent bitmaps take more
+    # than this many MiB of QEMU's memory (QEMU loads them all; 0: never warn).
+    bitmap_memory_warning: int = Field(default=256, ge=0)
 
     @field_validator("socket", "state_dir", "scratch_dir", "run_dir")
     @classmethod

@@ -54,7 +54,9 @@ async def run(config: Config) -> None:
             scratch_dirs=d.scratch_dirs, cbw_timeout=d.cbw_timeout,
             probe_interval=d.snapshot_probe_interval, probe_timeout=d.qmp_timeout), quiesce)
         stack.push_async_callback(snapshots.close)
-        checkpoints = CheckpointService(domains, snapshots, events, store)
+        checkpoints = CheckpointService(
+            domains, snapshots, events, store,
+            bitmap_memory_warning=d.bitmap_memory_warning * 2**20 or None)
         exports = ExportService(domains, snapshots, checkpoints, events, store, ExportSettings(
             run_dir=d.run_dir, socket_mode=config.nbd.socket_mode_bits, socket_gid=d.socket_gid,
             tls_dir=config.nbd.tls_dir, tls_verify_peer=config.nbd.tls_verify_peer,

@@ -55,15 +55,29 @@ def _daemon_info(c: Client, a: argparse.Namespace) -> Result:
     info = c.daemon_info()
     text = _fields({k: v for k, v in info.items() if k != "per_domain"})
     rows = [[d["name"], d["state"], str(d["snapshots"]), str(d["exports"]),
-             str(d["checkpoints"]),
+             str(d["checkpoints"]), str(d.get("persistent_bitmaps", "?")),
+             _size(d["bitmap_memory"]) if "bitmap_memory" in d else "?",
              "-" if d["last_error"] is None else
              time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(d["last_error"]["time"]))
              + d["last_error"]["message"]]
             for d in info.get("per_domain", [])]
     if rows:
         text += "\n\n" + _table(rows, ["DOMAIN", "STATE", "SNAPSHOTS", "EXPORTS",
-                                        "CHECKPOINTS", "LAST ERROR"])
+                                        "CHECKPOINTS", "BITMAPS", "BITMAP MEM", "LAST ERROR"])
+    for d in info.get("per_domain", []):
+        for warning in d.get("warnings", []):
+            text += f"\nwarning: {d['name']}: {warning}"
     return info, text
+
+
+def _size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps a number of at least 1."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n}B" if unit == "B" else f"{value:.1f}{unit}"
 
 
 def _domain_list(c: Client, a: argparse.Namespace) -> Result:

@@ -18,7 +18,7 @@ from blockbackup_client import OperationFailed
 from blockbackupd import __version__
 from tests.conftest import bbctl, domain_state, export_xml, snapshot_xml, wait_for
 from tools.daemon import Daemon
-from tools.vm import Vm
+from tools.vm import MiB, Vm
 
 
 def test_creates_directories_and_socket_with_mode(make_daemon: Callable[..., Daemon],
@@ -165,12 +165,46 @@ def test_daemon_info_per_domain(make_daemon: Callable[..., Daemon],
     error = info["per_domain"][0].pop("last_error")
     assert error["message"] == "export.start: injected failure at export:added"
     assert abs(error["time"] - before) <= 1
+    checked = info["per_domain"][0].pop("checked")
+    assert abs(checked - before) <= 2
+    # One checkpoint on two 64 MiB disks: a bitmap each, 1024 bits = 128 bytes.
     assert info["per_domain"] == [
-        {"name": "vm1", "state": "running", "snapshots": 2, "exports": 0, "checkpoints": 1},
+        {"name": "vm1", "state": "running", "snapshots": 2, "exports": 0, "checkpoints": 1,
+         "persistent_bitmaps": 2, "bitmap_memory": 256, "warnings": []},
         {"name": "vm2", "state": "disconnected", "snapshots": 0, "exports": 0,
-         "checkpoints": 0, "last_error": None}]
+         "checkpoints": 0, "last_error": None, "warnings": []}]
     r = bbctl(d, "daemon", "info")
     assert r.returncode == 0
-    assert r.stdout.splitlines()[3].split()[:5] == ["DOMAIN", "STATE", "SNAPSHOTS", "EXPORTS",
-                                                     "CHECKPOINTS"]
+    assert r.stdout.splitlines()[3].split()[:7] == ["DOMAIN", "STATE", "SNAPSHOTS", "EXPORTS",
+                                                     "CHECKPOINTS", "BITMAPS", "BITMAP"]
+    assert r.stdout.splitlines()[4].split()[:7] == ["vm1", "running", "2", "0", "1", "2",
+                                                     "256B"]
     assert "injected failure at export:added" in r.stdout
+
+
+def test_bitmap_memory_is_reported_and_warned_about(make_daemon: Callable[..., Daemon],
+                                                    make_vm: Callable[..., Vm]) -> None:
+    """QEMU holds every persistent bitmap in memory: 2 MiB per checkpoint of a
+    (sparse) 1 TiB disk at 64 KiB. Past bitmap_memory_warning the daemon says so."""
+    d = make_daemon(bitmap_memory_warning=3)
+    vm = make_vm(disks={"sda": 1 << 40})
+    with d.client() as c:
+        c.domain_define("vm1", str(vm.daemon_qmp))
+        wait_for(lambda: domain_state(d, "vm1") == "running")
+        c.snapshot_create("vm1", snapshot_xml("s1"), checkpoint=True)
+        c.snapshot_delete("vm1", "s1")
+        c.call("checkpoint.changes", domain="vm1", disk="sda", name="s1")  # reads the images
+        info = c.daemon_info()["per_domain"][0]
+        assert (info["persistent_bitmaps"], info["bitmap_memory"], info["warnings"]) == (
+            1, 2 * MiB, [])
+        c.snapshot_create("vm1", snapshot_xml("s2"), checkpoint=True)
+        c.snapshot_delete("vm1", "s2")
+        c.call("checkpoint.changes", domain="vm1", disk="sda", name="s1")
+        info = c.daemon_info()["per_domain"][0]
+    assert (info["persistent_bitmaps"], info["bitmap_memory"]) == (2, 4 * MiB)
+    assert info["warnings"] == [
+        "2 persistent bitmaps take about 4 MiB of QEMU's memory (warning at 3 MiB): delete "
+        "the checkpoints no backup needs"]
+    assert d.log().count("persistent bitmaps take about") == 1  # logged once, when crossed
+    r = bbctl(d, "daemon", "info")
+    assert "warning: vm1: 2 persistent bitmaps take about 4 MiB" in r.stdout

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..errors import BlockbackupError, NoSuchDomain, OperationFailed
-from ..services.checkpoints import CheckpointService
+from ..services.checkpoints import BitmapUsage, CheckpointService
 from ..services.domains import DomainService
 from ..services.events import EventBus, Subscription
 from ..services.exports import ExportService
@@ -81,6 +81,12 @@ def _wrap(name: str, model: type[P], handler: Callable[[Peer, P], Awaitable[Any]
     return method
 
 
+def _usage(usage: BitmapUsage | None) -> dict[str, Any]:
+    """daemon.info's figures of a domain's persistent bitmaps (none before the
+    daemon first read them from QEMU)."""
+    return {} if usage is None else usage.as_result()
+
+
 def build_methods(domains: DomainService, snapshots: SnapshotService,
                   checkpoints: CheckpointService, exports: ExportService,
                   events: EventBus) -> dict[str, Callable[..., Any]]:
@@ -92,7 +98,9 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
              "snapshots": len(snapshots.names(d.name)),
              "exports": len(exports.exports(d.name)),
              "checkpoints": len(checkpoints.names(d.name)),
-             "last_error": d.last_error}
+             "last_error": d.last_error,
+             **_usage(checkpoints.usage(d.name)),
+             "warnings": checkpoints.warnings(d.name)}
             for d in domains.all()]}
 
     def failed(domain: str, message: str) -> None:

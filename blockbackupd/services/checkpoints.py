@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,10 +119,50 @@ class Verified:
         return {}
 
 
+@dataclass(frozen=True)
+class BitmapUsage:
+    """The persistent bitmaps in a domain's images, as last read from QEMU.
+
+    QEMU loads every persistent bitmap of an image into memory when it opens
+    the image, one bit per granularity of the disk's size: about 2 MiB per
+    bitmap of a 1 TiB disk at 64 KiB. ``memory`` adds that up for every
+    image of every disk's chain.
+    """
+
+    bitmaps: int
+    memory: int
+    #: Unix time of the reading.
+    checked: float
+
+    def as_result(self) -> dict[str, Any]:
+        return {"persistent_bitmaps": self.bitmaps, "bitmap_memory": self.memory,
+                "checked": int(self.checked)}
+
+
+def bitmap_usage(disks: Iterable[Disk]) -> BitmapUsage:
+    """What the persistent bitmaps of these disks' images cost QEMU."""
+    seen: set[str] = set()
+    count = memory = 0
+    for disk in disks:
+        for image in disk.chain:
+            if image.node in seen:
+                continue
+            seen.add(image.node)
+            for desc in image.bitmaps.values():
+                if desc.get("persistent"):
+                    count += 1
+                    bits = -(-image.size // max(int(desc.get("granularity", 65536)), 1))
+                    memory += -(-bits // 64) * 8  # QEMU keeps them in 64-bit words
+    return BitmapUsage(count, memory, time.time())
+
+
 class CheckpointService:
     def __init__(self, domains: DomainService, snapshots: SnapshotService, events: EventBus,
-                 store: Store) -> None:
+                 store: Store, bitmap_memory_warning: int | None = None) -> None:
         self._domains = domains
+        #: Warn when a domain's persistent bitmaps take more of QEMU's memory (bytes).
+        self._memory_warning = bitmap_memory_warning
+        self._usage: dict[str, BitmapUsage] = {}
         self._snapshots = snapshots
         self._events = events
         self._store = store
@@ -153,6 +193,28 @@ class CheckpointService:
             for d in cp.disks:
                 out.setdefault(d.disk, []).append(cp.name)
         return out
+
+    def usage(self, domain: str) -> BitmapUsage | None:
+        """The domain's persistent bitmaps as last read (None: not read yet)."""
+        return self._usage.get(domain)
+
+    def warnings(self, domain: str) -> list[str]:
+        """What an operator should act on about this domain's checkpoints."""
+        usage = self._usage.get(domain)
+        if usage is None or self._memory_warning is None or usage.memory <= self._memory_warning:
+            return []
+        return [f"{usage.bitmaps} persistent bitmaps take about {usage.memory / 2**20:.0f} MiB "
+                f"of QEMU's memory (warning at {self._memory_warning / 2**20:.0f} MiB): "
+                "delete the checkpoints no backup needs"]
+
+    def _note_usage(self, domain: str, disks: Iterable[Disk]) -> None:
+        usage = bitmap_usage(disks)
+        before = self._usage.get(domain)
+        self._usage[domain] = usage
+        limit = self._memory_warning
+        if limit is not None and usage.memory > limit and (before is None
+                                                           or before.memory <= limit):
+            log.warning("domain %s: %s", domain, self.warnings(domain)[0])
 
     def get(self, domain: str, name: str) -> CheckpointRecord:
         """:raise NoSuchDomain: :raise NoSuchCheckpoint:"""
@@ -630,6 +692,7 @@ class CheckpointService:
                     domain.name, name, intent.kind)
 
     def _check(self, domain: str, disks: dict[str, Disk]) -> Verified:
+        self._note_usage(domain, disks.values())
         records = self._store.checkpoints(domain)
         before = {c.name for c in records if c.broken}
         moved = self._moved.pop(domain, [])
