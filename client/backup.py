@@ -15,6 +15,11 @@ force a full of the others. A backup's level is ``full``, ``inc`` or
 ``mixed``. Each backup also records whether its instant was quiesced (the
 guest's filesystems frozen through its agent) or only crash-consistent.
 
+After a successful backup, the checkpoints of the directory's earlier
+backups that no next backup needs are deleted (per disk, the newest backup
+holding it keeps its checkpoint), so the images do not gather one persistent
+bitmap per backup.
+
 ``pending.json`` names the backup under way from before its snapshot is
 created until its manifest is saved or its snapshot and checkpoint are
 deleted; a backup that could not clean up after itself (the daemon or QEMU
@@ -608,7 +613,46 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
         else:
             say(f"warning: snapshot {backup_id} could not be deleted ({problem}); the next "
                 f"backup into {dest} deletes it")
+        _drop_unneeded_checkpoints(client, domain, manifest, say)
     return record
+
+
+def needed_checkpoints(backups: list[dict[str, Any]]) -> set[str]:
+    """The checkpoints a directory's next backup may start from: per disk, the
+    one of the newest backup that holds the disk."""
+    newest: dict[str, str] = {}
+    for b in backups:
+        for disk in b["disks"]:
+            newest[disk] = b["checkpoint"]
+    return set(newest.values())
+
+
+def _drop_unneeded_checkpoints(client: Client, domain: str, manifest: Manifest,
+                               say: Callable[[str], None]) -> None:
+    """Delete this directory's checkpoints that no next backup needs, so the
+    images do not gather a bitmap per backup forever (QEMU holds every one in
+    memory). Only names this manifest records are touched: another
+    directory's chain, or anyone else's checkpoint, stays as it is. Each one
+    deleted (or found gone) is marked in the manifest; one that cannot be
+    deleted now is tried again after the next backup."""
+    keep = needed_checkpoints(manifest.backups)
+    dropped = 0
+    for b in manifest.backups:
+        name = b.get("checkpoint")
+        if name is None or name in keep or b.get("checkpoint_deleted"):
+            continue
+        _, problem = _delete(client, domain, "checkpoint", name)
+        if problem is not None:
+            say(f"warning: checkpoint {name}, which no next backup needs, could not be "
+                f"deleted ({problem}); the next backup tries again")
+            continue
+        b["checkpoint_deleted"] = True
+        dropped += 1
+    if dropped:
+        try:
+            manifest.save()
+        except OSError as err:  # the marks only spare calls: the next backup redoes them
+            say(f"warning: {manifest.path} could not be updated: {_os_message(err)}")
 
 
 # -- restore and verify -------------------------------------------------------------

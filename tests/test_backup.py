@@ -85,11 +85,13 @@ def test_full_then_incrementals_restore_every_point(defined: tuple[Daemon, Vm],
     assert bbctl(daemon, "restore", str(dest), "--disk", "sda", "--output", str(raw),
                  "--format", "raw").returncode == 0
     assert raw.stat().st_size == 64 * MiB
-    # No snapshot or export is left; each backup's checkpoint stays (the next
-    # incremental starts from the newest).
+    # No snapshot or export is left; only the newest backup's checkpoint stays
+    # (the next incremental starts from it); the older ones are marked deleted.
     with daemon.client() as c:
         assert c.snapshot_list("vm1") == [] and c.export_list("vm1") == []
-        assert c.call("checkpoint.list", domain="vm1") == ids
+        assert c.call("checkpoint.list", domain="vm1") == ids[-1:]
+    assert [b.get("checkpoint_deleted", False) for b in manifest["backups"]] == [
+        True, True, False]
 
 
 def test_verify_catches_a_flipped_byte_in_any_file(defined: tuple[Daemon, Vm],
