@@ -27,6 +27,11 @@ class BlockOps:
         status = await self.session.execute("query-status")
         return str(status["status"])
 
+    async def migration_status(self) -> str:
+        """QEMU's migration state (``none`` when it never migrated)."""
+        info = await self.session.execute("query-migrate")
+        return str(info.get("status", "none"))
+
     async def stop(self) -> None:
         await self.session.execute("stop")
 

@@ -61,7 +61,8 @@ class _GraphWatch(EventListener):
     so a request that reads the graph afterwards already knows."""
 
     def __init__(self, session: DomainSession) -> None:
-        super().__init__(("BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE", "DEVICE_DELETED"))
+        super().__init__(("BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE", "DEVICE_DELETED",
+                          "MIGRATION"))
         self._session = session
 
     async def put(self, event: Message) -> None:
@@ -70,7 +71,12 @@ class _GraphWatch(EventListener):
         session = self._session
         data: Any = event.get("data", {})
         job, unplugged = session._on_job, session._on_device_deleted
-        if event["event"] == "DEVICE_DELETED":
+        if event["event"] == "MIGRATION":
+            # Sent only when the VM manager turned on the migration "events"
+            # capability (libvirt does).
+            if session._on_migration is not None and data.get("status"):
+                session._on_migration(session, str(data["status"]))
+        elif event["event"] == "DEVICE_DELETED":
             # QEMU also reports backends (virtio-backend), without an id.
             if unplugged is not None and data.get("device"):
                 unplugged(session, str(data["device"]))
@@ -100,6 +106,7 @@ class DomainSession:
         on_connect: ConnectHook | None = None,
         on_device_deleted: DeviceHook | None = None,
         on_job: JobHook | None = None,
+        on_migration: DeviceHook | None = None,
     ) -> None:
         self.domain = domain
         self.qmp_socket = qmp_socket
@@ -116,6 +123,8 @@ class DomainSession:
         # was created or ended: hook(session, "created"/"completed", job type
         # (known when completed), job id).
         self._on_job = on_job
+        # A migration changed state (QEMU's MIGRATION event): hook(session, status).
+        self._on_migration = on_migration
         self._state = DomainState.DISCONNECTED
         #: Why the last connection attempt failed, None once connected.
         self.last_error: str | None = None

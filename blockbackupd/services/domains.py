@@ -22,6 +22,9 @@ from .events import EventBus
 
 log = logging.getLogger("blockbackupd.domains")
 
+#: QEMU's migration states in which the VM's disks are about to be handed over.
+MIGRATION_STARTING = frozenset({"setup", "active", "pre-switchover", "device"})
+
 ORIGIN_CONFIG = "config"
 ORIGIN_RPC = "rpc"
 
@@ -69,6 +72,7 @@ class DomainService:
         self._removal_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
         self._job_hooks: list[Callable[[str, str, str], None]] = []
         self._job_start_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
+        self._migration_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
         self._background: set[asyncio.Task[None]] = set()
         #: Set by the checkpoint service: the domain's checkpoints, oldest first.
         self.checkpoints_of: Callable[[str], list[str]] = lambda domain: []
@@ -123,6 +127,16 @@ class DomainService:
         """hook(domain, job id) runs soon, under the domain's lock, when QEMU
         reports a new block job that is not ours."""
         self._job_start_hooks.append(hook)
+
+    def add_migration_hook(self, hook: Callable[[Domain, str], Awaitable[None]]) -> None:
+        """hook(domain, status) runs soon, under the domain's lock, when QEMU
+        reports that a migration is being set up or has begun."""
+        self._migration_hooks.append(hook)
+
+    def _migration(self, session: DomainSession, status: str) -> None:
+        if status in MIGRATION_STARTING:
+            self._react(session, self._migration_hooks, status,
+                        f"giving way to a migration ({status})")
 
     def _job_event(self, session: DomainSession, kind: str, job_type: str,
                    job_id: str) -> None:
@@ -203,6 +217,7 @@ class DomainService:
             on_connect=self._connected_hooks,
             on_device_deleted=self._device_deleted,
             on_job=self._job_event,
+            on_migration=self._migration,
         )
         domain = Domain(name, qmp_socket, origin, session, guest_agent_socket)
         self._domains[name] = domain

@@ -45,7 +45,7 @@ from ..qemu.blockops import Bitmaps, BlockOps
 from ..qemu.graph import BlockGraph, query_disks, read_graph, relink
 from ..store.db import Store
 from . import scratch
-from .domains import Domain, DomainService
+from .domains import MIGRATION_STARTING, Domain, DomainService
 from .events import EventBus
 from .quiesce import Frozen, QuiesceService
 from .undo import Undo
@@ -197,6 +197,7 @@ class SnapshotService:
         domains.add_connect_hook(self.clean_leftovers)
         domains.add_removal_hook(self._disk_removed)
         domains.add_job_start_hook(self._job_started)
+        domains.add_migration_hook(self._migrating)
 
     def add_before_delete(self, hook: BeforeDelete) -> None:
         """Run hook (e.g. stopping exports) before a snapshot's nodes go."""
@@ -417,6 +418,10 @@ class SnapshotService:
         status = await ops.run_status()
         if status in _MIGRATING:
             raise Busy(f"domain {domain!r} is migrating ({status})")
+        migration = await ops.migration_status()
+        if migration in MIGRATION_STARTING:
+            # A filter now would make the migration fail at its end.
+            raise Busy(f"domain {domain!r} is migrating (migration {migration})")
         running = status == "running"
 
         async def restore() -> None:
@@ -561,6 +566,27 @@ class SnapshotService:
         for snapshot, part in parts:
             log.warning("snapshot %s/%s: disk %s dropped: %s", domain.name, snapshot.name,
                         part.disk.name, reason)
+            self._events.publish(domain.name, "snapshot-broken", snapshot=snapshot.name,
+                                 disk=part.disk.name, reason=reason)
+
+    async def _migrating(self, domain: Domain, status: str) -> None:
+        """QEMU cannot hand a disk over to the destination while a filter of
+        ours sits in its I/O path: the migration fails at its very end
+        (``bdrv_inactivate_all() failed``) and the guest stays behind. The
+        manager's migration wins: every live snapshot of the domain gives way
+        at once (its exports stop, its views go), and stays listed as broken
+        until the client deletes it."""
+        state = self._state(domain.name)
+        parts = [(s, p) for s in state.snapshots.values() for p in s.disks]
+        if not parts:
+            return
+        reason = ("migrating: the VM manager started a migration, which cannot hand the disks "
+                  "over while a snapshot sits in their I/O path; the snapshot gave way")
+        await self._drop_parts(domain, parts, reason)
+        for snapshot, part in parts:
+            snapshot.state, snapshot.broken_reason = SnapshotState.BROKEN, reason
+            log.warning("snapshot %s/%s: disk %s dropped: %s (migration %s)", domain.name,
+                        snapshot.name, part.disk.name, reason, status)
             self._events.publish(domain.name, "snapshot-broken", snapshot=snapshot.name,
                                  disk=part.disk.name, reason=reason)
 
