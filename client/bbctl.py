@@ -288,6 +288,17 @@ def _restore(c: Client | None, a: argparse.Namespace) -> Result:
     return {"output": a.output}, f"restored {a.disk} to {a.output}"
 
 
+def _prune(c: Client | None, a: argparse.Namespace) -> Result:
+    from .prune import prune
+
+    result = prune(Path(a.dest), a.keep,
+                   say=lambda text: print(f"bbctl: {text}", file=sys.stderr, flush=True))
+    if not result["dropped"]:
+        return result, f"nothing to prune: {len(result['kept'])} backup(s), --keep {a.keep}"
+    return result, (f"pruned {len(result['dropped'])} backup(s), kept {len(result['kept'])}; "
+                    f"{result['freed']} bytes freed")
+
+
 def _verify(c: Client | None, a: argparse.Namespace) -> Result:
     from .backup import BackupError, verify
 
@@ -298,7 +309,7 @@ def _verify(c: Client | None, a: argparse.Namespace) -> Result:
 
 
 #: Commands that work on a backup directory alone, without the daemon.
-_OFFLINE = {"list", "restore", "verify"}
+_OFFLINE = {"list", "restore", "verify", "prune"}
 
 
 # -- the parser ------------------------------------------------------------------
@@ -404,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
     p.set_defaults(run=_restore)
+    p = areas.add_parser("prune", help="keep the N newest backups of a directory, merging "
+                         "the older ones into a synthetic full", description="keep the N newest "
+                         "backups of a directory, merging the older ones into a synthetic full")
+    p.add_argument("dest")
+    p.add_argument("--keep", type=int, required=True, metavar="N",
+                   help="how many restore points to keep (at least 1)")
+    p.set_defaults(run=_prune)
+
     p = areas.add_parser("verify", help="check every file against the manifest",
                          description="re-read every backup file (up to --at) and compare "
                          "it with the manifest's checksum")
