@@ -4,6 +4,7 @@ restarts, crashes, and read back over NBD with libnbd."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from blockbackup_client import (
     Unsupported,
 )
 from blockbackup_client.client import Client
+from blockbackupd.names import parse_checkpoint_bitmap
 from blockbackupd.qemu.nbdread import dirty_extents
 from tests.conftest import domain_state, export_xml, snapshot_xml, wait_for
 from tools.daemon import Daemon
@@ -57,8 +59,16 @@ class Guest:
         return {c for d, c in self.log[start:end] if d == disk}
 
 
+def checkpoint_of(bitmap: str) -> str:
+    """The checkpoint a bitmap of ours records (``bb-cp-<ms>-<name>``), else
+    the bitmap's own name."""
+    parsed = parse_checkpoint_bitmap(bitmap)
+    return bitmap if parsed is None else parsed[0]
+
+
 def bitmap_names(vm: Vm, node: str = "sda-fmt") -> set[str]:
-    return {b["name"] for n in vm.qmp("query-named-block-nodes", flat=True)
+    """The named bitmaps of a node, each of ours by its checkpoint's name."""
+    return {checkpoint_of(b["name"]) for n in vm.qmp("query-named-block-nodes", flat=True)
             if n["node-name"] == node for b in n.get("dirty-bitmaps", []) if "name" in b}
 
 
@@ -130,7 +140,8 @@ def test_chain_exact_from_every_checkpoint(defined: tuple[Daemon, Vm]) -> None:
                 "cp1", "cp2", "cp3", "cp4"]
         # Exactly one recording bitmap per disk, whatever the number of checkpoints.
         for node in ("sda-fmt", "sdb-fmt"):
-            recording = [b["name"] for n in vm.qmp("query-named-block-nodes", flat=True)
+            recording = [checkpoint_of(b["name"])
+                         for n in vm.qmp("query-named-block-nodes", flat=True)
                          if n["node-name"] == node for b in n.get("dirty-bitmaps", [])
                          if b.get("recording")]
             assert recording == ["cp4"]
@@ -179,8 +190,14 @@ def test_lookup_and_xml(defined: tuple[Daemon, Vm]) -> None:
         xml = c.call("checkpoint.get_xml", domain="vm1", name="b")
         root = etree.fromstring(xml.encode())
         assert root.findtext("parent/name") == "a" and root.findtext("state") == "valid"
-        assert [(d.get("name"), d.get("checkpoint"), d.get("bitmap"))
-                for d in root.iter("disk")] == [("sda", "bitmap", "b"), ("sdb", "bitmap", "b")]
+        # The bitmap's name records the checkpoint's name and creation time
+        # (milliseconds), so the images alone tell which checkpoints exist.
+        created = root.findtext("creationTime")
+        bitmaps = [(d.get("name"), d.get("checkpoint"), d.get("bitmap"))
+                   for d in root.iter("disk")]
+        assert [(n, k) for n, k, _ in bitmaps] == [("sda", "bitmap"), ("sdb", "bitmap")]
+        assert bitmaps[0][2] == bitmaps[1][2]
+        assert re.fullmatch(rf"bb-cp-{created}\d{{3}}-b", bitmaps[0][2]), bitmaps
         with pytest.raises(AlreadyExists):
             c.snapshot_create("vm1", snapshot_xml("a"), checkpoint=True)
         assert c.snapshot_list("vm1") == []
@@ -259,7 +276,7 @@ def test_qemu_killed_breaks_checkpoints_and_a_fresh_chain_works(
         broken = {e["checkpoint"]: e["reason"] for e in seen if e["type"] == "checkpoint-broken"}
         assert set(broken) == {"cp1", "cp2"}
         assert "not closed cleanly" in broken["cp1"]
-        assert "bitmap 'cp2' is missing from the image" in broken["cp2"]
+        assert re.search(r"bitmap 'bb-cp-\d+-cp2' is missing from the image", broken["cp2"])
         wait_for(lambda: domain_state(daemon, "vm1") == "running")
         for x in ("cp1", "cp2"):
             info = c.call("checkpoint.lookup", domain="vm1", name=x)
@@ -321,7 +338,7 @@ def test_redefine_after_the_store_is_lost(defined: tuple[Daemon, Vm]) -> None:
         assert changes(c, "cp2") == runs({2})
         with pytest.raises(AlreadyExists):
             c.call("checkpoint.redefine", domain="vm1", xml=docs[0])
-        bogus = docs[0].replace('bitmap="cp1"', 'bitmap="nope"').replace(
+        bogus = re.sub(r'bitmap="[^"]*"', 'bitmap="nope"', docs[0]).replace(
             "<name>cp1</name>", "<name>other</name>")
         with pytest.raises(InvalidArgument, match="bitmap 'nope' is missing"):
             c.call("checkpoint.redefine", domain="vm1", xml=bogus)

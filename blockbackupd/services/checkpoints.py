@@ -42,7 +42,7 @@ from ..errors import (
     Unsupported,
 )
 from ..model import Disk, Image
-from ..names import PREFIX, check_name
+from ..names import PREFIX, check_name, checkpoint_bitmap, parse_checkpoint_bitmap
 from ..qemu.blockops import Bitmaps, action, bitmap_ref
 from ..qemu.graph import query_disks
 from ..qemu.session import DomainSession, NoAnswer
@@ -258,6 +258,8 @@ class CheckpointService:
         records = self._store.checkpoints(domain.name)
         if checkpoint and any(c.name == name for c in records):
             raise AlreadyExists(f"domain {domain.name!r} already has a checkpoint {name!r}")
+        created = time.time()
+        bitmap = checkpoint_bitmap(name, created)
         verified = await self.verify(domain, disks)
         records = self._store.checkpoints(domain.name)
         actions: list[dict[str, Any]] = []
@@ -283,8 +285,8 @@ class CheckpointService:
                 if disk.format not in _BITMAP_FORMATS:
                     raise Unsupported(f"disk {disk.name!r} is {disk.format}: only qcow2 images "
                                       "can keep checkpoints")
-                if name in on_node:
-                    raise AlreadyExists(f"disk {disk.name!r} already has a bitmap {name!r}")
+                if bitmap in on_node:
+                    raise AlreadyExists(f"disk {disk.name!r} already has a bitmap {bitmap!r}")
                 # A chain that cannot be trusted is cleaned away; this one starts fresh.
                 for seg in segments:
                     if seg.record.broken is not None and seg.record.bitmap in on_node:
@@ -298,10 +300,10 @@ class CheckpointService:
                     actions.append(action("block-dirty-bitmap-disable", node=node,
                                           name=placement.bitmap))
                     disabled.append((node, placement.bitmap))
-                actions.append(action("block-dirty-bitmap-add", node=node, name=name,
+                actions.append(action("block-dirty-bitmap-add", node=node, name=bitmap,
                                       persistent=True))
-                added.append((node, name))
-                new_disks.append(CheckpointDiskRecord(disk.name, name, disk.file, 0))
+                added.append((node, bitmap))
+                new_disks.append(CheckpointDiskRecord(disk.name, bitmap, disk.file, 0))
                 bounds[disk.name] = (name, None)
             elif recording is not None and placement is not None:
                 tail = f"{PREFIX}{secrets.token_hex(4)}-tail"
@@ -315,15 +317,14 @@ class CheckpointService:
                 bounds[disk.name] = (recording.name, tail)
 
         intent = None
-        payload = {"name": name, "disks": [d.disk for d in new_disks],
+        payload = {"name": name, "bitmap": bitmap, "disks": [d.disk for d in new_disks],
                    "added": added, "disabled": disabled}
         if checkpoint:
             intent = self._store.add_intent(domain.name, "checkpoint-create", payload)
             faults.crash_point("checkpoint-create:intent-recorded")
-        created = time.time()
 
         async def undo() -> None:
-            await _revert_instant(domain.session, added, disabled, name)
+            await _revert_instant(domain.session, added, disabled, bitmap)
 
         def keep() -> None:
             # The snapshot failed but QEMU may hold the new bitmaps: the next
@@ -338,7 +339,7 @@ class CheckpointService:
             now = await Bitmaps(domain.session).on_nodes()
             disks = []
             for rec, part in zip(new_disks, parts, strict=True):
-                granularity = int(now[part.disk.node][name]["granularity"])
+                granularity = int(now[part.disk.node][bitmap]["granularity"])
                 disks.append(CheckpointDiskRecord(rec.disk, rec.bitmap, rec.image, granularity,
                                                   span=(rec.image,)))
             self._store.add_checkpoint(domain.name, name, created, disks, intent=intent)
@@ -609,7 +610,8 @@ class CheckpointService:
         for intent in self._store.intents(domain.name):
             if intent.kind == "checkpoint-create" and intent.payload.get("rollback"):
                 await _revert_instant(domain.session, intent.payload["added"],
-                                      intent.payload["disabled"], intent.payload["name"])
+                                      intent.payload["disabled"],
+                                      intent.payload.get("bitmap", intent.payload["name"]))
                 self._store.drop_intent(intent.id)
                 log.warning("checkpoint %s/%s: its snapshot failed mid-way; reverted its "
                             "bitmaps", domain.name, intent.payload["name"])
@@ -667,13 +669,16 @@ class CheckpointService:
     def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk]) -> None:
         name = intent.payload["name"]
         if intent.kind == "checkpoint-create":
+            bitmap = intent.payload.get("bitmap", name)  # stores before bb-cp- names
             present = [d for d in intent.payload["disks"]
-                       if d in disks and name in disks[d].bitmaps]
+                       if d in disks and bitmap in disks[d].bitmaps]
             if present and len(present) == len(intent.payload["disks"]):
-                recs = [CheckpointDiskRecord(d, name, disks[d].file,
-                                             int(disks[d].bitmaps[name]["granularity"]))
+                recs = [CheckpointDiskRecord(d, bitmap, disks[d].file,
+                                             int(disks[d].bitmaps[bitmap]["granularity"]))
                         for d in present]
-                self._store.add_checkpoint(domain.name, name, time.time(), recs,
+                parsed = parse_checkpoint_bitmap(bitmap)
+                self._store.add_checkpoint(domain.name, name,
+                                           time.time() if parsed is None else parsed[1], recs,
                                            intent=intent.id)
                 log.warning("checkpoint %s/%s: creation cut short; finished it",
                             domain.name, name)
@@ -766,7 +771,8 @@ async def _revert_instant(session: DomainSession, added: Sequence[Sequence[str]]
                           disabled: Sequence[Sequence[str]], name: str) -> None:
     """Undo a snapshot instant's bitmap transaction, judging by what QEMU shows
     (safe whether or not it ran): what the new segment recorded goes back into
-    the segment it replaced, which records again; the added bitmaps go."""
+    the segment it replaced, which records again; the added bitmaps go.
+    ``name``: the new checkpoint's bitmap."""
     ops = Bitmaps(session)
     now = await ops.on_nodes()
     if not any(b in now.get(n, {}) for n, b in added):

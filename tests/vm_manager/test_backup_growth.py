@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.test_checkpoints import checkpoint_of
 from tests.vm_manager.manager import assert_restore_equals_live, backup
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
@@ -18,7 +19,7 @@ KiB = 1024
 def our_bitmaps(vm: Vm, disk: str) -> list[str]:
     node = next(n for n in vm.qmp("query-named-block-nodes", flat=True)
                 if n["node-name"] == f"{disk}-fmt")
-    return sorted(b["name"] for b in node.get("dirty-bitmaps", []) if "name" in b)
+    return sorted(checkpoint_of(b["name"]) for b in node.get("dirty-bitmaps", []) if "name" in b)
 
 
 def checkpoints(daemon: Daemon) -> list[str]:

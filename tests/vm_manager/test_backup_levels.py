@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -223,8 +224,12 @@ def test_checkpoint_broken_on_one_disk_makes_only_that_disk_full(
     first, _ = backup(daemon, dest)
     # The VM manager stops the VM cleanly (bitmaps saved), and the bitmap of
     # sdb goes from its image before it starts again.
+    with daemon.client() as c:
+        xml = c.call("checkpoint.get_xml", domain="vm1", name=first["id"])
+    bitmap = re.search(r'<disk name="sdb" checkpoint="bitmap" bitmap="([^"]+)"', xml)
+    assert bitmap is not None, xml
     vm.stop()
-    subprocess.run(["qemu-img", "bitmap", "--remove", str(vm.image("sdb")), first["id"]],
+    subprocess.run(["qemu-img", "bitmap", "--remove", str(vm.image("sdb")), bitmap.group(1)],
                    check=True)
     vm.start()
     wait_for(lambda: domain_state(daemon, "vm1") == "running")

@@ -59,7 +59,9 @@ def test_overlay_with_bitmap_copy_continues_the_chain(defined: tuple[Daemon, Vm]
     write(vm, "sda", 21)
     with daemon.client() as c:
         assert changes(c, second["id"]) == runs({20, 21})
-        assert changes(c, first["id"]) == runs({3, 4, 10, 20, 21})
+        # The first backup's checkpoint went with the second backup: no next
+        # backup of this directory needs it.
+        assert c.call("checkpoint.list", domain="vm1") == [second["id"]]
     third = backup(daemon, dest, "--level", "inc")
     assert disk_level(third, "sda") == "inc"
     assert_restore_equals_live(daemon, vm, dest, "sda")
