@@ -314,19 +314,66 @@ def test_checkpoints_survive_daemon_restart(defined: tuple[Daemon, Vm]) -> None:
         assert changes(c, "cp1") == runs({4, 5})
 
 
-def test_redefine_after_the_store_is_lost(defined: tuple[Daemon, Vm]) -> None:
+def test_the_images_are_the_record_after_the_store_is_lost(defined: tuple[Daemon, Vm]) -> None:
+    """undefine --force drops the checkpoint metadata; defining the domain
+    again adopts the checkpoints from the bitmaps' names, in order, with their
+    creation times, and every change set is exact."""
     daemon, vm = defined
     g = Guest(vm)
     with daemon.client() as c:
         checkpoint(c, "cp1")
         g.write("sda", 1)
+        g.write("sdb", 3)
         checkpoint(c, "cp2")
         g.write("sda", 2)
+        before = [c.call("checkpoint.lookup", domain="vm1", name=x) for x in ("cp1", "cp2")]
         docs = [c.call("checkpoint.get_xml", domain="vm1", name=x) for x in ("cp1", "cp2")]
         c.domain_undefine("vm1", force=True)  # the metadata goes, bitmaps stay
         c.domain_define("vm1", str(vm.daemon_qmp))
         wait_for(lambda: domain_state(daemon, "vm1") == "running")
-        assert c.call("checkpoint.list", domain="vm1") == []
+        assert c.call("checkpoint.list", domain="vm1") == ["cp1", "cp2"]
+        assert [c.call("checkpoint.lookup", domain="vm1", name=x) for x in ("cp1", "cp2")] \
+            == before
+        assert [c.call("checkpoint.get_xml", domain="vm1", name=x)
+                for x in ("cp1", "cp2")] == docs
+        assert changes(c, "cp1") == runs({1, 2})
+        assert changes(c, "cp1", disk="sdb") == runs({3})
+        assert changes(c, "cp2") == runs({2})
+        # The chain goes on.
+        checkpoint(c, "cp3")
+        g.write("sda", 5)
+        assert changes(c, "cp1") == runs({1, 2, 5})
+    assert "adopted checkpoint cp1" in daemon.log()
+
+
+def test_redefine_bitmaps_without_our_names(defined: tuple[Daemon, Vm]) -> None:
+    """Bitmaps another tool made (or a store made before bb-cp- names) say
+    nothing of their checkpoints: they are not adopted, and
+    checkpoint.redefine records them, validated against the images."""
+    daemon, vm = defined
+    g = Guest(vm)
+    # As libvirt makes them: cp1 recording, then at cp2's instant cp1 stops.
+    for node in ("sda-fmt", "sdb-fmt"):
+        vm.qmp("block-dirty-bitmap-add", node=node, name="cp1", persistent=True)
+    g.write("sda", 1)
+    vm.qmp("transaction", actions=[
+        {"type": t, "data": {"node": n, "name": b, **({"persistent": True} if b == "cp2" else {})}}
+        for n in ("sda-fmt", "sdb-fmt")
+        for t, b in (("block-dirty-bitmap-disable", "cp1"), ("block-dirty-bitmap-add", "cp2"))])
+    g.write("sda", 2)
+
+    def doc(name: str, created: int) -> str:
+        disks = "".join(f'<disk name="{d}" checkpoint="bitmap" bitmap="{name}"/>'
+                        for d in ("sda", "sdb"))
+        return (f"<domaincheckpoint><name>{name}</name><creationTime>{created}</creationTime>"
+                f"<disks>{disks}</disks></domaincheckpoint>")
+
+    docs = [doc("cp1", 1764000000), doc("cp2", 1764000100)]
+    with daemon.client() as c:
+        vm.stop()
+        vm.start()
+        wait_for(lambda: domain_state(daemon, "vm1") == "running")
+        assert c.call("checkpoint.list", domain="vm1") == []  # nothing adopted
         assert c.call("checkpoint.redefine", domain="vm1", xml=docs[1]) == {"name": "cp2"}
         # cp1 stopped recording: it cannot be placed after cp2, the recording one.
         with pytest.raises(InvalidArgument, match="not recording and no newer segment"):

@@ -34,6 +34,7 @@ from typing import Any
 from .. import faults
 from ..errors import (
     AlreadyExists,
+    Busy,
     CheckpointBroken,
     InvalidArgument,
     NoSuchCheckpoint,
@@ -48,7 +49,7 @@ from ..qemu.graph import query_disks
 from ..qemu.session import DomainSession, NoAnswer
 from ..store import Store
 from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
-from .domains import Domain, DomainService
+from .domains import MIGRATED_RUN_STATES, Domain, DomainService
 from .events import EventBus
 from .segments import Placement, bitmap_problem, place, span
 from .snapshots import Instant, Snapshot, SnapshotDisk, SnapshotService
@@ -170,6 +171,10 @@ class CheckpointService:
         self.bitmap_reader: BitmapReader | None = None
         snapshots.instant_hook = self._prepare_instant
         domains.add_connect_hook(self.reconcile)
+        domains.add_resume_hook(self._resumed)
+        #: Domains whose QEMU did not own its disks at the last connect (an
+        #: incoming migration): reconciled once the guest runs.
+        self._unchecked: set[str] = set()
         domains.add_job_hook(self._job_completed)
         #: Per domain, the VM manager's jobs that moved data between a disk's
         #: images without recording it, since the last check.
@@ -603,9 +608,29 @@ class CheckpointService:
 
     # -- trust ---------------------------------------------------------------------------
 
+    async def _resumed(self, domain: Domain, _: str) -> None:
+        if domain.name in self._unchecked:
+            await self.reconcile(domain)
+
+    async def _check_not_migrated(self, domain: Domain) -> None:
+        """:raise Busy: QEMU's run state says its disks are not its own."""
+        status = str((await domain.session.execute("query-status"))["status"])
+        if status in MIGRATED_RUN_STATES:
+            raise Busy(f"domain {domain.name!r} is migrating or has migrated away ({status}): "
+                       "its disks and their checkpoints are the other QEMU's")
+
     async def reconcile(self, domain: Domain) -> None:
         """On every connect (after the snapshot service cleaned up): settle
-        intents, and compare the bitmaps QEMU loaded with the store."""
+        intents, adopt checkpoints the store does not know, and compare the
+        bitmaps QEMU loaded with the store. Not while QEMU's disks are not its
+        own (after an outgoing migration, before an incoming one): the
+        bitmaps are invisible then, and nothing may be judged broken."""
+        status = str((await domain.session.execute("query-status"))["status"])
+        if status in MIGRATED_RUN_STATES:
+            log.info("domain %s: QEMU is %s; checkpoints not checked", domain.name, status)
+            self._unchecked.add(domain.name)  # done when the guest runs here
+            return
+        self._unchecked.discard(domain.name)
         disks = {d.name: d for d in await query_disks(domain.session)}
         for intent in self._store.intents(domain.name):
             if intent.kind == "checkpoint-create" and intent.payload.get("rollback"):
@@ -618,8 +643,61 @@ class CheckpointService:
                 disks = {d.name: d for d in await query_disks(domain.session)}
             elif intent.kind in ("checkpoint-create", "checkpoint-delete"):
                 self._settle(domain, intent, disks)
+        self._adopt(domain.name, disks)
         await self._remove_orphans(domain, disks)
         self._check(domain.name, disks)
+
+    def _adopt(self, domain: str, disks: dict[str, Disk]) -> None:
+        """Record the checkpoints the images hold that the store does not know
+        (a daemon on another host after a migration, a lost or restored
+        state_dir): each persistent ``bb-cp-<ms>-<name>`` bitmap in a disk's top
+        image gives the checkpoint's name and creation time, the disks that
+        hold it give its disks, and the images below that hold it too give the
+        image where its segment began. They then go through the same checks as
+        every checkpoint (:meth:`_check`): one whose chain is not whole is
+        broken, with its reason, never trusted."""
+        records = self._store.checkpoints(domain)
+        known = {(d.disk, d.bitmap) for c in records for d in c.disks}
+        names = {c.name for c in records}
+        found: dict[str, tuple[float, list[CheckpointDiskRecord]]] = {}
+        for disk in disks.values():
+            if not disk.chain:
+                continue
+            for bitmap, desc in disk.chain[0].bitmaps.items():
+                parsed = parse_checkpoint_bitmap(bitmap)
+                if parsed is None or not desc.get("persistent") or (disk.name, bitmap) in known:
+                    continue
+                name, created = parsed
+                holders = []
+                for image in disk.chain:
+                    if bitmap not in image.bitmaps:
+                        break
+                    holders.append(image.file)
+                broken = None
+                gap = next((image for image in disk.chain[len(holders):]
+                            if bitmap in image.bitmaps), None)
+                if gap is not None:
+                    broken = (f"image {disk.chain[len(holders)].file} lacks bitmap {bitmap!r} "
+                              f"that {gap.file} below it holds: the writes it took were not "
+                              "recorded")
+                entry = found.setdefault(name, (created, []))
+                entry[1].append(CheckpointDiskRecord(
+                    disk.name, bitmap, holders[-1], int(desc.get("granularity", 65536)),
+                    broken, tuple(holders)))
+        for name, (created, recs) in sorted(found.items(), key=lambda kv: (kv[1][0], kv[0])):
+            if name in names:
+                log.warning("domain %s: the images hold bitmaps of checkpoint %s, which the "
+                            "store knows with other bitmaps; not adopted", domain, name)
+                continue
+            newer = next((c.name for c in self._store.checkpoints(domain)
+                          if c.created > created), None)
+            self._store.add_checkpoint(domain, name, created, sorted(recs, key=lambda r: r.disk),
+                                       before=newer)
+            names.add(name)
+            log.info("domain %s: adopted checkpoint %s (created %s) on %s, found in the "
+                     "images", domain, name,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)),
+                     ",".join(r.disk for r in recs))
 
     async def verify(self, domain: Domain, disks: Sequence[Disk] | None = None) -> Verified:
         """Read every disk's chain now (or take ``disks``, just read by the
@@ -629,8 +707,13 @@ class CheckpointService:
         is sent once. Called before every operation that serves or extends a
         change set, because QEMU announces no external snapshot.
 
+        :raise Busy: QEMU's disks are not its own now (migrated away, or
+            incoming): nothing can be checked or served.
         :raise DomainNotConnected: :raise OperationFailed:
         """
+        await self._check_not_migrated(domain)
+        if domain.name in self._unchecked:  # the resume hook has not run yet
+            await self.reconcile(domain)
         if disks is None:
             disks = await query_disks(domain.session)
         by_name = {d.name: d for d in disks}

@@ -24,6 +24,10 @@ log = logging.getLogger("blockbackupd.domains")
 
 #: QEMU's migration states in which the VM's disks are about to be handed over.
 MIGRATION_STARTING = frozenset({"setup", "active", "pre-switchover", "device"})
+#: QEMU run states in which its images are not its own (being handed over, or
+#: already the destination's): what QEMU shows of them says nothing of the
+#: checkpoints (the persistent bitmaps are gone with the disks).
+MIGRATED_RUN_STATES = frozenset({"inmigrate", "postmigrate", "finish-migrate"})
 
 ORIGIN_CONFIG = "config"
 ORIGIN_RPC = "rpc"
@@ -73,6 +77,7 @@ class DomainService:
         self._job_hooks: list[Callable[[str, str, str], None]] = []
         self._job_start_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
         self._migration_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
+        self._resume_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
         self._background: set[asyncio.Task[None]] = set()
         #: Set by the checkpoint service: the domain's checkpoints, oldest first.
         self.checkpoints_of: Callable[[str], list[str]] = lambda domain: []
@@ -229,6 +234,14 @@ class DomainService:
             self._events.publish(session.domain, "domain-connected", state=new.value)
         elif new is DomainState.DISCONNECTED:
             self._events.publish(session.domain, "domain-disconnected")
+        elif old is DomainState.PAUSED and new is DomainState.RUNNING:
+            self._react(session, self._resume_hooks, "", "following the guest's resume")
+
+    def add_resume_hook(self, hook: Callable[[Domain, str], Awaitable[None]]) -> None:
+        """hook(domain, "") runs soon, under the domain's lock, when a connected
+        domain's guest goes from paused to running (e.g. an incoming migration
+        has completed)."""
+        self._resume_hooks.append(hook)
 
     # -- queries ------------------------------------------------------------
 

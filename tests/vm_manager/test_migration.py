@@ -7,8 +7,8 @@ and the guest stays on the source. The manager's migration wins: on QEMU's
 ``MIGRATION`` event (sent when the manager turns on the ``events``
 capability, as libvirt does) every live snapshot gives way, broken with the
 reason ``migrating``, and the migration completes. The persistent bitmaps
-travel in the shared images, so a daemon on the destination that is told of
-the checkpoint (``checkpoint.redefine``) takes an exact incremental.
+travel in the shared images, and a daemon on the destination adopts the
+checkpoints from them and takes an exact incremental.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ def hosts(make_vm: Callable[..., Vm], make_daemon: Callable[..., Daemon],
 BANDWIDTH = 256 * KiB
 
 
+def checkpoints(daemon: Daemon) -> list[str]:
+    with daemon.client() as c:
+        return list(c.call("checkpoint.list", domain="vm1"))
+
+
 def migrate(src: Vm, dst: Vm, events: bool = True, timeout: float = 30) -> dict[str, Any]:
     """The VM manager's live migration; QEMU's final word on it."""
     if events:
@@ -90,7 +95,15 @@ def test_a_migration_started_under_a_live_snapshot_completes(
         c.export_start("vm1", export_xml([("sda", "live")]))
         c.events_subscribe(["vm1"])
         dst = Destination(src, "dst").start()
+        # The destination host's daemon knows the domain before it arrives
+        # (from its config file, say): connected to the incoming QEMU.
+        (workdir / "host2").mkdir()
+        other = Daemon(workdir / "host2").start()
         try:
+            with other.client() as c2:
+                c2.domain_define("vm1", str(dst.daemon_qmp))
+                wait_for(lambda: domain_state(other, "vm1") == "paused", what="dst connected")
+                assert c2.call("checkpoint.list", domain="vm1") == []  # not its disks yet
             info = migrate(src, dst)
             assert info["status"] == "completed", info
             # The guest runs on the destination, the source is done with it.
@@ -108,43 +121,40 @@ def test_a_migration_started_under_a_live_snapshot_completes(
             assert not any(n.startswith("bb-") for n in src.node_names())
             assert list(Path(daemon.daemon_keys["scratch_dir"]).iterdir()) == []
             c.snapshot_delete("vm1", "live")
-            # A new snapshot on the source is refused while QEMU is done there.
-            with pytest.raises(Busy, match="migrating"):
+            # The source's QEMU no longer owns the disks: nothing is served or
+            # judged there, and the checkpoints stay valid in its daemon's store.
+            with pytest.raises(Busy, match="migrat"):
                 c.snapshot_create("vm1", snapshot_xml("late"))
-            checkpoint = c.call("checkpoint.get_xml", domain="vm1", name="live")
-            base = c.call("checkpoint.get_xml", domain="vm1", name=first["id"])
+            with pytest.raises(Busy, match="has migrated away"):
+                c.call("checkpoint.changes", domain="vm1", disk="sda", name="live")
+            names = [first["id"], "live"]
+            docs = [c.call("checkpoint.get_xml", domain="vm1", name=n) for n in names]
+            assert all("<state>valid</state>" in d for d in docs), docs
 
-            # The destination host's daemon, told of the checkpoints, takes an
-            # exact incremental: the bitmaps came along in the shared images.
+            # The destination's daemon adopts the checkpoints from the images
+            # (the bitmaps came along) once the guest runs there, and takes
+            # an exact incremental.
+            wait_for(lambda: checkpoints(other) == names,
+                     what="the destination's daemon to adopt the checkpoints")
             dst.write("sda", 4 * MiB, 64 * KiB, 0x31)
-            other = Daemon(workdir / "host2")
-            (workdir / "host2").mkdir()
-            other.start()
+            with other.client() as c2:
+                assert [c2.call("checkpoint.get_xml", domain="vm1", name=n)
+                        for n in names] == docs
+                changes = c2.call("checkpoint.changes", domain="vm1", disk="sda",
+                                  name=first["id"])
+                assert changes["extents"] == [[2 * MiB, 64 * KiB], [4 * MiB, 64 * KiB]]
+            record = backup(other, dest)
+            assert record["level"] == "inc"
+            assert {d: e["bytes_read"] for d, e in record["disks"].items()} == {
+                "sda": 128 * KiB, "sdb": 0}
+            dst.qmp("stop")
             try:
-                with other.client() as c2:
-                    c2.domain_define("vm1", str(dst.daemon_qmp))
-                wait_for(lambda: domain_state(other, "vm1") == "running", what="dst connected")
-                with other.client() as c2:
-                    c2.call("checkpoint.redefine", domain="vm1", xml=base)
-                    c2.call("checkpoint.redefine", domain="vm1", xml=checkpoint)
-                    assert [c2.call("checkpoint.lookup", domain="vm1", name=n)["state"]
-                            for n in (first["id"], "live")] == ["valid", "valid"]
-                    changes = c2.call("checkpoint.changes", domain="vm1", disk="sda",
-                                      name=first["id"])
-                    assert changes["extents"] == [[2 * MiB, 64 * KiB], [4 * MiB, 64 * KiB]]
-                record = backup(other, dest)
-                assert record["level"] == "inc"
-                assert {d: e["bytes_read"] for d, e in record["disks"].items()} == {
-                    "sda": 128 * KiB, "sdb": 0}
-                dst.qmp("stop")
-                try:
-                    for disk in ("sda", "sdb"):
-                        assert_restore_equals(other, dest, disk, str(dst.image(disk)))
-                finally:
-                    dst.qmp("cont")
+                for disk in ("sda", "sdb"):
+                    assert_restore_equals(other, dest, disk, str(dst.image(disk)))
             finally:
-                other.stop()
+                dst.qmp("cont")
         finally:
+            other.stop()
             dst.stop()
     print(json.dumps({"downtime_ms": info.get("downtime"), "total_ms": info.get("total-time")}))
 

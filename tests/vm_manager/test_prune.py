@@ -94,8 +94,19 @@ def test_ctrl_c_while_merging_leaves_the_directory_as_it_was(defined: tuple[Daem
         said = wait_paused(proc.stderr, "prune-merged")
         assert said == [f"bbctl: sda: {records[3]['id']}-sda.qcow2 is now a full "
                         "(3 older file(s) merged)"]
+        # SIGINT must reach Python's handler: not ignored nor blocked (both
+        # inherited from whoever started the test run), else this would hang.
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        masks = {k: int(v, 16) for k, v in (line.split(":\t") for line in status.splitlines())
+                 if k in ("SigIgn", "SigBlk", "SigCgt")}
+        assert masks["SigCgt"] & 2 and not (masks["SigIgn"] | masks["SigBlk"]) & 2, masks
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 130
+        try:
+            assert proc.wait(60) == 130
+        except subprocess.TimeoutExpired:
+            wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
+            raise AssertionError(f"bbctl ignored Ctrl-C for 60 s (in {wchan}): "
+                                 f"{Path(f'/proc/{proc.pid}/status').read_text()}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
