@@ -9,7 +9,6 @@ libvirt's own alias (``scsi0-0-0-<unit>``) for the others."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -28,28 +27,13 @@ from tests.conftest import (
     snapshot_xml,
     wait_for,
 )
-from tests.vm_manager.libvirt import Domain, Libvirt, libvirt_errors, make_libvirt
+from tests.vm_manager.libvirt import Domain, Libvirt, libvirt_errors
 from tests.vm_manager.manager import assert_restore_equals, backup, disk_level
 from tools.daemon import Daemon
 
 K = 64 * 1024
 SDA, SDB, SDC = "ua-sda", "scsi0-0-0-1", "scsi0-0-0-2"  # qdev ids = blockbackupd's disk names
 NEED_ROOT = "Need a root block node"
-
-
-@pytest.fixture(scope="module")
-def lv() -> Iterator[Libvirt]:
-    if os.geteuid() != 0:
-        pytest.skip("a privileged libvirtd needs root")
-    if shutil.which("libvirtd") is None:
-        pytest.fail("libvirtd is missing: `make deps` installs libvirt-daemon-system")
-    lv = make_libvirt()
-    print(f"private libvirtd answered {lv.start_seconds:.2f} s after it started")
-    try:
-        yield lv
-    finally:
-        lv.stop()
-        shutil.rmtree(lv.root, ignore_errors=True)
 
 
 @pytest.fixture

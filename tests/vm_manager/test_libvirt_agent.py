@@ -16,9 +16,7 @@ libvirtd's connection to its agent must be the same one throughout.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -31,13 +29,14 @@ import pytest
 
 from blockbackup_client import QuiesceFailed
 from tests.conftest import domain_state, snapshot_xml, wait_for
-from tests.vm_manager.libvirt import Libvirt, libvirt_errors, make_libvirt
+from tests.guest.test_agent_sharing import PORT, SCRIPT
+from tests.vm_manager.libvirt import Libvirt, libvirt_errors
 from tools.daemon import Daemon
 from tools.linux_guest.build import GuestImage, build
+from tools.linux_guest.vm import console_errors, last_step, read_console
 
 MiB = 1024 * 1024
 LIBVIRT_PORT = "org.qemu.guest_agent.0"
-PORT = "org.blockbackupd.guest_agent.0"
 DISKS = {"vda": "virtio", "sdb": "scsi"}
 QDEVS = ["ua-vda", "ua-sdb"]            # libvirt's user aliases = blockbackupd's disk names
 QUIESCE_TIMEOUT = 2.0
@@ -47,18 +46,6 @@ NOT_CONNECTED = "Guest agent is not responding: QEMU guest agent is not connecte
 #: libvirtd reconnects, each after the daemon left a request in the channel's queue.
 ROUNDS = 2
 
-#: Run by the guest's /init after BB-READY (as in tests/guest/test_agent_sharing.py):
-#: a second agent on our port, then the crash workload's writes.
-SCRIPT = f"""
-port=
-for p in /sys/class/virtio-ports/*; do
-    [ "$(cat "$p/name" 2>/dev/null)" = {PORT} ] && port=/dev/${{p##*/}}
-done
-mkdir -p /run/qga-bb
-qemu-ga -m virtio-serial -p "$port" -t /run/qga-bb -f /run/qga-bb.pid &
-say "BB-AGENT2 port=$port pid=$!"
-wl_crash
-"""
 
 CMDLINE = ("console=ttyS0 loglevel=5 panic=-1 bb.workload=script bb.disks=vda,sdb "
            "bb.agent=1 bb.kmin=16 bb.kmax=64 bb.delay=0.05")
@@ -214,10 +201,7 @@ class LibvirtGuest:
     # console
 
     def console(self) -> str:
-        try:
-            return self.console_path.read_bytes().decode(errors="replace").replace("\r\n", "\n")
-        except FileNotFoundError:
-            return ""
+        return read_console(self.console_path)
 
     def wait_console(self, pattern: str, timeout: float) -> re.Match[str]:
         regex = re.compile(pattern, re.M)
@@ -233,12 +217,10 @@ class LibvirtGuest:
             time.sleep(0.1)
 
     def steps(self) -> int:
-        found = re.findall(r"^BB-STEP (\d+)$", self.console(), re.M)
-        return int(found[-1]) if found else 0
+        return last_step(self.console())
 
     def errors(self) -> list[str]:
-        return re.findall(r"^BB-ERROR.*$|^.*I/O error.*$|^.*EXT4-fs error.*$",
-                          self.console(), re.M)
+        return console_errors(self.console())
 
     def writes_on(self, timeout: float = 30) -> None:
         before = self.steps()
@@ -281,21 +263,6 @@ class LibvirtGuest:
     def libvirt_agent_works(self) -> None:
         assert self.agent_return("guest-ping") == {}
         assert self.fsinfo() == FSINFO
-
-
-@pytest.fixture(scope="module")
-def lv() -> Iterator[Libvirt]:
-    if os.geteuid() != 0:
-        pytest.skip("a privileged libvirtd needs root")
-    if shutil.which("libvirtd") is None:
-        pytest.fail("libvirtd is missing: `make deps` installs libvirt-daemon-system")
-    lv = make_libvirt()
-    print(f"private libvirtd answered {lv.start_seconds:.2f} s after it started")
-    try:
-        yield lv
-    finally:
-        lv.stop()
-        shutil.rmtree(lv.root, ignore_errors=True)
 
 
 @dataclass

@@ -28,6 +28,29 @@ from tools.vm import MiB, Vm
 BUSES = ("virtio", "scsi")
 DISK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,19}\Z")  # virtio-blk serials: 20 bytes
 PARAM_KEY = re.compile(r"[a-z0-9_]+\Z")
+#: Console lines that say a guest write (or anything else) failed.
+ERROR_LINE = re.compile(r"^BB-ERROR.*$|^.*I/O error.*$|^.*EXT4-fs error.*$", re.M)
+
+
+def read_console(path: Path, start: int = 0) -> str:
+    """A serial console file's text from offset ``start`` (the tty's CR LF as LF)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read().decode(errors="replace").replace("\r\n", "\n")
+    except FileNotFoundError:
+        return ""
+
+
+def last_step(console: str) -> int:
+    """The crash workload's last reported step in console text (0 before the first)."""
+    found = re.findall(r"^BB-STEP (\d+)$", console, re.M)
+    return int(found[-1]) if found else 0
+
+
+def console_errors(console: str) -> list[str]:
+    """BB-ERROR lines and the kernel's I/O error lines of console text."""
+    return ERROR_LINE.findall(console)
 
 
 class GuestAgentError(RuntimeError):
@@ -252,13 +275,8 @@ class LinuxVm(Vm):
     # -------------------------------------------------------------- console
 
     def console(self) -> str:
-        """The serial console's text since this boot's start (the tty's \\r\\n as \\n)."""
-        try:
-            with open(self.console_path, "rb") as f:
-                f.seek(self.console_start)
-                return f.read().decode(errors="replace").replace("\r\n", "\n")
-        except FileNotFoundError:
-            return ""
+        """The serial console's text since this boot's start."""
+        return read_console(self.console_path, self.console_start)
 
     def wait_console(self, pattern: str | re.Pattern[str], timeout: float = 60.0,
                      start: int = 0) -> re.Match[str]:
@@ -303,13 +321,11 @@ class LinuxVm(Vm):
 
     def steps(self) -> int:
         """The crash workload's last reported step (0 before the first)."""
-        found = self.markers("STEP")
-        return int(found[-1]) if found else 0
+        return last_step(self.console())
 
     def errors(self) -> list[str]:
         """BB-ERROR lines and the kernel's I/O error lines."""
-        return re.findall(r"^BB-ERROR.*$|^.*I/O error.*$|^.*EXT4-fs error.*$",
-                          self.console(), re.M)
+        return console_errors(self.console())
 
     def results(self) -> list[dict[str, str]]:
         """The BB-RESULT lines, as {"kind": "write", key: value...}."""
