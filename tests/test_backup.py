@@ -170,6 +170,37 @@ def wait_paused(stderr: IO[str], step: str) -> list[str]:
         data += chunk
 
 
+def interrupt_at(args: list[str], step: str) -> list[str]:
+    """Run ``bbctl args`` until it pauses at ``step`` (BBCTL_PAUSE_AT), then
+    Ctrl-C it there: it must exit with 130. Returns what it said before."""
+    proc = subprocess.Popen([sys.executable, "-m", "blockbackup_client.bbctl", *args],
+                            env={**os.environ, "BBCTL_PAUSE_AT": step},
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        said = wait_paused(proc.stderr, step)
+        # SIGINT must reach Python's handler: not ignored nor blocked (both
+        # inherited from whoever started the test run), else this would hang.
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        masks = {k: int(v, 16) for k, v in (line.split(":\t") for line in status.splitlines())
+                 if k in ("SigIgn", "SigBlk", "SigCgt")}
+        assert masks["SigCgt"] & 2 and not (masks["SigIgn"] | masks["SigBlk"]) & 2, masks
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C on a terminal does
+        try:
+            assert proc.wait(60) == 130
+        except subprocess.TimeoutExpired:
+            wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
+            raise AssertionError(f"bbctl ignored Ctrl-C for 60 s (in {wchan}): "
+                                 f"{Path(f'/proc/{proc.pid}/status').read_text()}") from None
+        return said
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
 def _running_with(path: Path) -> list[int]:
     """PIDs of processes whose command line names a file in ``path`` (our temp dir)."""
     pids = []
@@ -198,21 +229,8 @@ def test_ctrl_c_mid_backup_leaves_nothing_behind(defined: tuple[Daemon, Vm], wor
         checkpoints = c.call("checkpoint.list", domain="vm1")
     vm.write("sda", 2 * MiB, 8 * MiB, 0x22)
     vm.write("sdb", 0, 8 * MiB, 0x23)
-    proc = subprocess.Popen([sys.executable, "-m", "blockbackup_client.bbctl", "--socket",
-                             str(daemon.socket), "backup", "vm1", "--dest", str(dest),
-                             "--level", "inc"], env={**os.environ, "BBCTL_PAUSE_AT": step},
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert proc.stderr is not None
-        wait_paused(proc.stderr, step)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C on a terminal does
-        assert proc.wait(60) == 130
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+    interrupt_at(["--socket", str(daemon.socket), "backup", "vm1", "--dest", str(dest),
+                  "--level", "inc"], step)
     # The directory and the daemon are as they were before the backup began.
     assert (dest / "manifest.json").read_bytes() == manifest
     assert sorted(p.name for p in dest.iterdir()) == files

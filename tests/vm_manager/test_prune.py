@@ -5,15 +5,12 @@ synthetic full; Ctrl-C leaves the directory as it was."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import bbctl
-from tests.test_backup import wait_paused
+from tests.test_backup import interrupt_at
 from tests.vm_manager.test_backup_levels import assert_restores, backup, manifest, references
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
@@ -85,34 +82,9 @@ def test_ctrl_c_while_merging_leaves_the_directory_as_it_was(defined: tuple[Daem
     records, refs = five_backups(daemon, vm, dest, workdir)
     saved = (dest / "manifest.json").read_bytes()
     files = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
-    proc = subprocess.Popen([sys.executable, "-m", "blockbackup_client.bbctl", "prune",
-                             str(dest), "--keep", "2"],
-                            env={**os.environ, "BBCTL_PAUSE_AT": "prune-merged"},
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert proc.stderr is not None
-        said = wait_paused(proc.stderr, "prune-merged")
-        assert said == [f"bbctl: sda: {records[3]['id']}-sda.qcow2 is now a full "
-                        "(3 older file(s) merged)"]
-        # SIGINT must reach Python's handler: not ignored nor blocked (both
-        # inherited from whoever started the test run), else this would hang.
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        masks = {k: int(v, 16) for k, v in (line.split(":\t") for line in status.splitlines())
-                 if k in ("SigIgn", "SigBlk", "SigCgt")}
-        assert masks["SigCgt"] & 2 and not (masks["SigIgn"] | masks["SigBlk"]) & 2, masks
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            assert proc.wait(60) == 130
-        except subprocess.TimeoutExpired:
-            wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
-            raise AssertionError(f"bbctl ignored Ctrl-C for 60 s (in {wchan}): "
-                                 f"{Path(f'/proc/{proc.pid}/status').read_text()}") from None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+    said = interrupt_at(["prune", str(dest), "--keep", "2"], "prune-merged")
+    assert said == [f"bbctl: sda: {records[3]['id']}-sda.qcow2 is now a full "
+                    "(3 older file(s) merged)"]
     assert (dest / "manifest.json").read_bytes() == saved
     assert {p.name: p.stat().st_mtime_ns for p in dest.iterdir()} == files  # no temporary
     assert_restores(daemon, dest, workdir, refs)
