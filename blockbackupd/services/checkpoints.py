@@ -612,10 +612,16 @@ class CheckpointService:
         if domain.name in self._unchecked:
             await self.reconcile(domain)
 
+    @staticmethod
+    async def _migrated(domain: Domain) -> str | None:
+        """QEMU's run state when it says its disks are not its own, else None."""
+        status = str((await domain.session.execute("query-status"))["status"])
+        return status if status in MIGRATED_RUN_STATES else None
+
     async def _check_not_migrated(self, domain: Domain) -> None:
         """:raise Busy: QEMU's run state says its disks are not its own."""
-        status = str((await domain.session.execute("query-status"))["status"])
-        if status in MIGRATED_RUN_STATES:
+        status = await self._migrated(domain)
+        if status is not None:
             raise Busy(f"domain {domain.name!r} is migrating or has migrated away ({status}): "
                        "its disks and their checkpoints are the other QEMU's")
 
@@ -625,8 +631,8 @@ class CheckpointService:
         bitmaps QEMU loaded with the store. Not while QEMU's disks are not its
         own (after an outgoing migration, before an incoming one): the
         bitmaps are invisible then, and nothing may be judged broken."""
-        status = str((await domain.session.execute("query-status"))["status"])
-        if status in MIGRATED_RUN_STATES:
+        status = await self._migrated(domain)
+        if status is not None:
             log.info("domain %s: QEMU is %s; checkpoints not checked", domain.name, status)
             self._unchecked.add(domain.name)  # done when the guest runs here
             return

@@ -85,10 +85,7 @@ class QuiesceService:
             reached, refuses, or does not answer within the timeout. The guest
             is then thawed (or a thaw keeps being retried) and nothing is left.
         """
-        socket = domain.guest_agent_socket
-        if socket is None:
-            raise QuiesceFailed(f"domain {domain.name!r} has no guest agent: define it with "
-                                "guest_agent_socket to quiesce")
+        socket = agent_socket(domain)
         record = self._store.add_intent(domain.name, FROZEN_RECORD,
                                         {"snapshot": snapshot, "socket": socket})
         since = time.perf_counter()
@@ -183,6 +180,17 @@ class QuiesceService:
                         "was owed", domain, time.monotonic() - started)
             break
         self._store.drop_intent(record)
+
+
+def agent_socket(domain: Domain) -> str:
+    """The domain's guest agent socket.
+
+    :raise QuiesceFailed: the domain was defined without one.
+    """
+    if domain.guest_agent_socket is None:
+        raise QuiesceFailed(f"domain {domain.name!r} has no guest agent: define it with "
+                            "guest_agent_socket to quiesce")
+    return domain.guest_agent_socket
 
 
 def _unreachable(path: str) -> bool:

@@ -47,7 +47,7 @@ from ..store.db import Store
 from . import scratch
 from .domains import MIGRATION_STARTING, Domain, DomainService
 from .events import EventBus
-from .quiesce import Frozen, QuiesceService
+from .quiesce import Frozen, QuiesceService, agent_socket
 from .undo import Undo
 
 log = logging.getLogger("blockbackupd.snapshots")
@@ -265,9 +265,10 @@ class SnapshotService:
         :raise OperationFailed: QEMU or the host refused; nothing is left behind.
         """
         domain = self._domains.connected(domain_name)
-        if quiesce and (self._quiesce is None or domain.guest_agent_socket is None):
-            raise QuiesceFailed(f"domain {domain_name!r} has no guest agent: define it with "
-                                "guest_agent_socket to quiesce")
+        if quiesce:
+            agent_socket(domain)  # refused before anything is made
+            if self._quiesce is None:
+                raise QuiesceFailed("quiesce is not available in this daemon")
         if name is None:
             name = str(uuid.uuid4())
         try:
