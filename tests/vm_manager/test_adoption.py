@@ -67,6 +67,11 @@ def test_a_cold_move_to_another_host(defined: tuple[Daemon, Vm], workdir: Path) 
     first = backup(daemon, dest)
     g.write("sda", 5)
     vm.stop()  # a clean quit stores the bitmaps
+    # The first host's daemon must not see the QEMU that starts on the
+    # second: QEMU's QMP socket serves one client, and the first daemon,
+    # still retrying it, would otherwise win the race for it.
+    with daemon.client() as c:
+        c.domain_undefine("vm1", force=True)  # the bitmaps stay
     host2 = workdir / "host2"
     host2.mkdir()
     other = Daemon(host2).start()  # its own socket, state_dir and scratch
