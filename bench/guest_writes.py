@@ -9,7 +9,7 @@ has old data to copy. Three conditions on the SAME VM in the same run:
 - ours: a snapshot of blockbackupd (the real daemon: ``snapshot.create``
   before the measure, ``snapshot.delete`` after), whose copy-before-write
   filter copies the old data of every block the guest overwrites into a
-  scratch qcow2 first;
+  sparse raw scratch file first;
 - classic: the scratch backup job libvirt runs for a pull backup, made here
   on the test's own QMP monitor: a qcow2 scratch backed by the disk,
   ``blockdev-backup sync=none`` onto it; ``block-job-cancel`` and
@@ -68,7 +68,8 @@ from tools.vm import MiB
 DISK = "vda"
 CONDITIONS = ("none", "ours", "classic")
 KiB = 1024
-CLUSTER = 64 * KiB          # the copy granularity: the scratch qcow2's cluster size
+CLUSTER = 64 * KiB          # the copy granularity (QEMU's block-copy default, and
+                            # the classic scratch qcow2's cluster size)
 SEQ_WRITES = 1024           # 4 KiB writes of "4K seq" (4 MiB)
 FIRST_WRITES = 128          # 4 KiB writes of "4K first", one per cluster
 PHASE_TIMEOUT = 300.0
@@ -210,7 +211,7 @@ class Ours:
     def stop(self) -> int:
         """Delete the snapshot; the bytes its scratch image held."""
         assert self.name is not None
-        path = self.scratch_dir / f"vm1-{DISK}-{self.name}.qcow2"
+        path = self.scratch_dir / f"vm1-{DISK}-{self.name}.raw"
         used = path.stat().st_blocks * 512
         with self.daemon.client() as c:
             c.snapshot_delete("vm1", self.name)

@@ -40,7 +40,7 @@ class BlockOps:
 
     async def add_scratch(self, node: str, filename: str) -> None:
         await self.session.execute("blockdev-add", {
-            "driver": "qcow2", "node-name": node,
+            "driver": "raw", "node-name": node,
             "file": {"driver": "file", "filename": filename},
         })
 
@@ -58,20 +58,18 @@ class BlockOps:
             "driver": "snapshot-access", "node-name": node, "file": cbw_filter,
         })
 
-    async def add_probe(self, window: str, sink: str, view: str) -> None:
-        """Nodes the probe job copies between: a small read-only window on the
-        view and a null sink of the same size."""
+    async def add_probe_window(self, window: str, view: str) -> None:
+        """The probe job's source: a small read-only window on the view."""
         await self.session.execute("blockdev-add", {
             "driver": "raw", "node-name": window, "file": view, "read-only": True,
             "offset": 0, "size": PROBE_BYTES,
         })
-        try:
-            await self.session.execute("blockdev-add", {
-                "driver": "null-co", "node-name": sink, "size": PROBE_BYTES,
-            })
-        except BaseException:
-            await asyncio.shield(self.delete_node(window))
-            raise
+
+    async def add_probe_sink(self, sink: str) -> None:
+        """The probe job's target: a null node the size of the window."""
+        await self.session.execute("blockdev-add", {
+            "driver": "null-co", "node-name": sink, "size": PROBE_BYTES,
+        })
 
     async def set_drive(self, qdev: str, node: str) -> None:
         await self.session.execute("qom-set", {

@@ -23,7 +23,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -346,23 +346,19 @@ class SnapshotService:
                     "name": name, "disk": part.disk.name, "file": str(part.scratch)})
                 undo.push_record(f"record of {part.scratch}",
                                  partial(self._store.drop_intent, part.record))
-            # qemu-img runs once per disk: run them side by side.
-            made = await asyncio.gather(*(scratch.create(p.scratch, p.disk.size) for p in parts),
-                                        return_exceptions=True)
-            for part, result in zip(parts, made, strict=True):
-                if not isinstance(result, BaseException):
-                    undo.push(f"scratch file {part.scratch}", partial(scratch.remove, part.scratch))
-            for result in made:
-                if isinstance(result, BaseException):
-                    raise result
-            await faults.check("snapshot:scratch-created")
             for part in parts:
-                await ops.add_scratch(part.scratch_node, str(part.scratch))
-                undo.push(part.scratch_node, partial(ops.delete_node, part.scratch_node))
-                await ops.add_cbw_filter(part.filter_node, part.source, part.scratch_node,
-                                         self._settings.cbw_timeout)
-                undo.push(part.filter_node, partial(ops.delete_node, part.filter_node))
-                await faults.check("snapshot:filter-added")
+                scratch.create(part.scratch, part.disk.size)
+                undo.push(f"scratch file {part.scratch}", partial(scratch.remove, part.scratch))
+            await faults.check("snapshot:scratch-created")
+            # Each layer's nodes in one batch (see Undo.run_all): a node needs
+            # only the layer below it.
+            await undo.run_all([(p.scratch_node, ops.add_scratch(p.scratch_node, str(p.scratch)),
+                                 partial(ops.delete_node, p.scratch_node)) for p in parts])
+            await undo.run_all([
+                (p.filter_node, ops.add_cbw_filter(p.filter_node, p.source, p.scratch_node,
+                                                   self._settings.cbw_timeout),
+                 partial(ops.delete_node, p.filter_node)) for p in parts])
+            await faults.check("snapshot:filter-added")
 
             instant = None
             if self.instant_hook is not None:
@@ -386,13 +382,14 @@ class SnapshotService:
                 await self._quiesce.thaw(frozen)
             await faults.check("snapshot:switched")
 
-            for part in parts:
-                await ops.add_view(part.view_node, part.filter_node)
-                undo.push(part.view_node, partial(ops.delete_node, part.view_node))
-                await ops.add_probe(part.probe_window, part.probe_sink, part.view_node)
-                undo.push(part.probe_window, partial(ops.delete_node, part.probe_window))
-                undo.push(part.probe_sink, partial(ops.delete_node, part.probe_sink))
-                await faults.check("snapshot:view-added")
+            await undo.run_all(
+                [(p.view_node, ops.add_view(p.view_node, p.filter_node),
+                  partial(ops.delete_node, p.view_node)) for p in parts]
+                + [(p.probe_sink, ops.add_probe_sink(p.probe_sink),
+                    partial(ops.delete_node, p.probe_sink)) for p in parts])
+            await undo.run_all([(p.probe_window, ops.add_probe_window(p.probe_window, p.view_node),
+                                 partial(ops.delete_node, p.probe_window)) for p in parts])
+            await faults.check("snapshot:view-added")
             if instant is not None:
                 await instant.commit()
         except BaseException as err:
@@ -416,10 +413,9 @@ class SnapshotService:
         shows afterwards, since a failed or cancelled batch may have run in
         part.
         """
-        status = await ops.run_status()
+        status, migration = await asyncio.gather(ops.run_status(), ops.migration_status())
         if status in _MIGRATING:
             raise Busy(f"domain {domain!r} is migrating ({status})")
-        migration = await ops.migration_status()
         if migration in MIGRATION_STARTING:
             # A filter now would make the migration fail at its end.
             raise Busy(f"domain {domain!r} is migrating (migration {migration})")
@@ -612,13 +608,15 @@ class SnapshotService:
         state = self._state(domain.name)
         ops, bitmaps = BlockOps(domain.session), Bitmaps(domain.session)
         on_nodes = await bitmaps.on_nodes()  # every node, with its bitmaps: one query
+        # Two batches sent back to back (see Undo.run_all): the tails and the
+        # probe nodes, then the views the probe windows read.
+        await _every([bitmaps.remove(p.disk.node, p.tail) for p in parts
+                      if p.tail is not None and p.tail in on_nodes.get(p.disk.node, {})]
+                     + [ops.delete_node(n) for p in parts for n in p.nodes()[:2]
+                        if n in on_nodes])
+        await _every([ops.delete_node(p.view_node) for p in parts if p.view_node in on_nodes])
+        await faults.check("snapshot-delete:view-removed")
         for part in parts:
-            if part.tail is not None and part.tail in on_nodes.get(part.disk.node, {}):
-                await bitmaps.remove(part.disk.node, part.tail)
-            for node in part.nodes()[:3]:  # probe nodes and the view
-                if node in on_nodes:
-                    await ops.delete_node(node)
-            await faults.check("snapshot-delete:view-removed")
             if part not in state.retired:
                 state.retired.append(part)
 
@@ -779,3 +777,10 @@ def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
     if snapshot.removed:
         result["removed_disks"] = dict(snapshot.removed)
     return result
+
+
+async def _every(steps: list[Coroutine[Any, Any, None]]) -> None:
+    """Run QMP steps sent back to back, each to its end; raise the first failure."""
+    for result in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from ..errors import DomainNotConnected
 from ..qemu.session import NoAnswer
@@ -44,6 +44,23 @@ class Undo:
         next connect, judging by what QEMU shows, finishes the cleanup. (A
         QMP connection lost mid-operation fails the QEMU-side inverses.)"""
         self._steps.append((label, _Record(drop, keep)))
+
+    async def run_all(self, steps: Sequence[tuple[str, Awaitable[None], Step]]) -> None:
+        """Run independent steps side by side, each ``(label, step, inverse)``;
+        push the inverse of each that worked, then raise the first failure.
+
+        For QMP commands this sends them back to back: QEMU's monitor runs
+        them one after the other, in order, so a batch costs about one round
+        trip instead of one per command. Every step runs to its end even when
+        another fails, so that what each made is known and undone.
+        """
+        results = await asyncio.gather(*(step for _, step, _ in steps), return_exceptions=True)
+        for (label, _, inverse), result in zip(steps, results, strict=True):
+            if not isinstance(result, BaseException):
+                self.push(label, inverse)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def discard(self) -> None:
         self._steps.clear()
