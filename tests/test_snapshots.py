@@ -26,6 +26,7 @@ from blockbackup_client import (
     Unsupported,
 )
 from blockbackup_client.errors import ApplicationError
+from blockbackupd.qemu.nbdread import dirty_extents
 from tests.conftest import NbdReader, domain_state, export_xml, snapshot_xml, wait_for
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
@@ -566,3 +567,65 @@ def test_daemon_stopped_mid_create_rolls_back(make_vm: Callable[..., Vm],
     assert graph(vm) == before
     assert list(scratch_dir(daemon).iterdir()) == []
     assert vm.status() == "running"
+
+
+def test_snapshot_and_its_exports_in_one_request(defined: tuple[Daemon, Vm]) -> None:
+    """snapshot.create with ``export`` (libvirt's backup-begin in one call):
+    the exports of the new snapshot start with it, a change set included;
+    an export that cannot start leaves nothing, the checkpoint included."""
+    daemon, vm = defined
+    k = 64 * KiB
+    with daemon.client() as c:
+        c.snapshot_create("vm1", snapshot_xml("cp1"), checkpoint=True)
+        c.snapshot_delete("vm1", "cp1")
+        vm.write("sda", 3 * k, k, 0x33)
+        vm.write("sda", 9 * k, 2 * k, 0x39)
+        result = c.call("snapshot.create", domain="vm1", xml=snapshot_xml("s2"),
+                        checkpoint=True, export=(
+                            '<domainblockexport type="nbd"><disk name="sda" checkpoint="cp1"/>'
+                            '<disk name="sdb" snapshot="s2" exportname="b"/>'
+                            "</domainblockexport>"))
+        assert result["name"] == "s2"
+        server = result["export"]["server"]
+        assert server == c.call("export.server", domain="vm1")
+        assert result["export"]["exports"] == [
+            {"disk": "sda", "snapshot": "s2", "checkpoint": "cp1", "name": "sda-s2",
+             "bitmap": "qemu:dirty-bitmap:cp1"},
+            {"disk": "sdb", "snapshot": "s2", "checkpoint": None, "name": "b", "bitmap": None}]
+        assert c.export_list("vm1") == result["export"]["exports"]
+        vm.write("sda", 3 * k, k, 0x44)  # after the instant: neither in the view nor the set
+        assert dirty_extents(server["socket"], "sda-s2", "qemu:dirty-bitmap:cp1") == [
+            [3 * k, k], [9 * k, 2 * k]]
+        with NbdReader(server["socket"], "sda-s2") as r:
+            assert r.read(3 * k, k) == b"\x33" * k
+        c.snapshot_delete("vm1", "s2")
+        assert c.export_list("vm1") == [] and c.call("export.server", domain="vm1") is None
+
+        before = (graph(vm), c.call("checkpoint.list", domain="vm1"),
+                  sorted(scratch_dir(daemon).iterdir()))
+        bad = [
+            # Refused before anything is made.
+            ('<domainblockexport type="nbd"><disk name="sda" snapshot="other"/>'
+             "</domainblockexport>", InvalidArgument, "may only name the snapshot"),
+            ('<domainblockexport type="nbd"><disk/></domainblockexport>', InvalidXml, "line 1"),
+            # Refused by the exports, once the snapshot exists: rolled back.
+            ('<domainblockexport type="nbd"><disk name="sda" checkpoint="nope"/>'
+             "</domainblockexport>", NoSuchCheckpoint, "nope"),
+            ('<domainblockexport type="nbd"><disk name="sdb"/></domainblockexport>',
+             NoSuchDisk, "sdb"),
+        ]
+        for doc, error, text in bad:
+            with pytest.raises(error, match=text):
+                c.call("snapshot.create", domain="vm1", xml=snapshot_xml("s3", {"sda": None}),
+                       checkpoint=True, export=doc)
+            assert c.call("snapshot.list", domain="vm1") == []
+            assert (graph(vm), c.call("checkpoint.list", domain="vm1"),
+                    sorted(scratch_dir(daemon).iterdir())) == before, doc
+            assert c.export_list("vm1") == [] and c.call("export.server", domain="vm1") is None
+        # The change set since cp1 is whole after the rolled-back checkpoints.
+        assert c.call("checkpoint.changes", domain="vm1", disk="sda", name="cp1")[
+            "extents"] == [[3 * k, k], [9 * k, 2 * k]]
+        # export.start itself still needs the snapshot named.
+        with pytest.raises(InvalidXml, match="names no snapshot"):
+            c.export_start("vm1", '<domainblockexport type="nbd"><disk name="sda"/>'
+                                  "</domainblockexport>")

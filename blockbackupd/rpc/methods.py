@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from jsonrpcserver import Error, Result, Success
 from pydantic import ValidationError
 
 from .. import __version__
-from ..errors import BlockbackupError, NoSuchDomain, OperationFailed
+from ..errors import BlockbackupError, InvalidArgument, NoSuchDomain, OperationFailed
 from ..services.checkpoints import BitmapUsage, CheckpointService
 from ..services.domains import DomainService
 from ..services.events import EventBus, Subscription
@@ -132,10 +133,41 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         disks = None
         if spec is not None and spec.disks is not None:
             disks = [(d.name, d.scratch) for d in spec.disks]
+        # The export document is checked before anything is made. Its disks
+        # name this snapshot (or none: the name may be generated).
+        export = None
+        if a.export is not None:
+            export = parse_export(a.export, snapshot="")
+            for d in export.disks:
+                if d.snapshot not in ("", spec.name if spec else None):
+                    raise InvalidArgument(
+                        f"export: disk {d.disk!r} names snapshot {d.snapshot!r}; in "
+                        "snapshot.create it may only name the snapshot being created")
         snapshot = await snapshots.create(a.domain, spec.name if spec else None, disks,
                                           a.checkpoint,
                                           a.quiesce or (spec is not None and spec.quiesce))
-        return {"name": snapshot.name, "xml": render_snapshot(snapshot.view())}
+        result: dict[str, Any] = {"name": snapshot.name, "xml": render_snapshot(snapshot.view())}
+        if export is not None:
+            export = replace(export, disks=tuple(replace(d, snapshot=snapshot.name)
+                                                 for d in export.disks))
+            try:
+                address, made = await exports.start(a.domain, export)
+            except BaseException as err:
+                await asyncio.shield(_unmake(a.domain, snapshot.name, a.checkpoint, err))
+                raise
+            result["export"] = {"server": address.as_result(),
+                                "exports": [e.as_result() for e in made]}
+        return result
+
+    async def _unmake(domain: str, name: str, checkpoint: bool, cause: BaseException) -> None:
+        """Roll back a snapshot (and its checkpoint) whose exports failed to start."""
+        try:
+            await snapshots.delete(domain, name)
+            if checkpoint:
+                await checkpoints.delete(domain, name)
+        except Exception as err:  # the request's own error is the one to report
+            log.error("snapshot %s/%s: exports failed (%s) and the rollback failed: %s",
+                      domain, name, cause, err)
 
     async def snapshot_delete(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:
         await snapshots.delete(a.domain, a.name)

@@ -37,6 +37,8 @@ class SnapshotCreate(Params):
     xml: str | None = None
     checkpoint: bool = False
     quiesce: bool = False
+    #: A <domainblockexport> started with the snapshot, in the same request.
+    export: str | None = None
 
 
 class SnapshotRef(Params):

@@ -9,8 +9,13 @@ from .document import parse
 DOCUMENT = "domainblockexport"
 
 
-def parse_export(text: str) -> ExportSpec:
-    """:raise InvalidXml: not well formed or not valid; the message gives the line."""
+def parse_export(text: str, snapshot: str | None = None) -> ExportSpec:
+    """Parse the document; a ``<disk>`` without ``snapshot`` names ``snapshot``
+    (snapshot.create's own, exported in the same request), and is refused
+    when it is None.
+
+    :raise InvalidXml: not well formed or not valid; the message gives the line.
+    """
     root = parse(text, DOCUMENT)
     address = None
     el = root.find("address")
@@ -23,7 +28,11 @@ def parse_export(text: str) -> ExportSpec:
     disks = []
     seen: set[tuple[str, str]] = set()
     for d in root.iterfind("disk"):
-        spec = ExportDiskSpec(disk=d.get("name", ""), snapshot=d.get("snapshot", ""),
+        named = d.get("snapshot", snapshot)
+        if named is None:
+            raise InvalidXml(f"{DOCUMENT}: line {d.sourceline}: disk {d.get('name')!r} "
+                             "names no snapshot (attribute snapshot)")
+        spec = ExportDiskSpec(disk=d.get("name", ""), snapshot=named,
                               checkpoint=d.get("checkpoint"), exportname=d.get("exportname"))
         if (spec.disk, spec.snapshot) in seen:
             raise InvalidXml(f"{DOCUMENT}: line {d.sourceline}: disk {spec.disk!r} of snapshot "
