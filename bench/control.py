@@ -7,15 +7,28 @@
    through the daemon: QEMU quit and started again, the daemon's reconcile
    (intents, every bitmap against the store), as it logs it (target < 2 s);
    the peer is the same reconcile with no checkpoint.
+3. ``bbctl domain list`` as a user runs it (a new process, start-up
+   included, against the daemon of a running VM) STARTS times, against the
+   floor: the same Python starting and doing nothing (``python -c pass``),
+   and against ``virsh list --all`` if virsh is installed (libvirtd's
+   ``qemu:///system`` if it answers, else libvirt's in-process test driver:
+   virsh's start-up without a daemon). In turn, round by round; medians.
+   Bytecode is cached (in a private directory) as in an installed package,
+   whatever PYTHONDONTWRITEBYTECODE says.
 
-Run: ``.venv/bin/python -m bench.control [REPEAT] [CHECKPOINTS]``.
+Run: ``.venv/bin/python -m bench.control [REPEAT] [CHECKPOINTS] [STARTS]``.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from bench.common import Row, cli, domain, median
 from tools.daemon import Daemon
@@ -95,9 +108,53 @@ def restart(checkpoints: int, rounds: int) -> list[Row]:
                 full / 1e3, empty / 1e3, peer_name="no checkpoints", target="< 2 s")]
 
 
-def run(repeat: int = 15, checkpoints: int = 100) -> list[Row]:
-    return control_path(repeat) + restart(checkpoints, 3)
+def _virsh() -> tuple[list[str], str] | None:
+    """``virsh list --all`` and what it talks to, or None without virsh."""
+    if shutil.which("virsh") is None:
+        return None
+    for uri, what in (("qemu:///system", "libvirtd"),
+                      ("test:///default", "test driver, no daemon")):
+        argv = ["virsh", "-c", uri, "list", "--all"]
+        if subprocess.run(argv, capture_output=True, timeout=30).returncode == 0:
+            return argv, what
+    return None
+
+
+def bbctl_start(starts: int) -> list[Row]:
+    script = Path(sys.executable).parent / "bbctl"
+    bbctl = [str(script)] if script.exists() else [sys.executable, "-m",
+                                                    "blockbackup_client.bbctl"]
+    virsh = _virsh()
+    with domain({"sda": 16 * MiB}) as (_, daemon), \
+            tempfile.TemporaryDirectory(prefix="bb-bench-pyc-") as pyc:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = pyc
+        commands = {"bbctl": [*bbctl, "--socket", str(daemon.socket), "domain", "list"],
+                    "floor": [sys.executable, "-c", "pass"]}
+        if virsh is not None:
+            commands["virsh"] = virsh[0]
+        timings: dict[str, list[float]] = {k: [] for k in commands}
+        for argv in commands.values():  # warm-up: bytecode, page cache
+            subprocess.run(argv, check=True, capture_output=True, env=env)
+        listed = subprocess.run(commands["bbctl"], check=True, capture_output=True, text=True,
+                                env=env).stdout
+        assert "bench" in listed.split(), listed
+        for _ in range(starts):
+            for name, argv in commands.items():
+                start = time.perf_counter()
+                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+                timings[name].append(time.perf_counter() - start)
+    rows = [Row("bbctl domain list, a new process end to end", median(timings["bbctl"]),
+                median(timings["floor"]), peer_name="python -c pass: the floor")]
+    if virsh is not None:
+        rows.append(Row("the same, against virsh list --all", median(timings["bbctl"]),
+                        median(timings["virsh"]), peer_name=f"virsh, {virsh[1]}"))
+    return rows
+
+
+def run(repeat: int = 15, checkpoints: int = 100, starts: int = 30) -> list[Row]:
+    return control_path(repeat) + restart(checkpoints, 3) + bbctl_start(starts)
 
 
 if __name__ == "__main__":
-    sys.exit(cli(run, int, int))
+    sys.exit(cli(run, int, int, int))

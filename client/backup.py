@@ -55,14 +55,11 @@ from .errors import (
     NoSuchSnapshot,
     QuiesceFailed,
 )
+from .errors import BackupError as BackupError  # re-exported: it was defined here
 
 MANIFEST = "manifest.json"
 #: The backup under way (its id and domain), until it is saved or cleaned up.
 PENDING = "pending.json"
-
-
-class BackupError(Exception):
-    """The backup, restore or check cannot be done; the message says why."""
 
 
 def _sync_directory(directory: Path) -> None:

@@ -14,21 +14,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-from xml.sax.saxutils import escape, quoteattr
 
-from .backup import BackupError
 from .client import DEFAULT_SOCKET, Client
-from .errors import ApplicationError, BlockbackupError, ConnectionLost
+from .errors import ApplicationError, BackupError, BlockbackupError, ConnectionLost
 
-#: A command returns what --json prints and what a person reads.
-Result = tuple[Any, str]
-Command = Callable[[Any, argparse.Namespace], Result]
+# Start-up is most of a control command's time (``bbctl domain list``), so
+# this module imports only what every command needs: the backup application
+# (libnbd, blake3, tqdm, threads), pathlib and subprocess are imported inside
+# the commands that use them, and the asyncio client lives in its own module.
+
+# typing is for the type checker only: importing it costs bbctl's every start ~2 ms.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeAlias
+
+    #: A command returns what --json prints and what a person reads.
+    Result: TypeAlias = tuple[Any, str]
+    Command: TypeAlias = Callable[[Any, argparse.Namespace], Result]
+    #: Adds a parser's arguments or sub-commands.
+    Completer: TypeAlias = Callable[[argparse.ArgumentParser], None]
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -40,6 +47,22 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def _fields(info: dict[str, Any]) -> str:
     return "\n".join(f"{k}: {json.dumps(v) if isinstance(v, (list, dict)) else v}"
                      for k, v in info.items())
+
+
+def escape(text: str) -> str:
+    """``text`` as XML character data (xml.sax.saxutils.escape, without
+    importing it: it imports urllib.request)."""
+    return text.replace("&", "&amp;").replace(">", "&gt;").replace("<", "&lt;")
+
+
+def quoteattr(text: str) -> str:
+    """``text`` as a quoted XML attribute value (xml.sax.saxutils.quoteattr)."""
+    text = escape(text).replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")
+    if '"' not in text:
+        return f'"{text}"'
+    if "'" not in text:
+        return f"'{text}'"
+    return '"{}"'.format(text.replace('"', "&quot;"))
 
 
 def _read_xml(path: str) -> str:
@@ -248,6 +271,8 @@ def _events(c: Client, a: argparse.Namespace) -> Result:
 # -- the backup application ---------------------------------------------------------
 
 def _backup(c: Client, a: argparse.Namespace) -> Result:
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from .backup import backup
@@ -264,6 +289,8 @@ def _backup(c: Client, a: argparse.Namespace) -> Result:
 
 
 def _list(c: Client | None, a: argparse.Namespace) -> Result:
+    from pathlib import Path
+
     from .backup import Manifest, disk_level, record_level
 
     backups = Manifest.load(Path(a.dest), None).backups
@@ -282,6 +309,8 @@ def _list(c: Client | None, a: argparse.Namespace) -> Result:
 
 
 def _restore(c: Client | None, a: argparse.Namespace) -> Result:
+    from pathlib import Path
+
     from .backup import restore
 
     restore(Path(a.dest), a.disk, a.at, Path(a.output), a.format)
@@ -289,6 +318,8 @@ def _restore(c: Client | None, a: argparse.Namespace) -> Result:
 
 
 def _prune(c: Client | None, a: argparse.Namespace) -> Result:
+    from pathlib import Path
+
     from .prune import prune
 
     result = prune(Path(a.dest), a.keep,
@@ -300,7 +331,9 @@ def _prune(c: Client | None, a: argparse.Namespace) -> Result:
 
 
 def _verify(c: Client | None, a: argparse.Namespace) -> Result:
-    from .backup import BackupError, verify
+    from pathlib import Path
+
+    from .backup import verify
 
     bad = verify(Path(a.dest), a.at)
     if bad:
@@ -314,41 +347,71 @@ _OFFLINE = {"list", "restore", "verify", "prune"}
 
 # -- the parser ------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bbctl", description="Control blockbackupd.")
-    parser.add_argument("--socket", default=DEFAULT_SOCKET,
-                        help=f"daemon socket (default {DEFAULT_SOCKET}, or $BLOCKBACKUPD_SOCKET)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    areas = parser.add_subparsers(dest="area", required=True, metavar="AREA")
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose arguments are added when it is first used.
 
-    def area(name: str, help: str) -> Any:
-        return areas.add_parser(name, help=help).add_subparsers(
-            dest="verb", required=True, metavar="VERB")
+    ``complete`` adds them (an area's verbs, a command's options) when the
+    parser parses or formats its usage or help, so a command builds its own
+    parsers only (``bbctl domain list``: the top level's, the domain area's
+    and its verbs'): building all of them took longer than the daemon's
+    answer to ``domain list``.
+    """
 
-    def verb(group: Any, name: str, run: Command, help: str,
-             *positional: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = group.add_parser(name, help=help, description=help)
-        for arg in positional:
-            p.add_argument(arg)
-        p.set_defaults(run=run)
-        return p
+    def __init__(self, *args: Any, complete: Completer | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._complete_with = complete
 
-    daemon = area("daemon", "the daemon itself")
-    verb(daemon, "info", _daemon_info, "version and counts")
+    def _complete(self) -> None:
+        if self._complete_with is not None:
+            complete, self._complete_with = self._complete_with, None
+            complete(self)
 
-    domain = area("domain", "defined domains")
-    verb(domain, "list", _domain_list, "list domains and their state")
-    p = verb(domain, "define", _domain_define, "define a domain by its QMP socket",
-             "name", "qmp_socket")
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+def _verbs(area: argparse.ArgumentParser) -> Any:
+    return area.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+
+def _verb(group: Any, name: str, run: Command, help: str,
+          *positional: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = group.add_parser(name, help=help, description=help)
+    for arg in positional:
+        p.add_argument(arg)
+    p.set_defaults(run=run)
+    return p
+
+
+def _daemon_area(area: argparse.ArgumentParser) -> None:
+    _verb(_verbs(area), "info", _daemon_info, "version and counts")
+
+
+def _domain_area(area: argparse.ArgumentParser) -> None:
+    domain = _verbs(area)
+    _verb(domain, "list", _domain_list, "list domains and their state")
+    p = _verb(domain, "define", _domain_define, "define a domain by its QMP socket",
+              "name", "qmp_socket")
     p.add_argument("--guest-agent-socket", metavar="PATH",
                    help="the host side of its guest agent channel, to quiesce")
-    p = verb(domain, "undefine", _domain_undefine, "forget a domain", "name")
+    p = _verb(domain, "undefine", _domain_undefine, "forget a domain", "name")
     p.add_argument("--force", action="store_true", help="also drop its checkpoint metadata")
-    verb(domain, "xml", _domain_xml, "the live domain document", "domain")
+    _verb(domain, "xml", _domain_xml, "the live domain document", "domain")
 
-    snapshot = area("snapshot", "point-in-time views of disks")
-    p = verb(snapshot, "create", _snapshot_create,
-             "take a snapshot of the domain's disks (all writable ones by default)", "domain")
+
+def _snapshot_area(area: argparse.ArgumentParser) -> None:
+    snapshot = _verbs(area)
+    p = _verb(snapshot, "create", _snapshot_create,
+              "take a snapshot of the domain's disks (all writable ones by default)", "domain")
     p.add_argument("--xml", help="a <domainblocksnapshot> document (file, or - for stdin)")
     p.add_argument("--name", help="snapshot name (default: a UUID)")
     p.add_argument("--disk", action="append", default=[], metavar="NAME[=SCRATCH]",
@@ -357,41 +420,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also create a checkpoint of the same name at the same instant")
     p.add_argument("--quiesce", action="store_true",
                    help="freeze the guest's filesystems through its agent around the instant")
-    verb(snapshot, "delete", _snapshot_delete, "delete a snapshot and its exports",
-         "domain", "name")
-    verb(snapshot, "list", _snapshot_list, "list snapshots, oldest first", "domain")
-    verb(snapshot, "info", _snapshot_info, "state, disks, scratch usage", "domain", "name")
-    verb(snapshot, "xml", _snapshot_xml, "the snapshot document", "domain", "name")
+    _verb(snapshot, "delete", _snapshot_delete, "delete a snapshot and its exports",
+          "domain", "name")
+    _verb(snapshot, "list", _snapshot_list, "list snapshots, oldest first", "domain")
+    _verb(snapshot, "info", _snapshot_info, "state, disks, scratch usage", "domain", "name")
+    _verb(snapshot, "xml", _snapshot_xml, "the snapshot document", "domain", "name")
 
-    checkpoint = area("checkpoint", "change tracking between points in time")
-    verb(checkpoint, "list", _checkpoint_list, "list checkpoints, oldest first", "domain")
-    verb(checkpoint, "info", _checkpoint_info, "state, parent, disks", "domain", "name")
-    verb(checkpoint, "xml", _checkpoint_xml, "the checkpoint document", "domain", "name")
-    verb(checkpoint, "delete", _checkpoint_delete,
-         "delete a checkpoint (every other change set stays exact)", "domain", "name")
-    p = verb(checkpoint, "changes", _checkpoint_changes,
-             "extents changed on a disk since a checkpoint", "domain", "name")
+
+def _checkpoint_area(area: argparse.ArgumentParser) -> None:
+    checkpoint = _verbs(area)
+    _verb(checkpoint, "list", _checkpoint_list, "list checkpoints, oldest first", "domain")
+    _verb(checkpoint, "info", _checkpoint_info, "state, parent, disks", "domain", "name")
+    _verb(checkpoint, "xml", _checkpoint_xml, "the checkpoint document", "domain", "name")
+    _verb(checkpoint, "delete", _checkpoint_delete,
+          "delete a checkpoint (every other change set stays exact)", "domain", "name")
+    p = _verb(checkpoint, "changes", _checkpoint_changes,
+              "extents changed on a disk since a checkpoint", "domain", "name")
     p.add_argument("--disk", required=True, help="the disk")
     p.add_argument("--until", help="a later checkpoint or a snapshot (default: now)")
-    p = verb(checkpoint, "redefine", _checkpoint_redefine,
-             "record a checkpoint whose bitmaps exist in the images", "domain")
+    p = _verb(checkpoint, "redefine", _checkpoint_redefine,
+              "record a checkpoint whose bitmaps exist in the images", "domain")
     p.add_argument("--xml", required=True, help="a <domaincheckpoint> document (file or -)")
 
-    export = area("export", "NBD exports of snapshots")
+
+def _export_area(area: argparse.ArgumentParser) -> None:
+    export = _verbs(area)
     for name, run, help in (("start", _export_start, "export disks of a snapshot over NBD"),
                             ("stop", _export_stop, "stop exports")):
-        p = verb(export, name, run, help, "domain")
+        p = _verb(export, name, run, help, "domain")
         p.add_argument("--xml", help="a <domainblockexport> document (file or -)")
         p.add_argument("--snapshot", help="the snapshot (instead of --xml)")
         p.add_argument("--disk", action="append", default=[], help="a disk; repeatable")
         if name == "start":
             p.add_argument("--checkpoint", help="also carry the changes since this checkpoint")
-    verb(export, "list", _export_list, "the domain's exports", "domain")
-    verb(export, "server", _export_server, "where the domain's NBD server listens", "domain")
+    _verb(export, "list", _export_list, "the domain's exports", "domain")
+    _verb(export, "server", _export_server, "where the domain's NBD server listens", "domain")
 
-    p = areas.add_parser("backup", help="back up a domain's disks into a directory",
-                         description="take a snapshot with a checkpoint, pull it over NBD "
-                         "into qcow2 files (incrementals chained by backing file)")
+
+def _backup_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain")
     p.add_argument("--dest", required=True, help="the backup directory of this domain")
     p.add_argument("--level", choices=["full", "inc", "auto"], default="auto")
@@ -403,43 +469,80 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the default) quiesces when the domain has a guest agent and falls "
                         "back to crash-consistent with a warning; no never does")
     p.set_defaults(run=_backup)
-    p = areas.add_parser("list", help="the backups in a directory",
-                         description="one line per backup, oldest first")
+
+
+def _list_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest")
     p.set_defaults(run=_list)
-    p = areas.add_parser("restore", help="rebuild a disk as it was at a backup",
-                         description="rebuild a disk as it was at a backup (default latest)")
+
+
+def _restore_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest")
     p.add_argument("--disk", required=True)
     p.add_argument("--at", help="backup id (default: the latest)")
     p.add_argument("--output", required=True)
     p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
     p.set_defaults(run=_restore)
-    p = areas.add_parser("prune", help="keep the N newest backups of a directory, merging "
-                         "the older ones into a synthetic full", description="keep the N newest "
-                         "backups of a directory, merging the older ones into a synthetic full")
+
+
+def _prune_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest")
     p.add_argument("--keep", type=int, required=True, metavar="N",
                    help="how many restore points to keep (at least 1)")
     p.set_defaults(run=_prune)
 
-    p = areas.add_parser("verify", help="check every file against the manifest",
-                         description="re-read every backup file (up to --at) and compare "
-                         "it with the manifest's checksum")
+
+def _verify_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest")
     p.add_argument("--at", help="backup id (default: all)")
     p.set_defaults(run=_verify)
 
-    p = areas.add_parser("events", help="print events as they happen",
-                         description="print events as they happen (Ctrl-C to stop)")
+
+def _events_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", action="append", default=[], help="only this domain; repeatable")
     p.add_argument("--count", type=int, help="stop after this many events")
     p.set_defaults(run=_events)
+
+
+_PRUNE = "keep the N newest backups of a directory, merging the older ones into a synthetic full"
+
+#: The top level's areas and commands: name, help, description, what completes the parser.
+_AREAS: list[tuple[str, str, str | None, Completer]] = [
+    ("daemon", "the daemon itself", None, _daemon_area),
+    ("domain", "defined domains", None, _domain_area),
+    ("snapshot", "point-in-time views of disks", None, _snapshot_area),
+    ("checkpoint", "change tracking between points in time", None, _checkpoint_area),
+    ("export", "NBD exports of snapshots", None, _export_area),
+    ("backup", "back up a domain's disks into a directory",
+     "take a snapshot with a checkpoint, pull it over NBD into qcow2 files (incrementals "
+     "chained by backing file)", _backup_command),
+    ("list", "the backups in a directory", "one line per backup, oldest first", _list_command),
+    ("restore", "rebuild a disk as it was at a backup",
+     "rebuild a disk as it was at a backup (default latest)", _restore_command),
+    ("prune", _PRUNE, _PRUNE, _prune_command),
+    ("verify", "check every file against the manifest",
+     "re-read every backup file (up to --at) and compare it with the manifest's checksum",
+     _verify_command),
+    ("events", "print events as they happen",
+     "print events as they happen (Ctrl-C to stop)", _events_command),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bbctl", description="Control blockbackupd.")
+    parser.add_argument("--socket", default=DEFAULT_SOCKET,
+                        help=f"daemon socket (default {DEFAULT_SOCKET}, or $BLOCKBACKUPD_SOCKET)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    areas = parser.add_subparsers(dest="area", required=True, metavar="AREA")
+    for name, help, description, complete in _AREAS:
+        areas.add_parser(name, help=help, description=description, complete=complete)
     return parser
 
 
 def _message(err: BaseException) -> str:
     """One line saying what failed, for ``bbctl: error: ...``."""
+    import subprocess  # only the backup commands run programs; not imported at start-up
+
     if isinstance(err, subprocess.CalledProcessError):
         detail = err.stderr.decode(errors="replace").strip() if err.stderr else ""
         text = f"{' '.join(map(str, err.cmd[:2]))} failed: {detail or f'exit {err.returncode}'}"

@@ -7,15 +7,26 @@
      +-- ProtocolError          a JSON-RPC protocol error (-32700 .. -32603)
      +-- ApplicationError       an error from the contract's table (code, kind)
           +-- NoSuchDomain (1001) ... QuiesceFailed (1014)
+
+    BackupError                 the backup application (bbctl backup, restore,
+                                verify, prune) cannot do it; defined here so
+                                that bbctl's other commands need not import it
 """
 
 from __future__ import annotations
 
-from typing import Any
+# typing is for the type checker only: importing it costs bbctl's every start ~2 ms.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class BlockbackupError(Exception):
     """Root of the client's errors."""
+
+
+class BackupError(Exception):
+    """The backup, restore or check cannot be done; the message says why."""
 
 
 class ConnectionLost(BlockbackupError, ConnectionError):

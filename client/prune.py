@@ -25,7 +25,6 @@ from typing import Any
 
 from .backup import (
     PENDING,
-    BackupError,
     Manifest,
     _pause,
     _sync_directory,
@@ -34,6 +33,7 @@ from .backup import (
     checksum,
     record_level,
 )
+from .errors import BackupError
 
 #: Suffix of the synthetic fulls while they are being made.
 _TMP = ".prune-tmp"
