@@ -590,6 +590,12 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
             record["quiesce_error"] = quiesce_error
         _pause("manifest")
         manifest.data["backups"].append(record)
+        # The earlier checkpoints no next backup needs are marked in the same
+        # write (the manifest is written once), and deleted once it is saved.
+        keep = needed_checkpoints(manifest.backups)
+        for b in manifest.data["backups"]:
+            if b.get("checkpoint") not in keep:
+                b["checkpoint_deleted"] = True
         manifest.save()
     except BaseException as err:
         with _uninterrupted():
@@ -629,27 +635,23 @@ def _drop_unneeded_checkpoints(client: Client, domain: str, manifest: Manifest,
     """Delete this directory's checkpoints that no next backup needs, so the
     images do not gather a bitmap per backup forever (QEMU holds every one in
     memory). Only names this manifest records are touched: another
-    directory's chain, or anyone else's checkpoint, stays as it is. Each one
-    deleted (or found gone) is marked in the manifest; one that cannot be
-    deleted now is tried again after the next backup."""
+    directory's chain, or anyone else's checkpoint, stays as it is. The
+    manifest already marks them ``checkpoint_deleted``; the daemon's list says
+    which are still there, so one that cannot be deleted now (or that a
+    crash kept) goes after the next backup."""
     keep = needed_checkpoints(manifest.backups)
-    dropped = 0
-    for b in manifest.backups:
-        name = b.get("checkpoint")
-        if name is None or name in keep or b.get("checkpoint_deleted"):
-            continue
+    ours = {b["checkpoint"] for b in manifest.backups if b.get("checkpoint")} - keep
+    try:
+        there = set(client.call("checkpoint.list", domain=domain))
+    except (BlockbackupError, OSError) as err:
+        say(f"warning: the checkpoints could not be listed ({err}); the next backup "
+            "deletes those no next backup needs")
+        return
+    for name in sorted(ours & there):
         _, problem = _delete(client, domain, "checkpoint", name)
         if problem is not None:
             say(f"warning: checkpoint {name}, which no next backup needs, could not be "
                 f"deleted ({problem}); the next backup tries again")
-            continue
-        b["checkpoint_deleted"] = True
-        dropped += 1
-    if dropped:
-        try:
-            manifest.save()
-        except OSError as err:  # the marks only spare calls: the next backup redoes them
-            say(f"warning: {manifest.path} could not be updated: {_os_message(err)}")
 
 
 # -- restore and verify -------------------------------------------------------------
