@@ -143,10 +143,34 @@ def _snapshot_document(a: argparse.Namespace) -> str | None:
 
 
 def _snapshot_create(c: Client, a: argparse.Namespace) -> Result:
+    export = None
+    if a.export_xml is not None:
+        export = _read_xml(a.export_xml)
+    elif a.export or a.export_checkpoint:
+        # Without --disk, the domain's writable disks now: what the snapshot takes.
+        disks = [d.partition("=")[0] for d in a.disk] or _writable_disks(c, a.domain)
+        extra = (f" checkpoint={quoteattr(a.export_checkpoint)}" if a.export_checkpoint
+                 else "")
+        export = "<domainblockexport type='nbd'>" + "".join(
+            f"<disk name={quoteattr(d)}{extra}/>" for d in disks) + "</domainblockexport>"
+        if a.xml is None and not a.disk:
+            a.disk = disks  # the snapshot takes exactly the disks exported
     result = c.snapshot_create(a.domain, _snapshot_document(a), checkpoint=a.checkpoint or None,
-                               quiesce=a.quiesce or None)
+                               quiesce=a.quiesce or None, export=export)
     what = "snapshot and checkpoint" if a.checkpoint else "snapshot"
-    return result, f"{what} {result['name']} created" + (" (quiesced)" if a.quiesce else "")
+    text = f"{what} {result['name']} created" + (" (quiesced)" if a.quiesce else "")
+    if "export" in result:
+        text += (f"\n{_describe_server(result['export']['server'])}\n"
+                 f"{_export_rows(result['export']['exports'])}")
+    return result, text
+
+
+def _writable_disks(c: Client, domain: str) -> list[str]:
+    from xml.etree import ElementTree
+
+    root = ElementTree.fromstring(c.domain_get_xml(domain))
+    return [str(d.get("name")) for d in root.iter("disk")
+            if d.get("name") and d.get("readonly") != "yes"]
 
 
 def _snapshot_delete(c: Client, a: argparse.Namespace) -> Result:
@@ -439,6 +463,13 @@ def _snapshot_area(area: argparse.ArgumentParser) -> None:
                    help="also create a checkpoint of the same name at the same instant")
     p.add_argument("--quiesce", action="store_true",
                    help="freeze the guest's filesystems through its agent around the instant")
+    p.add_argument("--export", action="store_true",
+                   help="also export its disks over NBD, in the same request")
+    p.add_argument("--export-checkpoint", metavar="CHECKPOINT",
+                   help="export, carrying the changes since this checkpoint")
+    p.add_argument("--export-xml", metavar="XML",
+                   help="export as this <domainblockexport> says (file or -); its disks "
+                        "may omit snapshot")
     _verb(snapshot, "delete", _snapshot_delete, "delete a snapshot and its exports",
           "domain", "name")
     _verb(snapshot, "list", _snapshot_list, "list snapshots, oldest first", "domain")

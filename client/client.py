@@ -73,9 +73,12 @@ class _Methods:
         return self.call("domain.get_xml", domain=domain)
 
     def snapshot_create(self, domain: str, xml: str | None = None,
-                        checkpoint: bool | None = None, quiesce: bool | None = None) -> Any:
+                        checkpoint: bool | None = None, quiesce: bool | None = None,
+                        export: str | None = None) -> Any:
+        """``export``: a <domainblockexport> started in the same request."""
         return self.call("snapshot.create", **_params(domain=domain, xml=xml,
-                                                      checkpoint=checkpoint, quiesce=quiesce))
+                                                      checkpoint=checkpoint, quiesce=quiesce,
+                                                      export=export))
 
     def snapshot_delete(self, domain: str, name: str) -> Any:
         return self.call("snapshot.delete", domain=domain, name=name)

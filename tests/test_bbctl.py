@@ -57,6 +57,33 @@ def test_every_area_from_the_command_line(defined: tuple[Daemon, Vm]) -> None:
     assert ok(daemon, "checkpoint", "list", "vm1") == "\n"
 
 
+def test_snapshot_create_with_its_exports(defined: tuple[Daemon, Vm]) -> None:
+    """bbctl's backup-begin: the snapshot and its exports in one request."""
+    daemon, vm = defined
+    ok(daemon, "snapshot", "create", "vm1", "--name", "mon", "--checkpoint")
+    ok(daemon, "snapshot", "delete", "vm1", "mon")
+    vm.write("sdb", 65536, 65536, 0x31)
+    sock = f"{daemon.daemon_keys['run_dir']}/vm1.nbd"
+    out = ok(daemon, "snapshot", "create", "vm1", "--name", "tue", "--checkpoint",
+             "--export-checkpoint", "mon")
+    assert out.splitlines() == [
+        "snapshot and checkpoint tue created", f"nbd+unix:///?socket={sock}",
+        "EXPORT   DISK  SNAPSHOT  CHECKPOINT  META CONTEXT",
+        "sda-tue  sda   tue       mon         qemu:dirty-bitmap:mon",
+        "sdb-tue  sdb   tue       mon         qemu:dirty-bitmap:mon"]
+    ok(daemon, "snapshot", "delete", "vm1", "tue")
+    result = json.loads(ok(daemon, "--json", "snapshot", "create", "vm1", "--name", "wed",
+                           "--disk", "sdb", "--export"))
+    assert result["export"]["exports"] == [{"disk": "sdb", "snapshot": "wed", "checkpoint": None,
+                                            "name": "sdb-wed", "bitmap": None}]
+    doc = '<domainblockexport type="nbd"><disk name="sda" exportname="a"/></domainblockexport>'
+    r = bbctl(daemon, "snapshot", "create", "vm1", "--name", "thu", "--disk", "sdb",
+              "--export-xml", "-", stdin=doc)
+    assert r.returncode != 0 and "no disk 'sda'" in r.stderr, r.stderr
+    assert ok(daemon, "snapshot", "list", "vm1") == "wed\n"  # thu rolled back
+    ok(daemon, "snapshot", "delete", "vm1", "wed")
+
+
 def test_events_command(defined: tuple[Daemon, Vm]) -> None:
     daemon, vm = defined
     proc = subprocess.Popen([sys.executable, "-m", "blockbackup_client.bbctl", "--socket",
