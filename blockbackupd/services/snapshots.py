@@ -23,11 +23,11 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import faults
 from ..errors import (
@@ -481,41 +481,45 @@ class SnapshotService:
         backing is re-pointed past it) or below it (then the device goes onto
         the overlay, the filter's child now), never the node we remember."""
         state = self._state(domain.name)
-        progress = True
-        while progress and state.retired:
-            progress = False
+        while state.retired:
             # One reading a pass: taking out a filter changes the users of the
             # filter below it on the same disk (left for the next pass), of
             # no other part.
             graph = await read_graph(domain.session)
             filters = {p.filter_node for p in self._parts(domain.name)}
-            for part in list(state.retired):
-                if part.filter_node in graph.nodes:
-                    users = graph.parents(part.filter_node)
-                    if any(u.node in filters for u in users):
-                        continue  # a newer snapshot's filter still sits on it
-                    await self._take_out(domain, graph, part)
-                else:
-                    for node in part.nodes()[4:]:  # the scratch node, if the filter went
-                        if node in graph.nodes:
-                            await ops.delete_node(node)
+            free: list[SnapshotDisk] = []  # filters nothing of ours sits on
+            gone: list[SnapshotDisk] = []  # filters already out of the graph
+            for part in state.retired:
+                if part.filter_node not in graph.nodes:
+                    gone.append(part)
+                elif not any(u.node in filters for u in graph.parents(part.filter_node)):
+                    free.append(part)
+                # else a newer snapshot's filter still sits on it: a later pass
+            if not free and not gone:
+                break
+            await self._take_out(domain, graph, free, gone)
+            for part in free + gone:
                 self._remove_scratch(part)
                 state.retired.remove(part)
-                progress = True
 
-    async def _take_out(self, domain: Domain, graph: BlockGraph, part: SnapshotDisk) -> None:
-        """Relink every user of a filter to the filter's current child, then
-        delete the filter and its scratch node."""
+    async def _take_out(self, domain: Domain, graph: BlockGraph, free: list[SnapshotDisk],
+                        gone: list[SnapshotDisk]) -> None:
+        """Relink every user of the free filters to the filter's current child,
+        then delete the filters and the scratch nodes (of the gone ones too),
+        each step for every disk in one batch (they are on different disks)."""
         ops = BlockOps(domain.session)
-        child = graph.child(part.filter_node, "file")
-        if child is not None:
-            own = frozenset(part.nodes()[:3])  # its view and probe, if still there
-            if await relink(domain.session, graph, part.filter_node, child, keep=own):
-                await faults.check("snapshot-delete:path-restored")
-        for node in part.nodes()[3:]:  # filter, scratch node
-            if node in graph.nodes:
-                await ops.delete_node(node)
-            await faults.check("snapshot-delete:node-removed")
+        relinks = []
+        for part in free:
+            child = graph.child(part.filter_node, "file")
+            if child is not None:
+                own = frozenset(part.nodes()[:3])  # its view and probe, if still there
+                relinks.append(relink(domain.session, graph, part.filter_node, child, keep=own))
+        if any(await _every(relinks)):
+            await faults.check("snapshot-delete:path-restored")
+        await _every([ops.delete_node(p.filter_node) for p in free])
+        await _every([ops.delete_node(p.scratch_node) for p in free + gone
+                      if p.scratch_node in graph.nodes])
+        await faults.check("snapshot-delete:node-removed")
 
     def _parts(self, domain: str) -> list[SnapshotDisk]:
         state = self._state(domain)
@@ -779,8 +783,14 @@ def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
     return result
 
 
-async def _every(steps: list[Coroutine[Any, Any, None]]) -> None:
-    """Run QMP steps sent back to back, each to its end; raise the first failure."""
-    for result in await asyncio.gather(*steps, return_exceptions=True):
+T = TypeVar("T")
+
+
+async def _every(steps: Sequence[Awaitable[T]]) -> list[T]:
+    """Run QMP steps sent back to back, each to its end; their results, or
+    the first failure raised."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
         if isinstance(result, BaseException):
             raise result
+    return results  # type: ignore[return-value]  # none is an exception here
