@@ -31,22 +31,28 @@ def proportional(size: int, repeat: int) -> list[Row]:
         qemu_io(vm.image("sda"), [f"write -P {0x10 + i % 200:#x} {off} {8 * MiB}"
                                   for i, off in enumerate(range(0, size, 8 * MiB)) if i % 5])
 
-    full_s, inc_s, ratio_read = [], [], []
+    full_s, inc_s, ratio_read, none_s = [], [], [], []
     rng = random.Random(7)
     with domain({"sda": size}, prepare) as (vm, daemon):
         for r in range(repeat):
             dest = vm.workdir / f"b{r}"
             seconds, _ = bbctl_backup(daemon, vm, dest, "full")
             full_s.append(seconds)
+            # Nothing changed: what is left is the fixed cost of a backup.
+            seconds, record = bbctl_backup(daemon, vm, dest, "inc")
+            assert record["disks"]["sda"]["bytes_read"] == 0, record
+            none_s.append(seconds)
             clusters = rng.sample(range(size // K64), size // 100 // K64)
             for c in clusters:
                 vm.write("sda", c * K64, K64, 0x40 + r)
             seconds, record = bbctl_backup(daemon, vm, dest, "inc")
             inc_s.append(seconds)
             ratio_read.append(record["disks"]["sda"]["bytes_read"] / (len(clusters) * K64))
-            print(f"  round {r}: full {full_s[-1]:.2f} s, inc {inc_s[-1]:.2f} s, read/changed "
-                  f"{ratio_read[-1]:.3f}", flush=True)
+            print(f"  round {r}: full {full_s[-1]:.2f} s, no-change inc {none_s[-1]:.3f} s, "
+                  f"inc {inc_s[-1]:.2f} s, read/changed {ratio_read[-1]:.3f}", flush=True)
     return [
+        Row(f"incremental, nothing changed, {size // GiB} GiB disk: time end to end",
+            median(none_s), median(full_s), peer_name="full backup"),
         Row(f"incremental, 1% of {size // GiB} GiB changed (64 KiB scattered): time",
             median(inc_s), median(full_s), peer_name="full backup", target="<= 0.1"),
         Row("incremental: bytes read / bytes changed", median(ratio_read), unit="x",
