@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,20 @@ class Row:
     unit: str = "s"
     peer_name: str = ""
     target: str = ""
+    #: Same-run ratios ours/peer, one per round: the ratio is then their median.
+    ratios: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
+        if self.ratios:
+            return statistics.median(self.ratios)
         return None if not self.peer else self.ours / self.peer
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """A median with its min-max: ``1.23 (1.10-1.40)``."""
+    return (f"{format(statistics.median(values), fmt)} "
+            f"({format(min(values), fmt)}-{format(max(values), fmt)})")
 
 
 def gib(text: str) -> int:

@@ -6,7 +6,7 @@ VM on the test's own monitor, then recorded with ``checkpoint.redefine``, the
 way a restored store is rebuilt). Reported: the daemon's RSS with all of them
 connected, against the same daemon with no domain (the peer).
 
-The backup tool's peak RSS during a 4 GiB pull is measured by bench/full_pull.
+The backup tool's peak RSS during the 1 and 4 GiB pulls is measured by bench/full_pull.
 
 Run: ``.venv/bin/python -m bench.memory [DOMAINS] [CHECKPOINTS]``.
 """

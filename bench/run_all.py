@@ -24,6 +24,8 @@ def table(rows: list[Row]) -> str:
         if r.peer_name:
             peer += f" ({r.peer_name})"
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
+        if r.ratios:
+            ratio += f" ({min(r.ratios):.2f}-{max(r.ratios):.2f})"
         lines.append(f"| {r.figure} | {ours} | {peer} | {ratio} | {r.target} |")
     return "\n".join(lines)
 

@@ -27,8 +27,10 @@ import nbd
 # The daemon's reader of NBD meta contexts (the same distribution).
 from blockbackupd.qemu.nbdread import connect, context_runs
 
-#: Defaults that keep memory bounded (connections × depth × request = 32 MiB);
-#: the fastest of the settings tried here (bench/, README "Performance").
+#: Defaults that keep memory bounded (connections × depth × request = 32 MiB
+#: at most); the fastest of the settings tried here (bench/, README
+#: "Performance"). The request size is the sink's ``request_size`` if it has
+#: one (the qcow2 writer: 1 MiB around the page cache, 512 KiB through it).
 CONNECTIONS = 4
 DEPTH = 8
 REQUEST = 1024 * 1024
@@ -111,9 +113,20 @@ def _requests(runs: list[Run], request: int) -> deque[Run]:
 
 class Sink(Protocol):
     """Where the data goes: guest bytes at a guest offset; called from
-    several threads at once."""
+    several threads at once. A sink may also have ``request_size``: the size
+    of the pieces it takes best (a wrapper's ``writer`` is asked too)."""
 
     def write(self, offset: int, data: memoryview) -> None: ...
+
+
+def request_size(sink: Sink) -> int:
+    """The read size for ``sink``: its ``request_size`` (or that of the writer
+    it wraps, as backup.py's sink does), else REQUEST."""
+    for obj in (sink, getattr(sink, "writer", None)):
+        size = getattr(obj, "request_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    return REQUEST
 
 
 @dataclass
@@ -129,18 +142,19 @@ class _Slots:
 def copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
          progress: Callable[[int], None] = lambda n: None,
          ordered: Callable[[memoryview], None] | None = None, *,
-         connections: int = CONNECTIONS, depth: int = DEPTH, request: int = REQUEST) -> int:
+         connections: int = CONNECTIONS, depth: int = DEPTH, request: int | None = None) -> int:
     """Read the data runs from the export and hand them to ``sink`` (zero runs
     are the sink's business: nothing is read for them). ``ordered``, if
     given, sees every byte read exactly once, in the order of ``runs`` (in a
     thread of its own), e.g. to checksum the result without reading it back.
+    ``request`` (bytes per NBD read): by default :func:`request_size`.
     Returns the bytes read.
 
     :raise PullError: a read or a write failed (the first error).
     """
     try:
         return _copy(socket_path, export, runs, sink, progress, ordered, max(1, connections),
-                     max(1, depth), request)
+                     max(1, depth), request or request_size(sink))
     except nbd.Error as err:
         raise PullError(f"copying {export}: {err}") from err
 

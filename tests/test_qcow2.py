@@ -12,7 +12,14 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockbackup_client.qcow2 import CLUSTER, Cluster, Qcow2Writer, cluster_runs
+from blockbackup_client.qcow2 import (
+    CLUSTER,
+    REQUEST_BUFFERED,
+    REQUEST_DIRECT,
+    Cluster,
+    Qcow2Writer,
+    cluster_runs,
+)
 
 runs_strategy = st.lists(st.tuples(st.integers(0, 5 * 1024 * 1024), st.integers(1, 700_000),
                                    st.booleans()), max_size=8)
@@ -127,3 +134,26 @@ def test_writer_uses_o_direct_for_aligned_buffers(tmp_path: Path) -> None:
     assert subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2",
                            str(tmp_path / "e.raw"), str(tmp_path / "x.qcow2")],
                           capture_output=True).returncode == 0
+
+
+def test_writer_asks_for_reads_that_suit_it(tmp_path: Path) -> None:
+    from blockbackup_client import pull
+    w = Qcow2Writer(tmp_path / "x.qcow2", 4 * CLUSTER, [Cluster(0, 4, False)])
+    try:
+        # ext4 under /tmp here: around the page cache, large reads.
+        assert w.request_size == REQUEST_DIRECT
+        w._direct = -1  # as on a tmpfs: through the page cache, smaller ones
+        assert w.request_size == REQUEST_BUFFERED
+
+        class Wrapper:  # as backup.py's sink: the writer behind it is asked
+            def __init__(self, writer: Qcow2Writer) -> None:
+                self.writer = writer
+
+            def write(self, offset: int, data: memoryview) -> None:
+                self.writer.write(offset, data)
+
+        assert pull.request_size(Wrapper(w)) == REQUEST_BUFFERED
+        assert pull.request_size(w) == REQUEST_BUFFERED
+        assert pull.request_size(Wrapper(None)) == pull.REQUEST  # type: ignore[arg-type]
+    finally:
+        w.abort()
