@@ -299,6 +299,11 @@ class _FileSink:
         self.writer = writer
         self.error: OSError | None = None
 
+    @property
+    def request_size(self) -> int:
+        """The piece size the writer takes best (see pull.request_size)."""
+        return self.writer.request_size
+
     def write(self, offset: int, data: memoryview) -> None:
         try:
             self.writer.write(offset, data)

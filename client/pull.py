@@ -114,19 +114,15 @@ def _requests(runs: list[Run], request: int) -> deque[Run]:
 class Sink(Protocol):
     """Where the data goes: guest bytes at a guest offset; called from
     several threads at once. A sink may also have ``request_size``: the size
-    of the pieces it takes best (a wrapper's ``writer`` is asked too)."""
+    of the pieces it takes best."""
 
     def write(self, offset: int, data: memoryview) -> None: ...
 
 
 def request_size(sink: Sink) -> int:
-    """The read size for ``sink``: its ``request_size`` (or that of the writer
-    it wraps, as backup.py's sink does), else REQUEST."""
-    for obj in (sink, getattr(sink, "writer", None)):
-        size = getattr(obj, "request_size", None)
-        if isinstance(size, int) and size > 0:
-            return size
-    return REQUEST
+    """The read size for ``sink``: its ``request_size``, else REQUEST."""
+    size = getattr(sink, "request_size", None)
+    return size if isinstance(size, int) and size > 0 else REQUEST
 
 
 @dataclass
