@@ -173,14 +173,18 @@ def wait_paused(stderr: IO[str], step: str) -> list[str]:
 def interrupt_at(args: list[str], step: str) -> list[str]:
     """Run ``bbctl args`` until it pauses at ``step`` (BBCTL_PAUSE_AT), then
     Ctrl-C it there: it must exit with 130. Returns what it said before."""
+    # As a job in the foreground of a terminal: SIGINT not ignored, whoever
+    # started the test run (`nohup make test &` ignores it, and Python then
+    # leaves it ignored, as a background job should).
     proc = subprocess.Popen([sys.executable, "-m", "blockbackup_client.bbctl", *args],
                             env={**os.environ, "BBCTL_PAUSE_AT": step},
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stderr is not None
         said = wait_paused(proc.stderr, step)
-        # SIGINT must reach Python's handler: not ignored nor blocked (both
-        # inherited from whoever started the test run), else this would hang.
+        # SIGINT must reach Python's handler: not ignored nor blocked, else
+        # this would hang.
         status = Path(f"/proc/{proc.pid}/status").read_text()
         masks = {k: int(v, 16) for k, v in (line.split(":\t") for line in status.splitlines())
                  if k in ("SigIgn", "SigBlk", "SigCgt")}
