@@ -43,6 +43,13 @@ def bbctl(daemon: Daemon, *args: str, stdin: str | None = None
                           capture_output=True, text=True, timeout=120, input=stdin)
 
 
+def unmount(path: Path) -> None:
+    """Unmount a test's file system; lazily if something still holds it (a
+    failed test's QEMU, which its fixture ends a moment later)."""
+    if subprocess.run(["umount", str(path)]).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 def domain_state(daemon: Daemon, name: str) -> str | None:
     with daemon.client() as c:
         for d in c.domain_list():

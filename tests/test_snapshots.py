@@ -27,7 +27,14 @@ from blockbackup_client import (
 )
 from blockbackup_client.errors import ApplicationError
 from blockbackupd.qemu.nbdread import dirty_extents
-from tests.conftest import NbdReader, domain_state, export_xml, snapshot_xml, wait_for
+from tests.conftest import (
+    NbdReader,
+    domain_state,
+    export_xml,
+    snapshot_xml,
+    unmount,
+    wait_for,
+)
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
 
@@ -438,7 +445,7 @@ def test_failure_midway_rolls_back(make_vm: Callable[..., Vm],
         assert vm.status() == "running"
         assert "rolled back scratch file" in daemon.log()
     finally:
-        subprocess.run(["umount", str(full)], check=True)
+        unmount(full)
 
 
 @pytest.mark.parametrize("step", [
@@ -519,7 +526,7 @@ def test_full_scratch_breaks_the_view_not_the_guest(make_vm: Callable[..., Vm],
         assert os.listdir(tiny) == []
         assert vm.status() == "running"
     finally:
-        subprocess.run(["umount", str(tiny)], check=True)
+        unmount(tiny)
 
 
 def test_daemon_exit_removes_its_snapshots(defined: tuple[Daemon, Vm]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import bbctl, domain_state, wait_for
+from tests.conftest import bbctl, domain_state, unmount, wait_for
 from tests.test_backup import reference, same, wait_paused
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
@@ -434,8 +434,7 @@ def small_dest(workdir: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        if subprocess.run(["umount", str(path)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], check=True)
+        unmount(path)
 
 
 def test_destination_full_is_one_line_and_leaves_nothing(defined: tuple[Daemon, Vm],
