@@ -99,31 +99,31 @@ def test_a_request_left_queued_on_a_held_channel_reaches_the_next_client_as_plai
         make_guest: Callable[..., LinuxVm], make_daemon: Callable[..., Daemon]) -> None:
     """While another client holds the channel, the daemon's connection waits
     in the socket's accept queue with its synchronisation unread; when the
-    holder reconnects, QEMU serves the dead connection first and the agent's
-    answers reach the holder (every time, here). They must be plain JSON
-    lines, which libvirt ignores as stray replies: an answer to
-    guest-sync-delimited starts with 0xFF, which libvirt cannot parse (its
-    agent then stays unusable until it reconnects)."""
+    holder goes, QEMU serves the dead connection first, and the agent's
+    answer reaches the next client, or no one when QEMU writes it to the dead
+    connection before it has seen its end (a race inside QEMU and the guest:
+    alone every time the next client, in full-suite runs no one in about one
+    round of three). What arrives must be plain JSON lines, which libvirt
+    ignores as stray replies: an answer to guest-sync-delimited starts with
+    0xFF, which libvirt cannot parse (its agent then stays unusable until it
+    reconnects). Rounds go on until two answers have arrived."""
     vm = make_guest("vm1", disks={"vda": 64 * MiB}, workload="idle")
     vm.wait_ready()
     daemon = make_daemon(quiesce_timeout=1.0)
     with daemon.client() as c:
         c.domain_define("vm1", str(vm.daemon_qmp), guest_agent_socket=str(vm.agent_socket))
     wait_for(lambda: domain_state(daemon, "vm1") == "running", what="domain running")
-    for round in range(3):
+    answered = 0
+    for round in range(10):
         holder = GuestAgent(vm.agent_socket)
         holder.sync()
         with daemon.client() as c, pytest.raises(QuiesceFailed, match="another client"):
             c.snapshot_create("vm1", snapshot_xml(f"s{round}"), quiesce=True)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as next_client:
-            # Queued behind the daemon's dead connection before the holder
-            # goes, so QEMU takes it the moment it is done with that one, not
-            # whenever this process gets to run: connected after the holder's
-            # close, the answer went to no one in one round of each of two
-            # full-suite runs (not reproduced alone, even with two CPU hogs).
+            # Queued behind the daemon's dead connection before the holder goes.
             next_client.connect(str(vm.agent_socket))
             holder.close()
-            next_client.settimeout(15.0)  # then a moment for more after the first line
+            next_client.settimeout(5.0)  # then a moment for more after the first line
             received = b""
             with contextlib.suppress(TimeoutError):
                 while chunk := next_client.recv(65536):
@@ -132,8 +132,13 @@ def test_a_request_left_queued_on_a_held_channel_reaches_the_next_client_as_plai
                         next_client.settimeout(1.0)
         assert b"\xff" not in received, received
         replies = [json.loads(line) for line in received.splitlines() if line.strip()]
-        # The daemon's synchronisation was answered, to the next client.
-        assert sum(isinstance(r.get("return"), int) for r in replies) == 1, replies
+        # The daemon's synchronisation was answered to the next client (once), or lost.
+        syncs = sum(isinstance(r.get("return"), int) for r in replies)
+        assert syncs <= 1, replies
+        answered += syncs
+        if answered == 2:
+            break
+    assert answered == 2, f"only {answered} answer(s) reached a client in {round + 1} rounds"
     with daemon.client() as c:
         assert c.snapshot_list("vm1") == []
         c.snapshot_create("vm1", snapshot_xml("ok"), quiesce=True)
