@@ -37,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ import blake3
 import nbd
 
 from . import pull, qcow2
-from .client import Client
+from .client import Client, writable_disks
 from .errors import (
     ApplicationError,
     BlockbackupError,
@@ -263,22 +262,6 @@ class _Planner:
             if disk in broken:
                 return f"checkpoint {name} is broken on this disk: {broken[disk]}"
         return None
-
-
-def _writable_disks(client: Client, domain: str) -> dict[str, int | None]:
-    """The domain's writable disks now and their sizes (what a snapshot
-    without a disk list takes)."""
-    try:
-        root = ET.fromstring(client.domain_get_xml(domain))
-    except ET.ParseError as err:
-        raise BackupError(f"the daemon's document of domain {domain} is unreadable: {err}") \
-            from None
-    out: dict[str, int | None] = {}
-    for el in root.iter("disk"):
-        if el.get("readonly") != "yes" and el.get("name"):
-            size = el.get("size")
-            out[str(el.get("name"))] = int(size) if size and size.isdigit() else None
-    return out
 
 
 def _refuse_incremental(plans: list[DiskPlan]) -> None:
@@ -515,7 +498,8 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
     _clear_pending(client, dest, manifest.backups, say)
     planner = _Planner(client, domain, dest, manifest.backups, level)
     if level == "inc":  # refused before anything is created
-        wanted = dict.fromkeys(disks) if disks else _writable_disks(client, domain)
+        wanted = dict.fromkeys(disks) if disks else \
+            writable_disks(client.domain_get_xml(domain), domain)
         _refuse_incremental([planner.plan(d, size) for d, size in wanted.items()])
     backup_id = "bk-" + time.strftime("%Y%m%dT%H%M%S") + f"-{int(time.time() * 1000) % 1000:03d}"
     # Without --disk, the snapshot takes every writable disk there is at its instant.

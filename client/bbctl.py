@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from .client import DEFAULT_SOCKET, Client
+from .client import DEFAULT_SOCKET, Client, writable_disks
 from .errors import ApplicationError, BackupError, BlockbackupError, ConnectionLost
 
 # Start-up is most of a control command's time (``bbctl domain list``), so
@@ -148,7 +148,8 @@ def _snapshot_create(c: Client, a: argparse.Namespace) -> Result:
         export = _read_xml(a.export_xml)
     elif a.export or a.export_checkpoint:
         # Without --disk, the domain's writable disks now: what the snapshot takes.
-        disks = [d.partition("=")[0] for d in a.disk] or _writable_disks(c, a.domain)
+        disks = [d.partition("=")[0] for d in a.disk] or \
+            list(writable_disks(c.domain_get_xml(a.domain), a.domain))
         extra = (f" checkpoint={quoteattr(a.export_checkpoint)}" if a.export_checkpoint
                  else "")
         export = "<domainblockexport type='nbd'>" + "".join(
@@ -163,14 +164,6 @@ def _snapshot_create(c: Client, a: argparse.Namespace) -> Result:
         text += (f"\n{_describe_server(result['export']['server'])}\n"
                  f"{_export_rows(result['export']['exports'])}")
     return result, text
-
-
-def _writable_disks(c: Client, domain: str) -> list[str]:
-    from xml.etree import ElementTree
-
-    root = ElementTree.fromstring(c.domain_get_xml(domain))
-    return [str(d.get("name")) for d in root.iter("disk")
-            if d.get("name") and d.get("readonly") != "yes"]
 
 
 def _snapshot_delete(c: Client, a: argparse.Namespace) -> Result:

@@ -46,6 +46,27 @@ def _params(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def writable_disks(document: str, domain: str) -> dict[str, int | None]:
+    """The writable disks in a domain's document (``domain.get_xml``) and their
+    sizes (None: not given): what a snapshot without a disk list takes.
+
+    :raise ProtocolError: the document is not readable XML.
+    """
+    from xml.etree import ElementTree  # only the commands that need it pay for it
+
+    try:
+        root = ElementTree.fromstring(document)
+    except ElementTree.ParseError as err:
+        raise ProtocolError(-32700, f"the daemon's document of domain {domain} is "
+                            f"unreadable: {err}") from None
+    out: dict[str, int | None] = {}
+    for el in root.iter("disk"):
+        if el.get("readonly") != "yes" and el.get("name"):
+            size = el.get("size")
+            out[str(el.get("name"))] = int(size) if size and size.isdigit() else None
+    return out
+
+
 class _Methods:
     """One method per RPC method; subclasses supply ``call``.
 

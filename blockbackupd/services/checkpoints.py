@@ -24,7 +24,6 @@ broken, never served short.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -54,6 +53,7 @@ from .domains import MIGRATED_RUN_STATES, Domain, DomainService
 from .events import EventBus
 from .segments import Placement, bitmap_problem, place, span
 from .snapshots import Instant, Snapshot, SnapshotDisk, SnapshotService
+from .undo import every
 
 log = logging.getLogger("blockbackupd.checkpoints")
 
@@ -720,14 +720,10 @@ class CheckpointService:
         """
         if disks is None and domain.name not in self._unchecked:
             # Both only read QEMU: sent back to back, one round trip less.
-            checked, read = await asyncio.gather(self._check_not_migrated(domain),
-                                                 query_disks(domain.session),
-                                                 return_exceptions=True)
-            for outcome in (checked, read):  # the run state's verdict first
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            assert not isinstance(read, BaseException)
-            disks = read
+            # The run state's verdict first, if both fail.
+            disks = (await every([self._check_not_migrated(domain),
+                                  query_disks(domain.session)]))[1]
+            assert disks is not None
         else:
             await self._check_not_migrated(domain)
             if domain.name in self._unchecked:  # the resume hook has not run yet

@@ -23,11 +23,11 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .. import faults
 from ..errors import (
@@ -48,7 +48,7 @@ from . import scratch
 from .domains import MIGRATION_STARTING, Domain, DomainService
 from .events import EventBus
 from .quiesce import Frozen, QuiesceService, agent_socket
-from .undo import Undo
+from .undo import Undo, every
 
 log = logging.getLogger("blockbackupd.snapshots")
 
@@ -350,7 +350,7 @@ class SnapshotService:
                 scratch.create(part.scratch, part.disk.size)
                 undo.push(f"scratch file {part.scratch}", partial(scratch.remove, part.scratch))
             await faults.check("snapshot:scratch-created")
-            # Each layer's nodes in one batch (see Undo.run_all): a node needs
+            # Each layer's nodes in one batch (see undo.every): a node needs
             # only the layer below it.
             await undo.run_all([(p.scratch_node, ops.add_scratch(p.scratch_node, str(p.scratch)),
                                  partial(ops.delete_node, p.scratch_node)) for p in parts])
@@ -444,11 +444,8 @@ class SnapshotService:
         if running:
             steps = [ops.stop(), *steps, ops.cont()]
         start = time.perf_counter()
-        results = await asyncio.gather(*steps, return_exceptions=True)
+        await every(steps)
         window = time.perf_counter() - start
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
         if held is not None:
             self._store.drop_intent(held)
         return window
@@ -514,10 +511,10 @@ class SnapshotService:
             if child is not None:
                 own = frozenset(part.nodes()[:3])  # its view and probe, if still there
                 relinks.append(relink(domain.session, graph, part.filter_node, child, keep=own))
-        if any(await _every(relinks)):
+        if any(await every(relinks)):
             await faults.check("snapshot-delete:path-restored")
-        await _every([ops.delete_node(p.filter_node) for p in free])
-        await _every([ops.delete_node(p.scratch_node) for p in free + gone
+        await every([ops.delete_node(p.filter_node) for p in free])
+        await every([ops.delete_node(p.scratch_node) for p in free + gone
                       if p.scratch_node in graph.nodes])
         await faults.check("snapshot-delete:node-removed")
 
@@ -612,13 +609,13 @@ class SnapshotService:
         state = self._state(domain.name)
         ops, bitmaps = BlockOps(domain.session), Bitmaps(domain.session)
         on_nodes = await bitmaps.on_nodes()  # every node, with its bitmaps: one query
-        # Two batches sent back to back (see Undo.run_all): the tails and the
+        # Two batches sent back to back (see undo.every): the tails and the
         # probe nodes, then the views the probe windows read.
-        await _every([bitmaps.remove(p.disk.node, p.tail) for p in parts
+        await every([bitmaps.remove(p.disk.node, p.tail) for p in parts
                       if p.tail is not None and p.tail in on_nodes.get(p.disk.node, {})]
                      + [ops.delete_node(n) for p in parts for n in p.nodes()[:2]
                         if n in on_nodes])
-        await _every([ops.delete_node(p.view_node) for p in parts if p.view_node in on_nodes])
+        await every([ops.delete_node(p.view_node) for p in parts if p.view_node in on_nodes])
         await faults.check("snapshot-delete:view-removed")
         for part in parts:
             if part not in state.retired:
@@ -782,15 +779,3 @@ def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
         result["removed_disks"] = dict(snapshot.removed)
     return result
 
-
-T = TypeVar("T")
-
-
-async def _every(steps: Sequence[Awaitable[T]]) -> list[T]:
-    """Run QMP steps sent back to back, each to its end; their results, or
-    the first failure raised."""
-    results = await asyncio.gather(*steps, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]  # none is an exception here

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from ..errors import DomainNotConnected
 from ..qemu.session import NoAnswer
@@ -12,6 +13,24 @@ from ..qemu.session import NoAnswer
 log = logging.getLogger("blockbackupd.undo")
 
 Step = Callable[[], Awaitable[None] | None]
+T = TypeVar("T")
+
+
+async def every(steps: Sequence[Awaitable[T]]) -> list[T]:
+    """Run steps side by side, each to its end; their results, or the first
+    failure (in the order given) raised.
+
+    For QMP commands this sends them back to back: QEMU's monitor runs them
+    one after the other, in order, so a batch costs about one round trip
+    instead of one per command. Every step runs to its end even when another
+    fails, so that what each did is known (and, in :meth:`Undo.run_all`,
+    undone).
+    """
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]  # none is an exception here
 
 
 class _Record:
@@ -46,21 +65,14 @@ class Undo:
         self._steps.append((label, _Record(drop, keep)))
 
     async def run_all(self, steps: Sequence[tuple[str, Awaitable[None], Step]]) -> None:
-        """Run independent steps side by side, each ``(label, step, inverse)``;
-        push the inverse of each that worked, then raise the first failure.
+        """Run independent steps side by side (see :func:`every`), each
+        ``(label, step, inverse)``; push the inverse of each that worked, then
+        raise the first failure."""
+        async def run(label: str, step: Awaitable[None], inverse: Step) -> None:
+            await step
+            self.push(label, inverse)
 
-        For QMP commands this sends them back to back: QEMU's monitor runs
-        them one after the other, in order, so a batch costs about one round
-        trip instead of one per command. Every step runs to its end even when
-        another fails, so that what each made is known and undone.
-        """
-        results = await asyncio.gather(*(step for _, step, _ in steps), return_exceptions=True)
-        for (label, _, inverse), result in zip(steps, results, strict=True):
-            if not isinstance(result, BaseException):
-                self.push(label, inverse)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await every([run(*s) for s in steps])
 
     def discard(self) -> None:
         self._steps.clear()
