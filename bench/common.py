@@ -3,10 +3,14 @@ bbctl as a user runs it, and the rows of the summary table."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,12 +84,29 @@ def domain(disks: dict[str, int], prepare: Callable[[Vm], None] | None = None,
         yield pair
 
 
+_pycache: list[str] = []
+
+
+def installed_env() -> dict[str, str]:
+    """The environment to run bbctl in as an installed package runs: its
+    bytecode compiled once and then read from a cache (a private directory,
+    removed at exit), whatever PYTHONDONTWRITEBYTECODE says (else every
+    start compiles every module it imports: 20 ms more for a backup)."""
+    if not _pycache:
+        _pycache.append(tempfile.mkdtemp(prefix="bb-bench-pyc-"))
+        atexit.register(shutil.rmtree, _pycache[0], True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = _pycache[0]
+    return env
+
+
 def bbctl_backup(daemon: Daemon, vm: Vm, dest: Path, level: str) -> tuple[float, dict[str, Any]]:
     """``bbctl --json backup``: seconds end to end and the manifest record."""
     argv = [sys.executable, "-m", "blockbackup_client.bbctl", "--socket", str(daemon.socket),
             "--json", "backup", vm.name, "--dest", str(dest), "--level", level]
     start = time.perf_counter()
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(argv, check=True, capture_output=True, text=True,
+                         env=installed_env()).stdout
     return time.perf_counter() - start, json.loads(out)
 
 

@@ -21,16 +21,14 @@ Run: ``.venv/bin/python -m bench.control [REPEAT] [CHECKPOINTS] [STARTS]``.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Row, cli, domain, median
+from bench.common import Row, cli, domain, installed_env, median
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
 
@@ -125,10 +123,8 @@ def bbctl_start(starts: int) -> list[Row]:
     bbctl = [str(script)] if script.exists() else [sys.executable, "-m",
                                                     "blockbackup_client.bbctl"]
     virsh = _virsh()
-    with domain({"sda": 16 * MiB}) as (_, daemon), \
-            tempfile.TemporaryDirectory(prefix="bb-bench-pyc-") as pyc:
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        env["PYTHONPYCACHEPREFIX"] = pyc
+    with domain({"sda": 16 * MiB}) as (_, daemon):
+        env = installed_env()
         commands = {"bbctl": [*bbctl, "--socket", str(daemon.socket), "domain", "list"],
                     "floor": [sys.executable, "-c", "pass"]}
         if virsh is not None:

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import GiB, Row, cli, domain, gib, spread, timed
+from bench.common import GiB, Row, cli, domain, gib, installed_env, spread, timed
 from tools.vm import MiB
 
 RUN = 8 * MiB
@@ -74,7 +74,7 @@ def _ours(daemon_socket: Path, name: str, dest: Path, peak_rss: list[float]) -> 
     start = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", _BBCTL_WITH_RSS, "--socket", str(daemon_socket),
                         "backup", name, "--dest", str(dest), "--level", "full"],
-                       check=True, capture_output=True, text=True)
+                       check=True, capture_output=True, text=True, env=installed_env())
     elapsed = time.perf_counter() - start
     peak_rss.append(int(r.stderr.split("MAXRSS")[1].split()[0]) / 1024)
     shutil.rmtree(dest)

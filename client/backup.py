@@ -29,18 +29,13 @@ gone) is cleaned up by the next one into the same directory.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import blake3
 import nbd
@@ -55,6 +50,14 @@ from .errors import (
     QuiesceFailed,
 )
 from .errors import BackupError as BackupError  # re-exported: it was defined here
+
+# For the type checker only: typing, dataclasses (with inspect), hashlib and
+# subprocess cost every backup's start ~15 ms; restore and verify import
+# the last two when they run.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
 
 MANIFEST = "manifest.json"
 #: The backup under way (its id and domain), until it is saved or cleaned up.
@@ -90,10 +93,11 @@ def _remove_durably(path: Path) -> None:
     _sync_directory(path.parent)
 
 
-@dataclass
 class Manifest:
-    path: Path
-    data: dict[str, Any]
+    """A backup directory's manifest: its file and its data."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path, self.data = path, data
 
     @classmethod
     def load(cls, directory: Path, domain: str | None) -> Manifest:
@@ -162,6 +166,8 @@ def _matches(path: Path, entry: dict[str, Any]) -> bool:
     """The file against its manifest entry (``sha256`` in manifests before blake3)."""
     if "checksum" in entry:
         return bool(checksum(path) == entry["checksum"])
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -186,14 +192,15 @@ def _pause(step: str) -> None:
 
 # -- the level of each disk --------------------------------------------------------
 
-@dataclass(frozen=True)
 class DiskPlan:
     """How one disk is backed up: full (and why), or incremental from ``base``."""
 
-    disk: str
-    level: str                      # "full" or "inc"
-    reason: str | None = None       # why a full; None for an incremental
-    base: dict[str, Any] | None = None  # the backup record an incremental builds on
+    def __init__(self, disk: str, level: str, reason: str | None = None,
+                 base: dict[str, Any] | None = None) -> None:
+        self.disk = disk
+        self.level = level    # "full" or "inc"
+        self.reason = reason  # why a full; None for an incremental
+        self.base = base      # the backup record an incremental builds on
 
     @property
     def checkpoint(self) -> str | None:
@@ -699,6 +706,8 @@ def restore(dest: Path, disk: str, at: str | None, output: Path, fmt: str) -> No
         actual = _backing_name(path)
         if actual != expected:
             raise BackupError(f"{name} has backing file {actual}, the manifest says {expected}")
+    import subprocess
+
     existed = output.exists()
     try:
         subprocess.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", fmt,

@@ -15,17 +15,29 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import threading
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from queue import SimpleQueue
 
 import nbd
 
 # The daemon's reader of NBD meta contexts (the same distribution).
 from blockbackupd.qemu.nbdread import connect, context_runs
+
+# Imported for the type checker only: typing, dataclasses (inspect) and
+# concurrent.futures (logging) would cost every backup's start ~15 ms.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+
+    class Sink(Protocol):
+        """Where the data goes: guest bytes at a guest offset; called from
+        several threads at once. A sink may also have ``request_size``: the
+        size of the pieces it takes best."""
+
+        def write(self, offset: int, data: memoryview) -> None: ...
 
 #: Defaults that keep memory bounded (connections × depth × request = 32 MiB
 #: at most); the fastest of the settings tried here (bench/, README
@@ -34,6 +46,10 @@ from blockbackupd.qemu.nbdread import connect, context_runs
 CONNECTIONS = 4
 DEPTH = 8
 REQUEST = 1024 * 1024
+#: The largest NBD read: a request of a whole piece may take several.
+#: QEMU's NBD server reads 512 KiB at 1.6x the rate of 1 MiB here (each
+#: larger read buffer is a fresh mapping of the server's memory).
+READ = 512 * 1024
 #: Threads writing into the target (the sink's write must be thread-safe):
 #: with O_DIRECT each waits on the disk, so several keep it busy.
 WRITERS = 4
@@ -46,11 +62,23 @@ class PullError(Exception):
     """The source or the target failed a request; the message says which and why."""
 
 
-@dataclass(frozen=True)
 class Run:
-    offset: int
-    length: int
-    zero: bool = False  # write zeros, read nothing
+    """A byte range of the disk; ``zero``: write zeros, read nothing."""
+
+    __slots__ = ("offset", "length", "zero")
+
+    def __init__(self, offset: int, length: int, zero: bool = False) -> None:
+        self.offset, self.length, self.zero = offset, length, zero
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Run) and \
+            (self.offset, self.length, self.zero) == (other.offset, other.length, other.zero)
+
+    def __hash__(self) -> int:
+        return hash((self.offset, self.length, self.zero))
+
+    def __repr__(self) -> str:
+        return f"Run({self.offset}, {self.length}, {self.zero})"
 
 
 def plan(socket_path: str, export: str, changes: str | None = None) -> list[Run]:
@@ -111,28 +139,22 @@ def _requests(runs: list[Run], request: int) -> deque[Run]:
     return out
 
 
-class Sink(Protocol):
-    """Where the data goes: guest bytes at a guest offset; called from
-    several threads at once. A sink may also have ``request_size``: the size
-    of the pieces it takes best."""
-
-    def write(self, offset: int, data: memoryview) -> None: ...
-
-
 def request_size(sink: Sink) -> int:
     """The read size for ``sink``: its ``request_size``, else REQUEST."""
     size = getattr(sink, "request_size", None)
     return size if isinstance(size, int) and size > 0 else REQUEST
 
 
-@dataclass
 class _Slots:
     """A connection's buffers and requests. Completion callbacks hold this,
     never the handle, so dropping the handle closes its connection at once."""
 
-    free: list[mmap.mmap]
-    busy: int = 0
-    ready: deque[_Piece] = field(default_factory=deque)
+    __slots__ = ("free", "busy", "ready")
+
+    def __init__(self, free: list[mmap.mmap]) -> None:
+        self.free = free
+        self.busy = 0
+        self.ready: deque[_Piece] = deque()
 
 
 def copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
@@ -155,20 +177,49 @@ def copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
         raise PullError(f"copying {export}: {err}") from err
 
 
-@dataclass
 class _Piece:
     """One request's data on its way: written and (maybe) seen in order."""
 
-    state: _Slots
-    slot: mmap.mmap
-    run: Run
-    index: int
-    left: int  # jobs still holding the slot
+    __slots__ = ("state", "slot", "run", "index", "left")
+
+    def __init__(self, state: _Slots, slot: mmap.mmap, run: Run, index: int, left: int) -> None:
+        self.state, self.slot, self.run, self.index = state, slot, run, index
+        self.left = left  # jobs still holding the slot
+
+
+class _Workers:
+    """Threads running jobs in the order given (a small ThreadPoolExecutor
+    that does not import concurrent.futures and logging)."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
+        self._cancelled = False
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if not self._cancelled:
+                job()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def shutdown(self) -> None:
+        """Drop the jobs not started, wait for the running ones."""
+        self._cancelled = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
 
 
 def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
           progress: Callable[[int], None], ordered: Callable[[memoryview], None] | None,
           connections: int, depth: int, request: int) -> int:
+    part = min(request, READ)
     todo = _requests(runs, request)
     read_bytes = 0
     if not todo:
@@ -177,12 +228,17 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
     handles: list[tuple[nbd.NBD, _Slots]] = []
     failures: list[str] = []
 
-    def read(state: _Slots, slot: mmap.mmap, run: Run, index: int, err: object) -> int:
+    def read(state: _Slots, slot: mmap.mmap, run: Run, index: int, parts: list[int],
+             err: object) -> int:
         code = getattr(err, "value", 0)
         if code:
+            failures.append(f"reading {run.length} bytes at {run.offset}: errno {code}")
+        parts[0] -= 1
+        if parts[0]:
+            return 1
+        if failures:
             state.busy -= 1
             state.free.append(slot)
-            failures.append(f"reading {run.length} bytes at {run.offset}: errno {code}")
         else:
             state.ready.append(_Piece(state, slot, run, index, 2 if ordered else 1))
         return 1
@@ -202,8 +258,8 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
         done.append(piece)
         os.write(wake_w, b"\0")
 
-    writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="bb-write")
-    seer = ThreadPoolExecutor(1, thread_name_prefix="bb-ordered")
+    writers = _Workers(WRITERS, "bb-write")
+    seer = _Workers(1, "bb-ordered")
     arrived: dict[int, _Piece] = {}
     next_seen = 0
     issued = 0
@@ -227,20 +283,24 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
             for h, state in handles:
                 while state.ready:
                     piece = state.ready.popleft()
-                    writers.submit(job, piece, partial(sink.write, piece.run.offset), "writing")
+                    writers.submit(partial(job, piece, partial(sink.write, piece.run.offset),
+                                           "writing"))
                     if ordered is not None:
                         arrived[piece.index] = piece
                 while ordered is not None and next_seen in arrived:
-                    seer.submit(job, arrived.pop(next_seen), ordered, "checking")
+                    seer.submit(partial(job, arrived.pop(next_seen), ordered, "checking"))
                     next_seen += 1
                 while todo and state.busy < depth:
                     run = todo.popleft()
                     slot = state.free.pop()
                     state.busy += 1
-                    h.aio_pread(nbd.Buffer.from_buffer(memoryview(slot)[:run.length]),
-                                run.offset,
-                                lambda err, s=state, slot=slot, run=run, i=issued:
-                                read(s, slot, run, i, err))
+                    view = memoryview(slot)
+                    parts = [-(-run.length // part)]
+                    for at in range(0, run.length, part):
+                        h.aio_pread(nbd.Buffer.from_buffer(view[at:min(run.length, at + part)]),
+                                    run.offset + at,
+                                    lambda err, s=state, slot=slot, run=run, i=issued, p=parts:
+                                    read(s, slot, run, i, p, err))
                     issued += 1
                     read_bytes += run.length
             if moved:
@@ -253,7 +313,7 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
         return read_bytes
     finally:
         for pool in (writers, seer):  # no job runs after we return
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown()
         os.close(wake_r)
         os.close(wake_w)
         for h, _ in handles:

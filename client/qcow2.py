@@ -21,12 +21,14 @@ Format reference: QEMU's docs/interop/qcow2.txt.
 from __future__ import annotations
 
 import bisect
-import ctypes
+import errno
 import os
 import struct
 import threading
-from dataclasses import dataclass
-from pathlib import Path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -55,22 +57,27 @@ def _pwrite_all(fd: int, view: memoryview, at: int) -> None:
         view, at = view[n:], at + n
 
 
-def _address(view: memoryview) -> int:
-    """The address of a buffer's first byte (for O_DIRECT's alignment rule)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if not view.readonly else -1
-
-
 def _clusters(n: int) -> int:
     return -(-n // CLUSTER)
 
 
-@dataclass(frozen=True)
 class Cluster:
     """A run of guest clusters ``[first, first + count)``; zero: no data."""
 
-    first: int
-    count: int
-    zero: bool
+    __slots__ = ("first", "count", "zero")
+
+    def __init__(self, first: int, count: int, zero: bool) -> None:
+        self.first, self.count, self.zero = first, count, zero
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cluster) and \
+            (self.first, self.count, self.zero) == (other.first, other.count, other.zero)
+
+    def __hash__(self) -> int:
+        return hash((self.first, self.count, self.zero))
+
+    def __repr__(self) -> str:
+        return f"Cluster({self.first}, {self.count}, {self.zero})"
 
 
 def cluster_runs(runs: list[tuple[int, int, bool]], size: int) -> list[Cluster]:
@@ -196,10 +203,13 @@ class Qcow2Writer:
         (one buffered write at a time)."""
         at = self.host_offset(offset, len(data))
         view = memoryview(data)
-        if self._direct >= 0 and at % _BLOCK == 0 and len(view) % _BLOCK == 0 \
-                and _address(view) % _BLOCK == 0:
-            _pwrite_all(self._direct, view, at)
-            return
+        if self._direct >= 0 and at % _BLOCK == 0 and len(view) % _BLOCK == 0:
+            try:
+                _pwrite_all(self._direct, view, at)
+                return
+            except OSError as err:  # EINVAL: the buffer's address is not aligned
+                if err.errno != errno.EINVAL:
+                    raise
         with self._buffered:
             _pwrite_all(self.fd, view, at)
 
@@ -219,14 +229,24 @@ class Qcow2Writer:
             struct.pack_into(">Q", out, self.l1_offset + table * 8,
                              (self.l2_offset + index * CLUSTER) | _COPIED)
         host_of = {r.first: h for r, h in self._runs}
+        zero_entry = struct.pack(">Q", _ZERO)
         for run in self.plan:
             host = host_of.get(run.first) if not run.zero else None
-            for k in range(run.count):
-                c = run.first + k
-                index = self._l2_index[c // _L2_ENTRIES]
-                entry = _ZERO if host is None else (host + k * CLUSTER) | _COPIED
-                struct.pack_into(">Q", out, self.l2_offset + index * CLUSTER
-                                 + (c % _L2_ENTRIES) * 8, entry)
+            # The run's entries, one L2 table's part at a time, packed at once
+            # (entry by entry, 1 GiB took 5 ms).
+            c, end = run.first, run.first + run.count
+            while c < end:
+                stop = min(end, (c // _L2_ENTRIES + 1) * _L2_ENTRIES)
+                n = stop - c
+                at = self.l2_offset + self._l2_index[c // _L2_ENTRIES] * CLUSTER \
+                    + (c % _L2_ENTRIES) * 8
+                if host is None:
+                    out[at:at + 8 * n] = zero_entry * n
+                else:
+                    first = (host + (c - run.first) * CLUSTER) | _COPIED
+                    out[at:at + 8 * n] = struct.pack(f">{n}Q",
+                                                     *range(first, first + n * CLUSTER, CLUSTER))
+                c = stop
         for b in range(self.refblocks):
             struct.pack_into(">Q", out, self.reftable_offset + b * 8,
                              self.refblock_offset + b * CLUSTER)
