@@ -128,14 +128,24 @@ def _intersect(allocation: list[tuple[int, int, int]],
     return out
 
 
-def _requests(runs: list[Run], request: int) -> deque[Run]:
-    """The data runs cut into NBD reads of at most ``request`` bytes."""
-    out: deque[Run] = deque()
+def _requests(runs: list[Run], request: int) -> deque[list[Run]]:
+    """The data runs as pieces of at most ``request`` bytes: a long run cut,
+    short ones (an incremental's scattered clusters) packed together, so a
+    piece costs the loop, the writer and the checksum one step however
+    small its runs are."""
+    out: deque[list[Run]] = deque()
+    room = 0
     for run in runs:
         if run.zero:
             continue
         for offset in range(run.offset, run.offset + run.length, request):
-            out.append(Run(offset, min(request, run.offset + run.length - offset)))
+            length = min(request, run.offset + run.length - offset)
+            if length <= room:
+                out[-1].append(Run(offset, length))
+                room -= length
+            else:
+                out.append([Run(offset, length)])
+                room = request - length
     return out
 
 
@@ -180,10 +190,12 @@ def copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
 class _Piece:
     """One request's data on its way: written and (maybe) seen in order."""
 
-    __slots__ = ("state", "slot", "run", "index", "left")
+    __slots__ = ("state", "slot", "runs", "length", "index", "left")
 
-    def __init__(self, state: _Slots, slot: mmap.mmap, run: Run, index: int, left: int) -> None:
-        self.state, self.slot, self.run, self.index = state, slot, run, index
+    def __init__(self, state: _Slots, slot: mmap.mmap, runs: list[Run], length: int, index: int,
+                 left: int) -> None:
+        self.state, self.slot, self.runs, self.length = state, slot, runs, length
+        self.index = index
         self.left = left  # jobs still holding the slot
 
 
@@ -228,11 +240,11 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
     handles: list[tuple[nbd.NBD, _Slots]] = []
     failures: list[str] = []
 
-    def read(state: _Slots, slot: mmap.mmap, run: Run, index: int, parts: list[int],
-             err: object) -> int:
+    def read(state: _Slots, slot: mmap.mmap, runs: list[Run], length: int, index: int,
+             parts: list[int], offset: int, err: object) -> int:
         code = getattr(err, "value", 0)
         if code:
-            failures.append(f"reading {run.length} bytes at {run.offset}: errno {code}")
+            failures.append(f"reading at {offset}: errno {code}")
         parts[0] -= 1
         if parts[0]:
             return 1
@@ -240,7 +252,7 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
             state.busy -= 1
             state.free.append(slot)
         else:
-            state.ready.append(_Piece(state, slot, run, index, 2 if ordered else 1))
+            state.ready.append(_Piece(state, slot, runs, length, index, 2 if ordered else 1))
         return 1
 
     # Writes go to a pool of threads (pwrite releases the GIL) and the ordered
@@ -252,11 +264,17 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
 
     def job(piece: _Piece, what: Callable[[memoryview], None], verb: str) -> None:
         try:
-            what(memoryview(piece.slot)[:piece.run.length])
+            what(memoryview(piece.slot)[:piece.length])
         except BaseException as err:
-            failures.append(f"{verb} {piece.run.length} bytes at {piece.run.offset}: {err}")
+            failures.append(f"{verb} {piece.length} bytes at {piece.runs[0].offset}: {err}")
         done.append(piece)
         os.write(wake_w, b"\0")
+
+    def write(runs: list[Run], data: memoryview) -> None:
+        at = 0
+        for run in runs:
+            sink.write(run.offset, data[at:at + run.length])
+            at += run.length
 
     writers = _Workers(WRITERS, "bb-write")
     seer = _Workers(1, "bb-ordered")
@@ -279,30 +297,34 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
                 if piece.left == 0:
                     piece.state.free.append(piece.slot)
                     piece.state.busy -= 1
-                    moved += piece.run.length
+                    moved += piece.length
             for h, state in handles:
                 while state.ready:
                     piece = state.ready.popleft()
-                    writers.submit(partial(job, piece, partial(sink.write, piece.run.offset),
-                                           "writing"))
+                    writers.submit(partial(job, piece, partial(write, piece.runs), "writing"))
                     if ordered is not None:
                         arrived[piece.index] = piece
                 while ordered is not None and next_seen in arrived:
                     seer.submit(partial(job, arrived.pop(next_seen), ordered, "checking"))
                     next_seen += 1
                 while todo and state.busy < depth:
-                    run = todo.popleft()
+                    runs = todo.popleft()
                     slot = state.free.pop()
                     state.busy += 1
                     view = memoryview(slot)
-                    parts = [-(-run.length // part)]
-                    for at in range(0, run.length, part):
-                        h.aio_pread(nbd.Buffer.from_buffer(view[at:min(run.length, at + part)]),
-                                    run.offset + at,
-                                    lambda err, s=state, slot=slot, run=run, i=issued, p=parts:
-                                    read(s, slot, run, i, p, err))
+                    length = sum(r.length for r in runs)
+                    parts = [sum(-(-r.length // part) for r in runs)]
+                    at = 0
+                    for run in runs:
+                        for offset in range(run.offset, run.offset + run.length, part):
+                            n = min(part, run.offset + run.length - offset)
+                            h.aio_pread(nbd.Buffer.from_buffer(view[at:at + n]), offset,
+                                        lambda err, s=state, slot=slot, runs=runs, n=length,
+                                        i=issued, p=parts, o=offset:
+                                        read(s, slot, runs, n, i, p, o, err))
+                            at += n
                     issued += 1
-                    read_bytes += run.length
+                    read_bytes += length
             if moved:
                 progress(moved)
             if not todo and not any(state.busy for _, state in handles):
