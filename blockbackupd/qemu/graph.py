@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from ..errors import Busy, OperationFailed
 from ..model import Disk, Image
@@ -202,14 +202,6 @@ async def named_nodes(session: DomainSession) -> list[dict[str, Any]]:
     :raise Busy: an image is still being created after :data:`CREATE_WAIT` s.
     :raise DomainNotConnected: :raise OperationFailed:
     """
-    await _no_image_created(session)
-    nodes: list[dict[str, Any]] = await session.execute("query-named-block-nodes",
-                                                        {"flat": True})
-    return nodes
-
-
-async def _no_image_created(session: DomainSession) -> None:
-    """Wait until no ``blockdev-create`` job runs (see :func:`named_nodes`)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CREATE_WAIT
     while True:
@@ -217,34 +209,26 @@ async def _no_image_created(session: DomainSession) -> None:
         creating = [j["id"] for j in jobs
                     if j.get("type") == "create" and j.get("status") not in ("concluded", "null")]
         if not creating:
-            return
+            break
         if loop.time() > deadline:
             raise Busy(f"QEMU is creating an image (job {', '.join(creating)}); try again when "
                        "it is done")
         await asyncio.sleep(0.02)
+    nodes: list[dict[str, Any]] = await session.execute("query-named-block-nodes",
+                                                        {"flat": True})
+    return nodes
 
 
 async def read_graph(session: DomainSession) -> BlockGraph:
     """Read the graph now.
 
-    ``query-jobs`` is answered first (no image may be under creation when
-    ``query-named-block-nodes`` runs, see :func:`named_nodes`); the three
-    queries of the reading are then sent back to back, in the order they
-    always ran, and cost one round trip instead of two.
-
     :raise DomainNotConnected: QEMU is not reachable.
     :raise OperationFailed: QEMU refused or did not answer in time.
     :raise Busy: QEMU is creating an image (see :func:`named_nodes`).
     """
-    await _no_image_created(session)
-    results = await asyncio.gather(session.execute("query-named-block-nodes", {"flat": True}),
-                                   session.execute("query-block"),
-                                   session.execute("x-debug-query-block-graph"),
-                                   return_exceptions=True)
-    for result in results:  # every answer awaited; the first failure, in order, raised
-        if isinstance(result, BaseException):
-            raise result
-    nodes, devices, debug = (cast(Any, r) for r in results)
+    nodes = await named_nodes(session)
+    devices, debug = await asyncio.gather(session.execute("query-block"),
+                                          session.execute("x-debug-query-block-graph"))
     return BlockGraph(devices, nodes, debug)
 
 

@@ -338,15 +338,11 @@ class CheckpointService:
             if intent is not None:
                 self._store.update_intent(intent, {**payload, "rollback": True})
 
-        async def read() -> dict[str, dict[str, dict[str, Any]]] | None:
-            # The new bitmaps' granularity, which QEMU chose at the transaction.
-            return None if intent is None else await Bitmaps(domain.session).on_nodes()
-
-        async def commit(now: dict[str, dict[str, dict[str, Any]]] | None) -> None:
+        async def commit() -> None:
             if intent is None:
                 return
-            assert now is not None
             faults.crash_point("checkpoint-create:before-store")
+            now = await Bitmaps(domain.session).on_nodes()
             disks = []
             for rec, part in zip(new_disks, parts, strict=True):
                 granularity = int(now[part.disk.node][bitmap]["granularity"])
@@ -360,7 +356,7 @@ class CheckpointService:
             if intent is not None:
                 self._store.drop_intent(intent)
 
-        return Instant(actions, bounds, undo, read, commit, abort, keep)
+        return Instant(actions, bounds, undo, commit, abort, keep)
 
     # -- change sets ---------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from .. import faults
 from ..errors import AlreadyExists, Busy, InvalidArgument, OperationFailed, Unsupported
@@ -29,7 +29,7 @@ from .checkpoints import CheckpointService, Verified
 from .domains import Domain, DomainService
 from .events import EventBus
 from .snapshots import Snapshot, SnapshotService
-from .undo import Undo, every
+from .undo import Undo
 
 log = logging.getLogger("blockbackupd.exports")
 
@@ -341,9 +341,8 @@ class ExportService:
         if server is None or not exports:
             return
         ops = BlockOps(domain.session)
-        # Both only read QEMU: sent back to back, one round trip less.
-        ids, nodes = await every([ops.export_ids(), Bitmaps(domain.session).on_nodes()])
-        live, on_nodes = cast(set[str], ids), cast(dict[str, dict[str, Any]], nodes)
+        live = await ops.export_ids()
+        on_nodes = await Bitmaps(domain.session).on_nodes()
         for export in exports:
             if export.export_id in live:
                 await ops.export_del(export.export_id, self._settings.timeout)

@@ -155,18 +155,15 @@ class Instant:
 
     ``actions`` run in one ``transaction`` inside the held-I/O window;
     ``bounds`` gives each disk's (boundary, tail); ``undo`` reverts the actions
-    judging by what QEMU shows (safe whether or not they ran); ``read`` reads
-    from QEMU, once the actions ran, what ``commit`` needs; ``commit``
-    (given what ``read`` returned) records the result once the snapshot is
-    complete; ``abort`` forgets it; ``keep`` marks it for the next connect
-    to revert, when ``undo`` could not.
+    judging by what QEMU shows (safe whether or not they ran); ``commit``
+    records the result once the snapshot is complete; ``abort`` forgets it;
+    ``keep`` marks it for the next connect to revert, when ``undo`` could not.
     """
 
     actions: list[dict[str, Any]]
     bounds: dict[str, tuple[str | None, str | None]]
     undo: Callable[[], Awaitable[None]]
-    read: Callable[[], Awaitable[Any]]
-    commit: Callable[[Any], Awaitable[None]]
+    commit: Callable[[], Awaitable[None]]
     abort: Callable[[], None]
     keep: Callable[[], None]
 
@@ -353,14 +350,14 @@ class SnapshotService:
                 scratch.create(part.scratch, part.disk.size)
                 undo.push(f"scratch file {part.scratch}", partial(scratch.remove, part.scratch))
             await faults.check("snapshot:scratch-created")
-            # The scratch nodes, then the filters on them, all in one batch
-            # (see Undo.run_layers): a node needs only the layer below it.
-            await undo.run_layers([
-                [(p.scratch_node, ops.add_scratch(p.scratch_node, str(p.scratch)),
-                  partial(ops.delete_node, p.scratch_node)) for p in parts],
-                [(p.filter_node, ops.add_cbw_filter(p.filter_node, p.source, p.scratch_node,
-                                                    self._settings.cbw_timeout),
-                  partial(ops.delete_node, p.filter_node)) for p in parts]])
+            # Each layer's nodes in one batch (see undo.every): a node needs
+            # only the layer below it.
+            await undo.run_all([(p.scratch_node, ops.add_scratch(p.scratch_node, str(p.scratch)),
+                                 partial(ops.delete_node, p.scratch_node)) for p in parts])
+            await undo.run_all([
+                (p.filter_node, ops.add_cbw_filter(p.filter_node, p.source, p.scratch_node,
+                                                   self._settings.cbw_timeout),
+                 partial(ops.delete_node, p.filter_node)) for p in parts])
             await faults.check("snapshot:filter-added")
 
             instant = None
@@ -385,24 +382,16 @@ class SnapshotService:
                 await self._quiesce.thaw(frozen)
             await faults.check("snapshot:switched")
 
-            async def views() -> None:
-                # Views and sinks, then the probe windows on the views: one batch.
-                await undo.run_layers([
-                    [(p.view_node, ops.add_view(p.view_node, p.filter_node),
-                      partial(ops.delete_node, p.view_node)) for p in parts]
-                    + [(p.probe_sink, ops.add_probe_sink(p.probe_sink),
-                        partial(ops.delete_node, p.probe_sink)) for p in parts],
-                    [(p.probe_window, ops.add_probe_window(p.probe_window, p.view_node),
-                      partial(ops.delete_node, p.probe_window)) for p in parts]])
-                await faults.check("snapshot:view-added")
-
+            await undo.run_all(
+                [(p.view_node, ops.add_view(p.view_node, p.filter_node),
+                  partial(ops.delete_node, p.view_node)) for p in parts]
+                + [(p.probe_sink, ops.add_probe_sink(p.probe_sink),
+                    partial(ops.delete_node, p.probe_sink)) for p in parts])
+            await undo.run_all([(p.probe_window, ops.add_probe_window(p.probe_window, p.view_node),
+                                 partial(ops.delete_node, p.probe_window)) for p in parts])
+            await faults.check("snapshot:view-added")
             if instant is not None:
-                # What the checkpoint's record needs from QEMU is settled by the
-                # window's transaction: read while the views are made.
-                reading = (await every([views(), instant.read()]))[1]
-                await instant.commit(reading)
-            else:
-                await views()
+                await instant.commit()
         except BaseException as err:
             await undo.rollback(err)
             raise
@@ -524,11 +513,9 @@ class SnapshotService:
                 relinks.append(relink(domain.session, graph, part.filter_node, child, keep=own))
         if any(await every(relinks)):
             await faults.check("snapshot-delete:path-restored")
-        # The filters, then their scratch nodes, in one batch: QEMU runs them
-        # in order, and refuses a scratch node whose filter stayed (in use).
-        await every([ops.delete_node(p.filter_node) for p in free]
-                    + [ops.delete_node(p.scratch_node) for p in free + gone
-                       if p.scratch_node in graph.nodes])
+        await every([ops.delete_node(p.filter_node) for p in free])
+        await every([ops.delete_node(p.scratch_node) for p in free + gone
+                      if p.scratch_node in graph.nodes])
         await faults.check("snapshot-delete:node-removed")
 
     def _parts(self, domain: str) -> list[SnapshotDisk]:

@@ -74,30 +74,6 @@ class Undo:
 
         await every([run(*s) for s in steps])
 
-    async def run_layers(self, layers: Sequence[Sequence[tuple[str, Awaitable[None], Step]]]
-                         ) -> None:
-        """Like :meth:`run_all` for layers of steps, each step needing only
-        steps of the layers before it (a filter on its scratch node, a probe
-        window on its view): every step of every layer is sent back to back,
-        lower layers first, so QEMU runs a step after the ones it needs (and
-        refuses it when one of those failed: nothing then is made). The
-        inverses of the steps that worked are pushed layer by layer, lower
-        layers first, so a rollback removes the upper nodes first; then the
-        first failure, in the order given, is raised."""
-        flat = [s for layer in layers for s in layer]
-        tasks = [asyncio.ensure_future(step) for _, step, _ in flat]
-        try:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            # Also when cancelled: gather ends only once every step has ended.
-            for (label, _, inverse), task in zip(flat, tasks, strict=True):
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    self.push(label, inverse)
-        for task in tasks:
-            error = task.exception()  # (a step cancelled by itself raises CancelledError here)
-            if error is not None:
-                raise error
-
     def discard(self) -> None:
         self._steps.clear()
 
