@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import secrets
+import socket
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -281,15 +282,24 @@ class ExportService:
             self._store.drop_intent(record)
 
     async def clean_leftovers(self, domain: Domain) -> None:
-        """Remove the exports a daemon that died left in this QEMU, and the NBD
-        server the store says it started (unless someone else exports on it)."""
+        """Remove the exports a daemon that died or stopped left in this QEMU,
+        and the NBD server the store says it started, if this QEMU still runs
+        it (unless someone else exports on it).
+
+        A server on a UNIX socket is ours while that socket listens: after
+        QEMU restarted, its socket file is stale, and a server running now
+        (the VM manager's) is left alone. A TCP server's record cannot be
+        told apart: it is stopped if every export on it is ours.
+        """
         ops = BlockOps(domain.session)
         exports = await domain.session.execute("query-block-exports")
         ours = [e["id"] for e in exports if e["id"].startswith(PREFIX)]
         for export_id in ours:
             await ops.export_del(export_id, self._settings.timeout)
         records = [r for r in self._store.intents(domain.name) if r.kind == SERVER_RECORD]
-        if (records or ours) and len(ours) == len(exports):
+        running = [r for r in records
+                   if not r.payload.get("socket") or _listening(r.payload["socket"])]
+        if (running or ours) and len(ours) == len(exports):
             try:
                 await ops.nbd_server_stop()
             except OperationFailed as err:  # it was not running
@@ -407,10 +417,34 @@ class ExportService:
     def _on_event(self, event: dict[str, Any]) -> None:
         if event["type"] == "domain-disconnected":
             server = self._servers.pop(event["domain"], None)
-            if server is not None:
-                if server.address.socket is not None:
-                    _remove_socket(server.address.socket)
-                self._store.drop_intent(server.record)
+            if server is None:
+                return
+            # The connection went, not necessarily QEMU (the daemon stopping
+            # while a client holds an export, a cut monitor socket): while
+            # the server still listens, its record stays, and the next
+            # connection to this QEMU stops it (clean_leftovers). A TCP
+            # server cannot be told apart: its record goes, as with QEMU.
+            if server.address.socket is not None:
+                if _listening(server.address.socket):
+                    return
+                _remove_socket(server.address.socket)
+            self._store.drop_intent(server.record)
+
+
+def _listening(path: str) -> bool:
+    """Whether a server listens on this UNIX socket now (never blocks: a
+    connection to a listening socket completes or waits in its backlog)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except BlockingIOError:  # its backlog is full: it listens
+        return True
+    except OSError:  # refused (nobody listens) or no such file
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _remove_socket(path: str) -> None:

@@ -378,6 +378,44 @@ def test_qemu_or_daemon_gone_mid_pull(make_vm: Callable[..., Vm],
     assert_restores(daemon, dest, workdir, refs)
 
 
+def test_daemon_stopped_while_a_client_holds_its_export(
+        make_vm: Callable[..., Vm], make_daemon: Callable[..., Daemon], workdir: Path) -> None:
+    """The daemon stops while a paused pull holds the only export of the domain,
+    so QEMU cannot delete that export before the daemon's time is up, and the
+    NBD server outlives the daemon. The next daemon stops that server (it
+    started it), and the next backup runs; it was refused as "busy" for as
+    long as that QEMU ran."""
+    daemon = make_daemon()
+    vm = make_vm(disks={"sda": 160 * MiB})
+    define(daemon, vm)
+    dest = workdir / "b"
+    vm.write("sda", 0, 128 * MiB, 0x22)
+    hold = workdir / "hold"
+    proc = start_paused(daemon, dest, hold)
+    try:
+        assert proc.stderr is not None
+        wait_paused(proc.stderr, "pull")
+        daemon.stop()  # its export deletion waits for the held client, in vain
+        assert "left behind at exit" in daemon.log()
+        hold.unlink()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert vm.qmp("query-block-exports") == []  # gone with its client
+    daemon.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+    record, said = backup(daemon, dest)
+    assert record["disks"]["sda"]["bytes_read"] == 128 * MiB
+    assert vm.qmp("query-block-exports") == []
+    # The server went with the backup's export: QEMU can start one again.
+    vm.qmp("nbd-server-start", addr={"type": "unix",
+                                     "data": {"path": str(workdir / "probe.nbd")}})
+    vm.qmp("nbd-server-stop")
+
+
 @pytest.mark.parametrize("how", ["no socket", "stopped", "killed", "refused", "no domain"])
 def test_daemon_down_or_refusing_is_one_line(make_daemon: Callable[..., Daemon],
                                              make_vm: Callable[..., Vm], workdir: Path,
