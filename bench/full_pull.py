@@ -9,7 +9,10 @@ other, in alternating order:
 - ours: ``bbctl backup --level full`` end to end (snapshot, export, pull into
   a qcow2, flush, checksum, teardown), as a user runs it;
 - ``nbdcopy --flush`` from the same kind of export (a snapshot of that disk,
-  exported by the daemon) into a local file, flushed.
+  exported by the daemon) into a local file, flushed;
+- the same with its setup timed too, as a user would run it:
+  ``bbctl snapshot create --export``, ``nbdcopy --flush``, ``bbctl snapshot
+  delete`` (bbctl backup's own setup and teardown are in its time).
 
 At the largest size, onto the disk only, also:
 
@@ -30,6 +33,7 @@ Run: ``make bench`` or ``.venv/bin/python -m bench.full_pull [SIZES_GIB] [REPEAT
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import subprocess
@@ -119,9 +123,30 @@ def _pull_size(size: int, repeat: int, peers: bool) -> list[Row]:
                             c.snapshot_delete(vm.name, "peer")
                         return took
 
+                    def setup_too(out: Path = out) -> float:
+                        """nbdcopy between bbctl snapshot create --export and delete."""
+                        bbctl = [sys.executable, "-m", "blockbackup_client.bbctl",
+                                 "--socket", str(daemon.socket)]
+                        env = installed_env()
+                        start = time.perf_counter()
+                        made = json.loads(subprocess.run(
+                            [*bbctl, "--json", "snapshot", "create", vm.name, "--name", "peer2",
+                             "--disk", "sda", "--export"],
+                            check=True, capture_output=True, text=True, env=env).stdout)
+                        export = made["export"]
+                        uri = (f"nbd+unix:///{export['exports'][0]['name']}"
+                               f"?socket={export['server']['socket']}")
+                        subprocess.run(["nbdcopy", "--flush", uri, str(out)], check=True)
+                        subprocess.run([*bbctl, "snapshot", "delete", vm.name, "peer2"],
+                                       check=True, capture_output=True, env=env)
+                        took = time.perf_counter() - start
+                        out.unlink()
+                        return took
+
                     runs: list[tuple[str, Callable[[], float]]] = [
                         ("ours", ours),
-                        ("nbdcopy", lambda: peer(["nbdcopy", "--flush", "URI"]))]
+                        ("nbdcopy", lambda: peer(["nbdcopy", "--flush", "URI"])),
+                        ("nbdcopy+setup", setup_too)]
                     if i % 2:
                         runs.reverse()
                     if peers and target == "disk":
@@ -149,13 +174,16 @@ def _pull_size(size: int, repeat: int, peers: bool) -> list[Row]:
     rows = []
     for target in targets:
         ours_t = times[(target, "ours")]
-        for who, name in (("nbdcopy", "nbdcopy --flush"), ("qemu-img", "qemu-img convert"),
-                          ("cp", "cp + sync")):
+        for who, name in (("nbdcopy", "nbdcopy --flush"),
+                          ("nbdcopy+setup", "bbctl snapshot create --export + nbdcopy --flush"
+                                            " + bbctl snapshot delete"),
+                          ("qemu-img", "qemu-img convert"), ("cp", "cp + sync")):
             if (target, who) not in times:
                 continue
             theirs = times[(target, who)]
             ratios = [a / b for a, b in zip(ours_t, theirs, strict=True)]
-            what = {"nbdcopy": "", "qemu-img": ", vs qemu-img convert -W -m 8",
+            what = {"nbdcopy": "", "nbdcopy+setup": ", vs nbdcopy with its setup timed",
+                    "qemu-img": ", vs qemu-img convert -W -m 8",
                     "cp": ", vs cp + sync of the image (the disk's limit)"}[who]
             rows.append(Row(
                 f"full backup, {size / GiB:g} GiB disk, {mib:.0f} MiB data, onto "
