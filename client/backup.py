@@ -295,8 +295,17 @@ class _FileSink:
         return self.writer.request_size
 
     def write(self, offset: int, data: memoryview) -> None:
-        try:
+        with self._noted():
             self.writer.write(offset, data)
+
+    def write_many(self, runs: list[tuple[int, int]], data: memoryview) -> None:
+        with self._noted():
+            self.writer.write_many(runs, data)
+
+    @contextlib.contextmanager
+    def _noted(self) -> Iterator[None]:
+        try:
+            yield
         except OSError as err:
             if self.error is None:
                 self.error = err

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     class Sink(Protocol):
         """Where the data goes: guest bytes at a guest offset; called from
         several threads at once. A sink may also have ``request_size``: the
-        size of the pieces it takes best."""
+        size of the pieces it takes best; and ``write_many(runs, data)``:
+        several runs (offset, length) whose bytes follow one another in
+        ``data``, in one call."""
 
         def write(self, offset: int, data: memoryview) -> None: ...
 
@@ -270,7 +272,12 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
         done.append(piece)
         os.write(wake_w, b"\0")
 
+    many = getattr(sink, "write_many", None)
+
     def write(runs: list[Run], data: memoryview) -> None:
+        if many is not None and len(runs) > 1:
+            many([(run.offset, run.length) for run in runs], data)
+            return
         at = 0
         for run in runs:
             sink.write(run.offset, data[at:at + run.length])

@@ -201,8 +201,28 @@ class Qcow2Writer:
         """Put guest bytes in place; thread-safe. Page-aligned buffers of whole
         4 KiB blocks go straight to the disk (O_DIRECT), the rest buffered
         (one buffered write at a time)."""
-        at = self.host_offset(offset, len(data))
-        view = memoryview(data)
+        self._put(self.host_offset(offset, len(data)), memoryview(data))
+
+    def write_many(self, runs: list[tuple[int, int]], data: memoryview) -> None:
+        """Put guest runs (offset, length), whose bytes follow one another in
+        ``data``; thread-safe. Runs that land back to back in the file (the
+        plan's data runs in guest order do) go in one write: an
+        incremental's scattered clusters cost the disk one write per piece,
+        not one per cluster."""
+        at = start = 0
+        host = end = -1
+        for offset, length in runs:
+            there = self.host_offset(offset, length)
+            if there != end:
+                if host >= 0:
+                    self._put(host, data[start:at])
+                host, start = there, at
+            end = there + length
+            at += length
+        if host >= 0:
+            self._put(host, data[start:at])
+
+    def _put(self, at: int, view: memoryview) -> None:
         if self._direct >= 0 and at % _BLOCK == 0 and len(view) % _BLOCK == 0:
             try:
                 _pwrite_all(self._direct, view, at)
