@@ -94,15 +94,21 @@ def plan(socket_path: str, export: str, changes: str | None = None) -> list[Run]
     try:
         h = connect(socket_path, export, contexts)
         try:
-            allocation = context_runs(h, "base:allocation")
-            dirty = context_runs(h, changes) if changes else None
+            if changes is None:
+                allocation = context_runs(h, "base:allocation")
+                return [Run(o, n) for o, n, flags in allocation if not flags & STATE_ZERO]
+            dirty = [(o, n) for o, n, flags in context_runs(h, changes) if flags & 1]
+            if not dirty:
+                return []
+            # The allocation only where something changed (a 1 TiB disk with
+            # a few changes asks a few GiB, not all of it).
+            allocation = context_runs(h, "base:allocation", dirty[0][0],
+                                      dirty[-1][0] + dirty[-1][1])
         finally:
             h.shutdown()
     except (nbd.Error, RuntimeError) as err:
         raise PullError(f"reading the extents of {export}: {err}") from err
-    if dirty is None:
-        return [Run(o, n) for o, n, flags in allocation if not flags & STATE_ZERO]
-    return _intersect(allocation, [(o, n) for o, n, flags in dirty if flags & 1])
+    return _intersect(allocation, dirty)
 
 
 def _intersect(allocation: list[tuple[int, int, int]],
