@@ -60,6 +60,7 @@ bench: deps
 	$(PYTHON) -m bench.checkpoint_writes
 	$(PYTHON) -m bench.run_all
 	$(PYTHON) -m bench.guest_writes
+	$(PYTHON) -m bench.backup_begin
 	$(PYTHON) -m bench.checkpoint_memory
 
 lint: deps

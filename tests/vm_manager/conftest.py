@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.vm_manager.libvirt import Libvirt, make_libvirt
+from tools.libvirt import Libvirt, make_libvirt
 
 
 @pytest.fixture(scope="module")

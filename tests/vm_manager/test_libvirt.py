@@ -27,9 +27,9 @@ from tests.conftest import (
     snapshot_xml,
     wait_for,
 )
-from tests.vm_manager.libvirt import Domain, Libvirt, libvirt_errors
 from tests.vm_manager.manager import assert_restore_equals, backup, disk_level
 from tools.daemon import Daemon
+from tools.libvirt import Domain, Libvirt, libvirt_errors
 
 K = 64 * 1024
 SDA, SDB, SDC = "ua-sda", "scsi0-0-0-1", "scsi0-0-0-2"  # qdev ids = blockbackupd's disk names

@@ -30,8 +30,8 @@ import pytest
 from blockbackup_client import QuiesceFailed
 from tests.conftest import domain_state, snapshot_xml, wait_for
 from tests.guest.test_agent_sharing import PORT, SCRIPT
-from tests.vm_manager.libvirt import Libvirt, libvirt_errors
 from tools.daemon import Daemon
+from tools.libvirt import Libvirt, libvirt_errors
 from tools.linux_guest.build import GuestImage, build
 from tools.linux_guest.vm import console_errors, last_step, read_console
 

@@ -1,7 +1,7 @@
-"""A private libvirt for the tests: its own virtlogd and libvirtd, run as
-root (privileged, ``qemu:///system``) but with every directory of theirs
-under a temporary root, so the machine's libvirt config and state are never
-read or touched.
+"""A private libvirt for the tests and the benchmarks: its own virtlogd and
+libvirtd, run as root (privileged, ``qemu:///system``) but with every
+directory of theirs under a temporary root, so the machine's libvirt config
+and state are never read or touched.
 
 A privileged libvirtd takes its paths from compile-time constants
 (/etc/libvirt with qemu.conf, /run/libvirt, /var/lib/libvirt,
