@@ -48,9 +48,9 @@ if TYPE_CHECKING:
 CONNECTIONS = 4
 DEPTH = 8
 REQUEST = 1024 * 1024
-#: The largest NBD read: a request of a whole piece may take several.
-#: QEMU's NBD server reads 512 KiB at 1.6x the rate of 1 MiB here (each
-#: larger read buffer is a fresh mapping of the server's memory).
+#: The largest NBD read: a piece may take several. QEMU 7.2's NBD server
+#: serves 512 KiB reads at 1.6x the rate of 1 MiB ones here, and 256 KiB
+#: ones no faster (measured: README, "Performance").
 READ = 512 * 1024
 #: Threads writing into the target (the sink's write must be thread-safe):
 #: with O_DIRECT each waits on the disk, so several keep it busy.
@@ -208,7 +208,7 @@ class _Piece:
 
 
 class _Workers:
-    """Threads running jobs in the order given (a small ThreadPoolExecutor
+    """Threads taking jobs in the order given (a small ThreadPoolExecutor
     that does not import concurrent.futures and logging)."""
 
     def __init__(self, count: int, name: str) -> None:
