@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -92,6 +93,7 @@ class ExportService:
         checkpoints.bitmap_reader = self.read_bitmaps
         self._settings = settings
         self._servers: dict[str, _Server] = {}
+        self._goodbyes: set[asyncio.Task[None]] = set()
         snapshots.add_before_delete(self._stop_for)
         snapshots.add_before_part_delete(self._stop_for)
         events.subscribe(None, self._on_event)
@@ -298,7 +300,7 @@ class ExportService:
             await ops.export_del(export_id, self._settings.timeout)
         records = [r for r in self._store.intents(domain.name) if r.kind == SERVER_RECORD]
         running = [r for r in records
-                   if not r.payload.get("socket") or _listening(r.payload["socket"])]
+                   if not r.payload.get("socket") or await _listens(r.payload["socket"])]
         if (running or ours) and len(ours) == len(exports):
             try:
                 await ops.nbd_server_stop()
@@ -428,25 +430,65 @@ class ExportService:
             # connection to this QEMU stops it (clean_leftovers). A TCP
             # server cannot be told apart: its record goes, as with QEMU.
             if server.address.socket is not None:
-                if _listening(server.address.socket):
+                probe = _connect(server.address.socket)
+                if probe is not None:  # it listens: said goodbye to, kept
+                    task = asyncio.get_running_loop().create_task(_goodbye(probe))
+                    self._goodbyes.add(task)
+                    task.add_done_callback(self._goodbyes.discard)
                     return
                 _remove_socket(server.address.socket)
             self._store.drop_intent(server.record)
 
 
-def _listening(path: str) -> bool:
-    """Whether a server listens on this UNIX socket now (never blocks: a
-    connection to a listening socket completes or waits in its backlog)."""
+#: NBD handshake constants (the NBD protocol): "IHAVEOPT", NBD_OPT_ABORT,
+#: the client flag NBD_FLAG_C_FIXED_NEWSTYLE; the server's greeting is 18 bytes.
+_IHAVEOPT, _OPT_ABORT, _FIXED_NEWSTYLE, _GREETING = 0x49484156454F5054, 2, 1, 18
+
+
+def _connect(path: str) -> socket.socket | None:
+    """A connection to the server listening on this UNIX socket now, or None
+    if none listens. Never blocks: a connection to a listening socket
+    completes, or waits in its backlog."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.setblocking(False)
     try:
         probe.connect(path)
     except BlockingIOError:  # its backlog is full: it listens
-        return True
+        return probe
     except OSError:  # refused (nobody listens) or no such file
-        return False
-    finally:
         probe.close()
+        return None
+    return probe
+
+
+async def _goodbye(probe: socket.socket) -> None:
+    """End a probe's connection to QEMU's NBD server as a client should (its
+    greeting read, NBD_OPT_ABORT sent): cut short, QEMU reports a failed
+    negotiation on its stderr, which is the VM manager's log."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock=probe)
+    except OSError:
+        probe.close()
+        return
+    try:
+        async with asyncio.timeout(2):
+            await reader.readexactly(_GREETING)
+            writer.write(struct.pack(">IQII", _FIXED_NEWSTYLE, _IHAVEOPT, _OPT_ABORT, 0))
+            await writer.drain()
+            await reader.read(64)  # the abort's reply, or the end
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        pass  # gone meanwhile, or not answering: it was listening, that was the question
+    finally:
+        writer.close()
+
+
+async def _listens(path: str) -> bool:
+    """Whether a server listens on this UNIX socket now (and if so, it is
+    said goodbye to, see _goodbye)."""
+    probe = _connect(path)
+    if probe is None:
+        return False
+    await _goodbye(probe)
     return True
 
 

@@ -414,6 +414,11 @@ def test_daemon_stopped_while_a_client_holds_its_export(
     vm.qmp("nbd-server-start", addr={"type": "unix",
                                      "data": {"path": str(workdir / "probe.nbd")}})
     vm.qmp("nbd-server-stop")
+    # The daemons' probes of the server said goodbye as NBD clients do: QEMU
+    # logged no failed negotiation (only the held client's cut connections).
+    said = vm.stdout_path.read_text(errors="replace").splitlines()
+    assert [line for line in said if "qemu-system" in line
+            and "Disconnect client, due to: Failed to send reply" not in line] == []
 
 
 @pytest.mark.parametrize("how", ["no socket", "stopped", "killed", "refused", "no domain"])
