@@ -29,7 +29,7 @@ import time
 
 import nbd
 
-from bench.common import Row, cli, installed_env, median, spread
+from bench.common import Row, cli, define_running, installed_env, median, spread
 from tools.daemon import Daemon
 from tools.libvirt import Domain, make_libvirt
 from tools.vm import MiB
@@ -71,13 +71,7 @@ def run(repeat: int = 15) -> list[Row]:
     try:
         domain.start()
         daemon.start()
-        with daemon.client() as c:
-            c.domain_define("vm1", str(domain.qmp))
-            deadline = time.monotonic() + 20
-            while c.domain_list()[0]["state"] != "running":
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the daemon did not reach the VM")
-                time.sleep(0.05)
+        define_running(daemon, "vm1", domain.qmp)
         domain.write("sda", 0, 64 * 1024, 0x5a)
         expected = b"\x5a" * 64 * 1024
         bbctl = [sys.executable, "-m", "blockbackup_client.bbctl", "--socket",

@@ -100,6 +100,20 @@ def installed_env() -> dict[str, str]:
     return env
 
 
+def define_running(daemon: Daemon, name: str, qmp_socket: Path, timeout: float = 20) -> None:
+    """Define a domain in the daemon and wait until it is connected and running.
+
+    :raise TimeoutError: it was not running within ``timeout`` seconds.
+    """
+    with daemon.client() as c:
+        c.domain_define(name, str(qmp_socket))
+        deadline = time.monotonic() + timeout
+        while next(d for d in c.domain_list() if d["name"] == name)["state"] != "running":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the daemon did not reach the VM")
+            time.sleep(0.05)
+
+
 def bbctl_backup(daemon: Daemon, vm: Vm, dest: Path, level: str) -> tuple[float, dict[str, Any]]:
     """``bbctl --json backup``: seconds end to end and the manifest record."""
     argv = [sys.executable, "-m", "blockbackup_client.bbctl", "--socket", str(daemon.socket),

@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import qemu_io
+from bench.common import define_running, qemu_io
 from tools.daemon import Daemon
 from tools.linux_guest.accel import accelerator
 from tools.linux_guest.build import build
@@ -317,13 +317,7 @@ def run(rounds: int, mib: int) -> dict[str, Any]:
             raise RuntimeError(f"guest failed: {ready.group(0)}")
         data_ready = time.monotonic() - (vm.started_at or 0.0)
         daemon.start()
-        with daemon.client() as c:
-            c.domain_define("vm1", str(vm.daemon_qmp))
-            deadline = time.monotonic() + 20
-            while c.domain_list()[0]["state"] != "running":
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the daemon did not reach the VM")
-                time.sleep(0.05)
+        define_running(daemon, "vm1", vm.daemon_qmp)
         scratch_dir.mkdir(parents=True, exist_ok=True)
         if scratch_dir.stat().st_dev != classic.path.parent.stat().st_dev:
             raise RuntimeError("the two scratch directories are on different filesystems")
