@@ -258,7 +258,13 @@ def domain_xml(name: str, images: dict[str, Path], aliases: dict[str, str], qmp:
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <controller type='scsi' index='0' model='virtio-scsi'/>
     <controller type='usb' model='none'/>{''.join(disks)}
-    <memballoon model='none'/>
+{devices_end(qmp)}"""
+
+
+def devices_end(qmp: Path | str) -> str:
+    """The end of a domain document: no balloon, and the extra QMP monitor
+    blockbackupd connects to (libvirt passes ``<qemu:commandline>`` on)."""
+    return f"""    <memballoon model='none'/>
   </devices>
   <qemu:commandline>
     <qemu:arg value='-qmp'/>

@@ -31,7 +31,7 @@ from blockbackup_client import QuiesceFailed
 from tests.conftest import domain_state, snapshot_xml, wait_for
 from tests.guest.test_agent_sharing import PORT, SCRIPT
 from tools.daemon import Daemon
-from tools.libvirt import Libvirt, libvirt_errors
+from tools.libvirt import Libvirt, devices_end, libvirt_errors
 from tools.linux_guest.build import GuestImage, build
 from tools.linux_guest.vm import console_errors, last_step, read_console
 
@@ -101,14 +101,7 @@ def guest_domain_xml(name: str, image: GuestImage, disks: dict[str, Path], scrip
       <source mode='bind' path='{ours}'/>
       <target type='virtio' name='{PORT}'/>
     </channel>
-    <memballoon model='none'/>
-  </devices>
-  <qemu:commandline>
-    <qemu:arg value='-qmp'/>
-    <qemu:arg value='unix:{qmp},server=on,wait=off'/>
-  </qemu:commandline>
-</domain>
-"""
+{devices_end(qmp)}"""
 
 
 # ------------------------------------------------------------ socket table
