@@ -187,7 +187,12 @@ def _pause(step: str) -> None:
         return
     print(f"bbctl: paused at {step}", file=sys.stderr, flush=True)
     while not hold or os.path.exists(hold):
-        time.sleep(0.05 if hold else 3600)
+        # Short sleeps: a Ctrl-C that lands after Python last looked for
+        # signals but before the sleep's system call began interrupts nothing
+        # (its handler already ran); Python raises KeyboardInterrupt only when
+        # the sleep returns. A one-hour sleep made the Ctrl-C tests wait for
+        # it, about once in ten suite runs.
+        time.sleep(0.05)
 
 
 # -- the level of each disk --------------------------------------------------------
