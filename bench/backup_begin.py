@@ -29,7 +29,7 @@ import time
 
 import nbd
 
-from bench.common import Row, cli, define_running, installed_env, median, spread
+from bench.common import Row, bbctl, cli, define_running, installed_env, median, spread
 from tools.daemon import Daemon
 from tools.libvirt import Domain, make_libvirt
 from tools.vm import MiB
@@ -74,22 +74,21 @@ def run(repeat: int = 15) -> list[Row]:
         define_running(daemon, "vm1", domain.qmp)
         domain.write("sda", 0, 64 * 1024, 0x5a)
         expected = b"\x5a" * 64 * 1024
-        bbctl = [sys.executable, "-m", "blockbackup_client.bbctl", "--socket",
-                 str(daemon.socket)]
+        command = bbctl(daemon)
         env = installed_env()
-        subprocess.run([*bbctl, "--help"], check=True, capture_output=True, env=env)  # bytecode
+        subprocess.run([*command, "--help"], check=True, capture_output=True, env=env)  # bytecode
         xml = workdir / "backup.xml"
         sock, scratch = workdir / "libvirt-backup.sock", workdir / "libvirt-scratch.qcow2"
         xml.write_text(BACKUP_XML.format(sock=sock, scratch=scratch))
         for i in range(repeat):
             def ours(i: int = i) -> None:
-                took, out = _timed([*bbctl, "--json", "snapshot", "create", "vm1",
+                took, out = _timed([*command, "--json", "snapshot", "create", "vm1",
                                     "--name", f"s{i}", "--disk", DISK, "--export"], env=env)
                 times["ours begin"].append(took)
                 export = json.loads(out)["export"]
                 assert _first_cluster(export["server"]["socket"],
                                       export["exports"][0]["name"]) == expected
-                took, _ = _timed([*bbctl, "snapshot", "delete", "vm1", f"s{i}"], env=env)
+                took, _ = _timed([*command, "snapshot", "delete", "vm1", f"s{i}"], env=env)
                 times["ours end"].append(took)
 
             def libvirt() -> None:

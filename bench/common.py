@@ -114,10 +114,14 @@ def define_running(daemon: Daemon, name: str, qmp_socket: Path, timeout: float =
             time.sleep(0.05)
 
 
+def bbctl(daemon: Daemon) -> list[str]:
+    """bbctl talking to this daemon, as a new process (run it with installed_env())."""
+    return [sys.executable, "-m", "blockbackup_client.bbctl", "--socket", str(daemon.socket)]
+
+
 def bbctl_backup(daemon: Daemon, vm: Vm, dest: Path, level: str) -> tuple[float, dict[str, Any]]:
     """``bbctl --json backup``: seconds end to end and the manifest record."""
-    argv = [sys.executable, "-m", "blockbackup_client.bbctl", "--socket", str(daemon.socket),
-            "--json", "backup", vm.name, "--dest", str(dest), "--level", level]
+    argv = [*bbctl(daemon), "--json", "backup", vm.name, "--dest", str(dest), "--level", level]
     start = time.perf_counter()
     out = subprocess.run(argv, check=True, capture_output=True, text=True,
                          env=installed_env()).stdout

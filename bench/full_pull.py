@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import GiB, Row, cli, domain, gib, installed_env, spread, timed
+from bench.common import GiB, Row, bbctl, cli, domain, gib, installed_env, spread, timed
 from tools.vm import MiB
 
 RUN = 8 * MiB
@@ -125,19 +125,17 @@ def _pull_size(size: int, repeat: int, peers: bool) -> list[Row]:
 
                     def setup_too(out: Path = out) -> float:
                         """nbdcopy between bbctl snapshot create --export and delete."""
-                        bbctl = [sys.executable, "-m", "blockbackup_client.bbctl",
-                                 "--socket", str(daemon.socket)]
                         env = installed_env()
                         start = time.perf_counter()
                         made = json.loads(subprocess.run(
-                            [*bbctl, "--json", "snapshot", "create", vm.name, "--name", "peer2",
-                             "--disk", "sda", "--export"],
+                            [*bbctl(daemon), "--json", "snapshot", "create", vm.name,
+                             "--name", "peer2", "--disk", "sda", "--export"],
                             check=True, capture_output=True, text=True, env=env).stdout)
                         export = made["export"]
                         uri = (f"nbd+unix:///{export['exports'][0]['name']}"
                                f"?socket={export['server']['socket']}")
                         subprocess.run(["nbdcopy", "--flush", uri, str(out)], check=True)
-                        subprocess.run([*bbctl, "snapshot", "delete", vm.name, "peer2"],
+                        subprocess.run([*bbctl(daemon), "snapshot", "delete", vm.name, "peer2"],
                                        check=True, capture_output=True, env=env)
                         took = time.perf_counter() - start
                         out.unlink()

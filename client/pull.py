@@ -25,6 +25,8 @@ import nbd
 # The daemon's reader of NBD meta contexts (the same distribution).
 from blockbackupd.qemu.nbdread import connect, context_runs
 
+from .value import Value
+
 # Imported for the type checker only: typing, dataclasses (inspect) and
 # concurrent.futures (logging) would cost every backup's start ~15 ms.
 TYPE_CHECKING = False
@@ -64,23 +66,13 @@ class PullError(Exception):
     """The source or the target failed a request; the message says which and why."""
 
 
-class Run:
+class Run(Value):
     """A byte range of the disk; ``zero``: write zeros, read nothing."""
 
     __slots__ = ("offset", "length", "zero")
 
     def __init__(self, offset: int, length: int, zero: bool = False) -> None:
         self.offset, self.length, self.zero = offset, length, zero
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Run) and \
-            (self.offset, self.length, self.zero) == (other.offset, other.length, other.zero)
-
-    def __hash__(self) -> int:
-        return hash((self.offset, self.length, self.zero))
-
-    def __repr__(self) -> str:
-        return f"Run({self.offset}, {self.length}, {self.zero})"
 
 
 def plan(socket_path: str, export: str, changes: str | None = None) -> list[Run]:

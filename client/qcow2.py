@@ -26,6 +26,8 @@ import os
 import struct
 import threading
 
+from .value import Value
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
@@ -61,23 +63,13 @@ def _clusters(n: int) -> int:
     return -(-n // CLUSTER)
 
 
-class Cluster:
+class Cluster(Value):
     """A run of guest clusters ``[first, first + count)``; zero: no data."""
 
     __slots__ = ("first", "count", "zero")
 
     def __init__(self, first: int, count: int, zero: bool) -> None:
         self.first, self.count, self.zero = first, count, zero
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Cluster) and \
-            (self.first, self.count, self.zero) == (other.first, other.count, other.zero)
-
-    def __hash__(self) -> int:
-        return hash((self.first, self.count, self.zero))
-
-    def __repr__(self) -> str:
-        return f"Cluster({self.first}, {self.count}, {self.zero})"
 
 
 def cluster_runs(runs: list[tuple[int, int, bool]], size: int) -> list[Cluster]:
