@@ -14,6 +14,7 @@ from .rpc.methods import build_methods
 from .rpc.server import RpcServer
 from .runtime import Lock, bind_unix_socket, make_dirs, sd_notify
 from .services.checkpoints import CheckpointService
+from .services.copies import CopyService
 from .services.domains import DomainService, DomainSettings
 from .services.events import EventBus
 from .services.exports import ExportService, ExportSettings
@@ -61,6 +62,7 @@ async def run(config: Config) -> None:
             run_dir=d.run_dir, socket_mode=config.nbd.socket_mode_bits, socket_gid=d.socket_gid,
             tls_dir=config.nbd.tls_dir, tls_verify_peer=config.nbd.tls_verify_peer,
             allow_plain_tcp=config.nbd.allow_plain_tcp, timeout=d.qmp_timeout))
+        copies = CopyService(domains, snapshots, checkpoints, store)
         # Sessions start once every service has hooked in, so the first
         # connect is reconciled like every later one.
         domains.start((c.name, str(c.qmp_socket),
@@ -69,7 +71,7 @@ async def run(config: Config) -> None:
         quiesce.start()
 
         server = RpcServer(d.socket,
-                           build_methods(domains, snapshots, checkpoints, exports, events),
+                           build_methods(domains, snapshots, checkpoints, exports, copies, events),
                            AccessPolicy(d.allowed_uids, d.allowed_gids))
         await server.start(bind_unix_socket(d.socket, d.socket_mode_bits, d.socket_gid))
         stack.push_async_callback(server.close)

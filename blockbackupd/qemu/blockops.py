@@ -102,6 +102,60 @@ class BlockOps:
                     return None if error is None else str(error)
         raise OperationFailed("probe job ended without an event")
 
+    # -- copies: QEMU writes a view into a file the client made ------------------
+
+    async def add_fd(self, fd: int, opaque: str) -> int:
+        """Hand QEMU an open file (it may not be allowed to open the path
+        itself: it often runs as another user); returns its fdset id."""
+        await self.session.send_fd(fd)
+        info = await self.session.execute("add-fd", {"opaque": opaque})
+        return int(info["fdset-id"])
+
+    async def remove_fdset(self, fdset: int) -> None:
+        await self.session.execute("remove-fd", {"fdset-id": fdset})
+
+    async def fdsets(self) -> dict[int, str]:
+        """fdset id -> opaque string of each fdset QEMU holds."""
+        out = {}
+        for fdset in await self.session.execute("query-fdsets"):
+            opaque = next((f.get("opaque", "") for f in fdset.get("fds", [])), "")
+            out[int(fdset["fdset-id"])] = str(opaque)
+        return out
+
+    async def add_copy_target(self, node: str, fdset: int) -> None:
+        """The copy's qcow2 file, opened without its backing file: the job
+        never reads the target, and what it leaves unwritten must stay
+        unallocated (reads fall through to the backing file once it is
+        opened with one), while zeros it writes are recorded as zeros."""
+        await self.session.execute("blockdev-add", {
+            "driver": "qcow2", "node-name": node, "backing": None,
+            "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}"},
+        })
+
+    async def start_copy(self, job_id: str, source: str, target: str,
+                         bitmap: str | None) -> None:
+        """A backup job from a view into the target: all of it, or only the
+        bitmap's blocks (left as it is: the bitmap is the daemon's own copy)."""
+        args: dict[str, Any] = {"job-id": job_id, "device": source, "target": target,
+                                "sync": "full", "auto-finalize": True,
+                                "auto-dismiss": False}
+        if bitmap is not None:
+            args.update({"sync": "bitmap", "bitmap": bitmap, "bitmap-mode": "never"})
+        await self.session.execute("blockdev-backup", args)
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        """query-jobs' entry of that job (status, current/total-progress, error)."""
+        for job in await self.session.execute("query-jobs"):
+            if job.get("id") == job_id:
+                return dict(job)
+        return None
+
+    async def cancel_job(self, job_id: str) -> None:
+        await self.session.execute("job-cancel", {"id": job_id})
+
+    async def dismiss_job(self, job_id: str) -> None:
+        await self.session.execute("job-dismiss", {"id": job_id})
+
     # -- NBD ------------------------------------------------------------------
 
     async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -129,6 +131,9 @@ class DomainSession:
         #: Why the last connection attempt failed, None once connected.
         self.last_error: str | None = None
         self._qmp: QMPClient | None = None
+        #: The QEMU process on the other end (SO_PEERCRED), None when unknown:
+        #: the I/O-thread probe runs a throwaway process of its binary.
+        self.qemu_pid: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         # Checked by the supervisor loop as well as delivered by cancel():
@@ -195,6 +200,20 @@ class DomainSession:
                 raise DomainNotConnected(self.domain, f"connection lost during {command}") from err
             raise
 
+    async def send_fd(self, fd: int) -> None:
+        """Pass a file descriptor to QEMU (SCM_RIGHTS); the next ``add-fd`` or
+        ``getfd`` takes it. The caller keeps (and closes) its own copy.
+
+        :raise DomainNotConnected: QEMU is not reachable.
+        """
+        qmp = self._qmp
+        if qmp is None:
+            raise DomainNotConnected(self.domain)
+        try:
+            qmp.send_fd_scm(fd)
+        except OSError as err:
+            raise DomainNotConnected(self.domain, f"cannot pass a file to QEMU: {err}") from err
+
     @contextlib.contextmanager
     def listen(self, *names: str) -> Iterator[EventListener]:
         """A scoped listener for QEMU events on the current connection.
@@ -231,11 +250,14 @@ class DomainSession:
             listener = _Listener(("STOP", "RESUME"))
             qmp.register_listener(listener)
             qmp.register_listener(_GraphWatch(self))
+            sock: socket.socket | None = None
             try:
                 try:
                     # A socket that accepts but never greets must not hold us.
                     async with asyncio.timeout(self.command_timeout):
-                        await qmp.connect(self.qmp_socket)
+                        sock = await _open_unix(self.qmp_socket)
+                        self.qemu_pid = _peer_pid(sock)
+                        await qmp.connect(sock)
                         status = await qmp.execute("query-status")
                 except (ConnectError, OSError, TimeoutError, ExecuteError,
                         ExecInterruptedError, EOFError) as err:
@@ -247,6 +269,8 @@ class DomainSession:
                                  self.domain, self.qmp_socket, reason)
                     self.last_error = reason
                     await self._close_client(qmp)
+                    if sock is not None:
+                        sock.close()  # not taken over by qemu.qmp, or already closed
                     try:
                         await asyncio.wait_for(self._closing.wait(), delay)
                     except TimeoutError:
@@ -311,3 +335,27 @@ class DomainSession:
         except Exception:  # noqa: BLE001 - the bottom half's cause is already logged
             pass
 
+
+
+async def _open_unix(path: str) -> socket.socket:
+    """A connected, non-blocking UNIX socket (qemu.qmp takes it over), opened
+    here so that the peer's credentials can be read first."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The PID of the process listening on the other end (QEMU, when QEMU
+    made its QMP socket; a VM manager that passed QEMU a socket it made
+    itself shows up instead, and the probe then finds no QEMU there)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return struct.unpack("3i", raw)[0] or None

@@ -46,6 +46,14 @@ class SnapshotRef(Params):
     name: str
 
 
+class SnapshotCopy(Params):
+    domain: str
+    name: str
+    disk: str
+    target: str
+    checkpoint: str | None = None
+
+
 class DomainXml(Params):
     domain: str
     xml: str

@@ -56,6 +56,7 @@ class Connection:
         self._writer = writer
         #: The peer's credentials, from the kernel.
         self.credentials = Credentials.of(writer.get_extra_info("socket"))
+        self.uid = self.credentials.uid
         self.allowed = policy.allows(self.credentials)
         self._methods = methods if self.allowed else {name: _denied for name in methods}
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED)

@@ -22,8 +22,9 @@ from typing import Any
 
 from .. import faults
 from ..errors import AlreadyExists, Busy, InvalidArgument, OperationFailed, Unsupported
-from ..model import ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
+from ..model import DomainState, ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
 from ..names import PREFIX
+from ..qemu import iothreads
 from ..qemu.blockops import Bitmaps, BlockOps
 from ..qemu.nbdread import dirty_extents
 from ..store.db import Store
@@ -130,7 +131,9 @@ class ExportService:
         :raise NoSuchCheckpoint: the named checkpoint does not exist.
         :raise AlreadyExists: the export name, or that disk of that snapshot, is exported.
         :raise InvalidArgument: an address the server cannot take now, or refused by policy.
-        :raise Unsupported: TLS asked for but no certificates configured.
+        :raise Unsupported: TLS asked for but no certificates configured; or a
+            disk runs in an I/O thread and this QEMU build's NBD server aborts
+            the VM when a client of it leaves (snapshot.copy reads it instead).
         :raise OperationFailed: the snapshot is broken, or QEMU refused.
         """
         domain = self._domains.connected(domain_name)
@@ -142,6 +145,11 @@ class ExportService:
             verified = await self._checkpoints.verify(domain) if any(
                 d.checkpoint is not None for d in spec.disks) else None
             planned = self._plan(domain_name, spec.disks, server, verified)
+            refused = await self._unsafe(domain, [
+                self._snapshots.get(domain_name, e.snapshot).disk(e.disk).disk.qdev
+                for e in planned], [e.disk for e in planned])
+            if refused:
+                raise Unsupported("; ".join(refused.values()))
             ops = BlockOps(domain.session)
             undo = Undo(f"export.start {domain_name}")
             try:
@@ -177,6 +185,40 @@ class ExportService:
             log.info("export %s/%s started: disk %s of snapshot %s", domain_name, export.name,
                      export.disk, export.snapshot)
         return server.address, made
+
+    async def copy_only(self, domain_name: str, snapshot_name: str) -> dict[str, str]:
+        """The disks of a snapshot that export.start refuses on this QEMU build,
+        with the reason (snapshot.copy reads them instead).
+
+        :raise NoSuchDomain: :raise NoSuchSnapshot:
+        """
+        snapshot = self._snapshots.get(domain_name, snapshot_name)
+        domain = self._domains.get(domain_name)
+        if domain.session.state is DomainState.DISCONNECTED:
+            return {}
+        return await self._unsafe(domain, [d.disk.qdev for d in snapshot.disks],
+                                  [d.disk.name for d in snapshot.disks])
+
+    async def _unsafe(self, domain: Domain, qdevs: list[str],
+                      disks: list[str]) -> dict[str, str]:
+        """disk -> why an NBD export of it would risk the VM: its device runs
+        in an I/O thread, and this QEMU build aborts when a client of such
+        an export disconnects (:mod:`..qemu.iothreads`)."""
+        if not disks or not await iothreads.has_iothreads(domain.session):
+            return {}
+        pinned = {disk: await iothreads.device_iothread(domain.session, qdev)
+                  for disk, qdev in zip(disks, qdevs, strict=True)}
+        if not any(pinned.values()):
+            return {}
+        verdict = await iothreads.nbd_verdict(domain.session.qemu_pid)
+        if verdict.safe:
+            return {}
+        return {disk: (f"disk {disk!r} runs in I/O thread {thread!r}, and this QEMU build "
+                       f"cannot serve NBD exports of such disks without risking the VM: "
+                       f"{verdict.detail}; read it with snapshot.copy instead (bbctl backup "
+                       "does), or run the VM on a QEMU whose NBD server survives this "
+                       "(10.0 does)")
+                for disk, thread in pinned.items() if thread}
 
     def _address(self, domain: str, wanted: NbdAddress | None,
                  server: _Server | None) -> NbdAddress:
