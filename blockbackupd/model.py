@@ -27,6 +27,8 @@ class Image:
     size: int
     read_only: bool
     bitmaps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
+    #: QEMU decrypts it (a LUKS-encrypted qcow2, or a ``luks`` node).
+    encrypted: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,12 @@ class Disk:
     top: str = ""
     #: The images from ``node`` down its backing files, top first.
     chain: tuple[Image, ...] = ()
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the guest's data is encrypted at rest in any of its images:
+        then no scratch of a snapshot of it may hold that data in the clear."""
+        return any(image.encrypted for image in self.chain)
 
     @property
     def bitmaps(self) -> Mapping[str, Mapping[str, Any]]:

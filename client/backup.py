@@ -382,6 +382,66 @@ def _pull(socket_path: str, disk: str, export: str, changes: str | None, target:
     return read, sum(c.count for c in clusters if c.zero) * qcow2.CLUSTER, digest
 
 
+def _copy(client: Client, domain: str, snapshot: str, disk: str, target: Path, size: int,
+          backing: str | None, checkpoint: str | None, progress: Callable[[int], None]
+          ) -> tuple[int, int, str]:
+    """Have QEMU write the snapshot's disk (or its changes since the
+    checkpoint) into a new qcow2 file (snapshot.copy): the daemon's answer for
+    a disk it cannot export safely on this QEMU build. Returns the bytes
+    QEMU copied, 0 (zeros are QEMU's to record) and the file's checksum.
+
+    :raise BackupError: the file could not be made, or the copy failed (the
+        file is then removed).
+    :raise ApplicationError: the daemon refused.
+    """
+    import subprocess
+
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        cmd += ["-b", backing, "-F", "qcow2"]
+    made = subprocess.run([*cmd, str(target), str(size)], capture_output=True, text=True)
+    if made.returncode != 0:
+        target.unlink(missing_ok=True)
+        raise BackupError(f"writing {target}: {made.stderr.strip()}")
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        # A connection of its own without a timeout: the answer comes when
+        # the whole disk is written, however long that takes.
+        try:
+            with Client(client.socket_path, timeout=None) as own:
+                outcome["result"] = own.call(
+                    "snapshot.copy", domain=domain, name=snapshot, disk=disk,
+                    target=str(target.resolve()),
+                    **({"checkpoint": checkpoint} if checkpoint is not None else {}))
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name=f"copy-{disk}", daemon=True)
+    worker.start()
+    done = 0
+    try:
+        while worker.is_alive():
+            worker.join(0.5)
+            with contextlib.suppress(BlockbackupError, OSError):
+                for c in client.snapshot_lookup(domain, snapshot).get("copies", []):
+                    if c["disk"] == disk and c["done"] > done:
+                        progress(c["done"] - done)
+                        done = c["done"]
+            _pause("pull")
+        if "error" in outcome:
+            raise outcome["error"]
+        copied = int(outcome["result"]["bytes"])
+        if copied > done:
+            progress(copied - done)
+        with open(target, "rb+") as f:  # QEMU wrote it; make it durable before the manifest
+            os.fsync(f.fileno())
+        return copied, 0, checksum(target)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def _uninterrupted() -> Iterator[None]:
     """Hold Ctrl-C off while undoing a backup, so the undo itself is never cut."""
@@ -559,29 +619,49 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
             _refuse_incremental(list(plans.values()))
         for p in plans.values():
             say(p.describe())
-        export_xml = '<domainblockexport type="nbd">' + "".join(
-            f'<disk name="{d}" snapshot="{backup_id}"'
-            + (f' checkpoint="{p.checkpoint}"' if p.checkpoint else "") + "/>"
-            for d, p in plans.items()) + "</domainblockexport>"
-        started = client.export_start(domain, export_xml)
+        encrypted = {s["disk"] for s in info["scratch"] if s.get("encrypted")}
+        for disk in sorted(encrypted):
+            say(f"warning: {disk} is encrypted in the VM, but its backup files hold its data in "
+                "the clear (bbctl does not encrypt them): keep the directory as safe as the key")
+        # Disks this QEMU build cannot export safely (an I/O thread's disk on
+        # 7.2): QEMU itself writes them into their files.
+        copy_only: dict[str, str] = info.get("copy_only", {})
+        for disk in plans:
+            if disk in copy_only:
+                say(f"{disk}: copied by QEMU, not read over NBD: it runs in an I/O thread, "
+                    "and this QEMU build aborts the VM when an NBD client of such a disk "
+                    "leaves")
+        exported = {d: p for d, p in plans.items() if d not in copy_only}
+        socket_path, exports = "", {}
+        if exported:
+            export_xml = '<domainblockexport type="nbd">' + "".join(
+                f'<disk name="{d}" snapshot="{backup_id}"'
+                + (f' checkpoint="{p.checkpoint}"' if p.checkpoint else "") + "/>"
+                for d, p in exported.items()) + "</domainblockexport>"
+            started = client.export_start(domain, export_xml)
+            socket_path = started["server"]["socket"]
+            exports = {e["disk"]: e for e in started["exports"]}
         _pause("export")
-        socket_path = started["server"]["socket"]
-        exports = {e["disk"]: e for e in started["exports"]}
         entries: dict[str, dict[str, Any]] = {}
         for disk, p in plans.items():
-            export = exports[disk]
-            if p.level == "inc" and not export.get("bitmap"):
-                raise BackupError(f"the export of {disk} carries no changes since "
-                                  f"{p.checkpoint}")
             target = dest / f"{backup_id}-{disk}.qcow2"
             made.append(target)
             began = time.monotonic()
-            try:
-                read, zeroed, digest = _pull(socket_path, disk, export["name"],
-                                             export.get("bitmap") if p.backing else None,
-                                             target, sizes[disk], p.backing, progress)
-            except _ReadFailed as err:
-                raise BackupError(f"{err}{_domain_note(client, domain)}") from None
+            if disk in copy_only:
+                read, zeroed, digest = _copy(client, domain, backup_id, disk, target,
+                                             sizes[disk], p.backing,
+                                             p.checkpoint if p.backing else None, progress)
+            else:
+                export = exports[disk]
+                if p.level == "inc" and not export.get("bitmap"):
+                    raise BackupError(f"the export of {disk} carries no changes since "
+                                      f"{p.checkpoint}")
+                try:
+                    read, zeroed, digest = _pull(socket_path, disk, export["name"],
+                                                 export.get("bitmap") if p.backing else None,
+                                                 target, sizes[disk], p.backing, progress)
+                except _ReadFailed as err:
+                    raise BackupError(f"{err}{_domain_note(client, domain)}") from None
             entries[disk] = {
                 "level": p.level, "reason": p.reason,
                 "base": p.base["id"] if p.base is not None else None,
@@ -589,7 +669,8 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
                 "bytes_read": read, "bytes_zeroed": zeroed,
                 "bytes_written": target.stat().st_blocks * 512,
                 "seconds": round(time.monotonic() - began, 3),
-                "checksum": digest}
+                "checksum": digest, "read_by": "copy" if disk in copy_only else "nbd",
+                "source_encrypted": disk in encrypted}
         record: dict[str, Any] = {"id": backup_id, "level": record_level({"disks": entries}),
                                   "time": int(time.time()), "checkpoint": backup_id,
                                   "quiesced": bool(info.get("quiesced")),

@@ -377,8 +377,23 @@ def _verify(c: Client | None, a: argparse.Namespace) -> Result:
     return {"ok": True}, "all files match the manifest"
 
 
-#: Commands that work on a backup directory alone, without the daemon.
-_OFFLINE = {"list", "restore", "verify", "prune"}
+def _enable_tracking(c: Client | None, a: argparse.Namespace) -> Result:
+    from pathlib import Path
+
+    from .tracking import enable_tracking
+
+    made = enable_tracking(Path(a.volume), Path(a.output))
+    text = (f"made {made['output']}: a qcow2 holding the checkpoints of {made['data_file']}, "
+            "which keeps the data (raw)\n\nrun the VM on it instead of the raw volume; in "
+            f"libvirt (10.10 or newer):\n\n{made['libvirt']}\n\non a QEMU command line:\n\n  "
+            + " \\\n  ".join([*(f"{a} {b}" for a, b in zip(made["qemu"][::2], made["qemu"][1::2],
+                                                              strict=True)),
+                               "-device virtio-blk-pci,drive=disk0,id=vda"]))
+    return made, text
+
+
+#: Commands that work on files alone, without the daemon.
+_OFFLINE = {"list", "restore", "verify", "prune", "disk"}
 
 
 # -- the parser ------------------------------------------------------------------
@@ -426,6 +441,14 @@ def _verb(group: Any, name: str, run: Command, help: str,
         p.add_argument(arg)
     p.set_defaults(run=run)
     return p
+
+
+def _disk_area(area: argparse.ArgumentParser) -> None:
+    p = _verb(_verbs(area), "enable-tracking", _enable_tracking,
+              "make a raw volume able to keep checkpoints across QEMU restarts: a qcow2 "
+              "metadata image beside it, whose data file it is (the VM stopped)", "volume")
+    p.add_argument("--output", required=True, metavar="META.qcow2",
+                   help="the metadata image to make (must not exist)")
 
 
 def _daemon_area(area: argparse.ArgumentParser) -> None:
@@ -556,6 +579,7 @@ _AREAS: list[tuple[str, str, str | None, Completer]] = [
     ("snapshot", "point-in-time views of disks", None, _snapshot_area),
     ("checkpoint", "change tracking between points in time", None, _checkpoint_area),
     ("export", "NBD exports of snapshots", None, _export_area),
+    ("disk", "a raw volume's persistent change tracking (offline)", None, _disk_area),
     ("backup", "back up a domain's disks into a directory",
      "take a snapshot with a checkpoint, pull it over NBD into qcow2 files (incrementals "
      "chained by backing file)", _backup_command),

@@ -3,7 +3,6 @@ restarts, crashes, and read back over NBD with libnbd."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,6 @@ from blockbackup_client import (
     InvalidArgument,
     NoSuchCheckpoint,
     NoSuchDisk,
-    Unsupported,
 )
 from blockbackup_client.client import Client
 from blockbackupd.names import parse_checkpoint_bitmap
@@ -209,8 +207,8 @@ def test_lookup_and_xml(defined: tuple[Daemon, Vm]) -> None:
             c.domain_undefine("vm1")
 
 
-def test_raw_disk_refused_cleanly(make_vm: Callable[..., Vm], daemon: Daemon,
-                                  workdir: Path) -> None:
+def test_raw_disk_keeps_its_checkpoints_in_qemus_memory(
+        make_vm: Callable[..., Vm], daemon: Daemon, workdir: Path) -> None:
     raw = workdir / "raw.img"
     raw.write_bytes(b"\0" * (4 * MiB))
     vm = make_vm(disks={"sda": 16 * MiB}, extra_args=[
@@ -220,16 +218,24 @@ def test_raw_disk_refused_cleanly(make_vm: Callable[..., Vm], daemon: Daemon,
     with daemon.client() as c:
         c.domain_define("vm1", str(vm.daemon_qmp))
         wait_for(lambda: domain_state(daemon, "vm1") == "running")
-        nodes = vm.node_names()
-        with pytest.raises(Unsupported, match="disk 'sdr' is raw"):
-            c.snapshot_create("vm1", snapshot_xml("c1"), checkpoint=True)
-        assert c.snapshot_list("vm1") == [] and c.call("checkpoint.list", domain="vm1") == []
-        assert vm.node_names() == nodes
-        assert os.listdir(daemon.daemon_keys["scratch_dir"]) == []
-        # Snapshots and full exports of the raw disk still work.
+        checkpoint(c, "c1")
+        vm.write("sdr", 64 * 1024, 64 * 1024, 0x31)
+        vm.write("sda", 0, 64 * 1024, 0x32)
+        assert changes(c, "c1", disk="sdr") == [[64 * 1024, 64 * 1024]]
+        assert changes(c, "c1", disk="sda") == [[0, 64 * 1024]]
+        # The raw disk's bitmap lives in QEMU only; the qcow2 disk's in its image.
+        bitmaps = {n["node-name"]: n.get("dirty-bitmaps", [])
+                   for n in vm.qmp("query-named-block-nodes", flat=True)}
+        assert [b["persistent"] for b in bitmaps["r2"] if b["name"].startswith("bb-cp-")] \
+            == [False]
+        assert [b["persistent"] for b in bitmaps["sda-fmt"] if b["name"].startswith("bb-cp-")] \
+            == [True]
+        # An export of the raw disk carries its changes as the meta context.
         c.snapshot_create("vm1", snapshot_xml("s", {"sdr": None}))
-        c.export_start("vm1", export_xml([("sdr", "s")]))
+        started = c.export_start("vm1", export_xml([("sdr", "s", {"checkpoint": "c1"})]))
+        assert started["exports"][0]["bitmap"] == "qemu:dirty-bitmap:c1"
         c.snapshot_delete("vm1", "s")
+        assert c.call("checkpoint.lookup", domain="vm1", name="c1")["state"] == "valid"
 
 
 def test_clean_vm_restart_keeps_checkpoints(defined: tuple[Daemon, Vm]) -> None:

@@ -7,6 +7,7 @@ when it refuses.
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 from ..errors import OperationFailed
@@ -38,10 +39,18 @@ class BlockOps:
     async def cont(self) -> None:
         await self.session.execute("cont")
 
-    async def add_scratch(self, node: str, filename: str) -> None:
-        await self.session.execute("blockdev-add", {
-            "driver": "raw", "node-name": node,
-            "file": {"driver": "file", "filename": filename},
+    async def add_scratch(self, node: str, filename: str, secret: str | None = None) -> None:
+        """The scratch: raw, or LUKS under the key in QEMU secret ``secret``."""
+        args: dict[str, Any] = {"driver": "raw", "node-name": node,
+                                "file": {"driver": "file", "filename": filename}}
+        if secret is not None:
+            args.update({"driver": "luks", "key-secret": secret})
+        await self.session.execute("blockdev-add", args)
+
+    async def add_secret(self, object_id: str, key: bytes) -> None:
+        await self.session.execute("object-add", {
+            "qom-type": "secret", "id": object_id, "format": "base64",
+            "data": base64.b64encode(key).decode(),
         })
 
     async def add_cbw_filter(self, node: str, source: str, scratch: str,
@@ -133,12 +142,12 @@ class BlockOps:
         })
 
     async def start_copy(self, job_id: str, source: str, target: str,
-                         bitmap: str | None) -> None:
+                         bitmap: str | None, speed: int = 0) -> None:
         """A backup job from a view into the target: all of it, or only the
         bitmap's blocks (left as it is: the bitmap is the daemon's own copy)."""
         args: dict[str, Any] = {"job-id": job_id, "device": source, "target": target,
                                 "sync": "full", "auto-finalize": True,
-                                "auto-dismiss": False}
+                                "auto-dismiss": False, "speed": speed}
         if bitmap is not None:
             args.update({"sync": "bitmap", "bitmap": bitmap, "bitmap-mode": "never"})
         await self.session.execute("blockdev-backup", args)

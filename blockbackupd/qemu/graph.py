@@ -128,7 +128,8 @@ class BlockGraph:
                      format=str(info.get("drv", "")),
                      size=int(image.get("virtual-size", 0)),
                      read_only=bool(info.get("ro", False)),
-                     bitmaps=self.bitmaps(node))
+                     bitmaps=self.bitmaps(node),
+                     encrypted=bool(info.get("encrypted")) or info.get("drv") == "luks")
 
     def chain(self, node: str) -> tuple[Image, ...]:
         """The images from ``node`` down its backing files, filters stepped through."""

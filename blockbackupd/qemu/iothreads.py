@@ -94,21 +94,37 @@ async def _qom_get(session: DomainSession, path: str, prop: str) -> Any:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether a QEMU build's NBD server survives clients of exports in an I/O thread."""
+    """Whether a QEMU build survives one of the sequences below."""
 
     safe: bool
     #: What was found, for messages and logs: the binary and what happened.
     detail: str
 
 
-_verdicts: dict[tuple[int, int, int, int], Verdict] = {}
-_probing: dict[tuple[int, int, int, int], asyncio.Future[Verdict]] = {}
+#: The checks a build is put through, each in a throwaway process of its own.
+NBD_CLIENTS = "NBD clients of an export in an I/O thread"
+THROTTLE_GRAPH = "a node added above a throttle filter in an I/O thread"
+
+_Key = tuple[str, int, int, int, int]
+_verdicts: dict[_Key, Verdict] = {}
+_probing: dict[_Key, asyncio.Future[Verdict]] = {}
 
 
 async def nbd_verdict(pid: int | None) -> Verdict:
     """Whether the build QEMU process ``pid`` runs serves NBD exports of
-    I/O-thread nodes safely; never raises (an unknown build is unsafe).
-    """
+    I/O-thread nodes safely; never raises (an unknown build is unsafe)."""
+    return await verdict(pid, NBD_CLIENTS)
+
+
+async def throttle_verdict(pid: int | None) -> Verdict:
+    """Whether that build survives a node added above a ``throttle`` filter
+    node in an I/O thread (7.2 aborts: ``qemu_mutex_unlock_impl: Operation
+    not permitted``, at the first blockdev-add); never raises."""
+    return await verdict(pid, THROTTLE_GRAPH)
+
+
+async def verdict(pid: int | None, check: str) -> Verdict:
+    """The build's verdict for one check, probed once per binary."""
     if pid is None:
         return Verdict(False, "the QEMU process behind the QMP socket is unknown "
                               "(SO_PEERCRED), so its build could not be checked")
@@ -123,26 +139,95 @@ async def nbd_verdict(pid: int | None) -> Verdict:
         # it on): never run an unknown program.
         return Verdict(False, f"the QMP socket's listener (PID {pid}, {name}) is not QEMU, "
                               "so the build could not be checked")
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (check, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _verdicts:
         return _verdicts[key]
     pending = _probing.get(key)
-    if pending is None:
-        pending = _probing[key] = asyncio.get_running_loop().create_future()
-        try:
-            verdict = await _probe(exe, name)
-        except Exception as err:  # noqa: BLE001 - a probe that cannot run proves nothing
-            verdict = Verdict(False, f"{name}: the probe of its NBD server could not run ({err})")
-        _verdicts[key] = verdict
-        del _probing[key]
-        pending.set_result(verdict)
-        log.info("QEMU build %s: NBD exports of I/O-thread disks are %s (%s)", name,
-                 "safe" if verdict.safe else "unsafe", verdict.detail)
-        return verdict
-    return await asyncio.shield(pending)
+    if pending is not None:
+        return await asyncio.shield(pending)
+    pending = _probing[key] = asyncio.get_running_loop().create_future()
+    try:
+        probe = _probe_nbd if check == NBD_CLIENTS else _probe_throttle
+        found = await probe(exe, name)
+    except Exception as err:  # noqa: BLE001 - a probe that cannot run proves nothing
+        found = Verdict(False, f"{name}: the probe ({check}) could not run ({err})")
+    _verdicts[key] = found
+    del _probing[key]
+    pending.set_result(found)
+    log.info("QEMU build %s: %s: %s (%s)", name, check, "safe" if found.safe else "unsafe",
+             found.detail)
+    return found
 
 
-async def _probe(exe: str, name: str) -> Verdict:
+async def _start(exe: str, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        exe, "-machine", "none", "-nodefaults", "-display", "none", "-S",
+        "-object", "iothread,id=io0", "-qmp", "stdio", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, preexec_fn=_no_core)
+
+
+async def _end(proc: asyncio.subprocess.Process) -> str:
+    """Stop the probe's process (if it still runs); its stderr."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+    return (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
+
+
+def _why(stderr: str, fallback: str) -> str:
+    """The line of QEMU's abort, without the source file's path."""
+    for line in stderr.splitlines():
+        if "Assertion" in line and "nbd_" in line:
+            return line[line.index("nbd_"):].strip()
+        if "Assertion" in line or "not permitted" in line or "Aborted" in line:
+            return line.strip().removeprefix("qemu: ")
+    return fallback
+
+
+async def _probe_throttle(exe: str, name: str) -> Verdict:
+    """A null node under a throttle filter, moved into the I/O thread (as a
+    device with an I/O thread moves its disk's nodes), then a node added
+    above it and removed, as a snapshot does."""
+    proc = await _start(
+        exe, "-object", '{"qom-type":"throttle-group","id":"probe-group",'
+                        '"limits":{"bps-total":1073741824}}',
+        "-blockdev", "driver=null-co,node-name=probe,size=1048576",
+        "-blockdev", "driver=throttle,node-name=probe-throttle,throttle-group=probe-group,"
+                     "file=probe")
+    error: str | None = None
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            qmp = _StdioQmp(proc)
+            await qmp.greeting()
+            await qmp.cmd("qmp_capabilities")
+            moved = await qmp.cmd("x-blockdev-set-iothread",
+                                  {"node-name": "probe-throttle", "iothread": "io0"})
+            if "error" in moved:
+                error = f"cannot move a node into an I/O thread ({moved['error'].get('desc')})"
+            else:
+                for _ in range(2):
+                    await qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "probe-above",
+                                                   "file": "probe-throttle", "read-only": True})
+                    await qmp.cmd("blockdev-del", {"node-name": "probe-above"})
+                await qmp.cmd("quit")
+                await proc.wait()
+    except (EOFError, ConnectionError):
+        pass  # it aborted: the exit status and stderr say so
+    except TimeoutError:
+        error = f"the probe did not finish in {PROBE_TIMEOUT:g} s"
+    finally:
+        stderr = await _end(proc)
+    if error is not None:
+        return Verdict(False, f"{name}: {error}")
+    if proc.returncode == 0:
+        return Verdict(True, f"{name}: survived nodes added above a throttle filter in an "
+                             "I/O thread")
+    return Verdict(False, f"{name} aborts when a node is added above a throttle filter in an "
+                          f"I/O thread ({_why(stderr, f'exit status {proc.returncode}')})")
+
+
+async def _probe_nbd(exe: str, name: str) -> Verdict:
     """Run the fatal sequence against a throwaway process of the binary: an
     export of a null node in an I/O thread, one client that negotiates, reads
     and leaves, then a second one. The server takes one connection at a time
@@ -150,12 +235,10 @@ async def _probe(exe: str, name: str) -> Verdict:
     proves the first client's close ran; a build with the bug aborts then."""
     work = tempfile.mkdtemp(prefix="bb-nbdprobe-")
     sock = os.path.join(work, "nbd")
-    proc = await asyncio.create_subprocess_exec(
-        exe, "-machine", "none", "-nodefaults", "-display", "none", "-S",
-        "-object", "iothread,id=io0", "-qmp", "stdio",
-        "-blockdev", "driver=null-co,node-name=probe,size=1048576,read-zeroes=on",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, preexec_fn=_no_core)
+    proc = await _start(exe, "-blockdev",
+                        "driver=null-co,node-name=probe,size=1048576,read-zeroes=on")
+    error: str | None = None
+    second: str | None = None
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
             qmp = _StdioQmp(proc)
@@ -166,28 +249,24 @@ async def _probe(exe: str, name: str) -> Verdict:
             reply = await qmp.cmd("block-export-add", {
                 "type": "nbd", "id": "probe", "node-name": "probe", "iothread": "io0"})
             if "error" in reply:
-                return Verdict(False, f"{name}: cannot put an export in an I/O thread "
-                                      f"({reply['error'].get('desc')})")
-            first = await asyncio.to_thread(_client, sock)
-            second = await asyncio.to_thread(_client, sock) if first is None else first
-            try:
+                error = f"cannot put an export in an I/O thread ({reply['error'].get('desc')})"
+            else:
+                first = await asyncio.to_thread(_client, sock)
+                second = await asyncio.to_thread(_client, sock) if first is None else first
                 await qmp.cmd("quit")
-            except (EOFError, ConnectionError):
-                pass  # it aborted: the exit status and stderr say so
-            await proc.wait()
+                await proc.wait()
+    except (EOFError, ConnectionError):
+        pass  # it aborted: the exit status and stderr say so
     except TimeoutError:
-        return Verdict(False, f"{name}: the probe did not finish in {PROBE_TIMEOUT:g} s")
+        error = f"the probe did not finish in {PROBE_TIMEOUT:g} s"
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        stderr = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
+        stderr = await _end(proc)
         shutil.rmtree(work, ignore_errors=True)
+    if error is not None:
+        return Verdict(False, f"{name}: {error}")
     if proc.returncode == 0 and second is None:
         return Verdict(True, f"{name}: its NBD server survived clients of an I/O-thread export")
-    why = next((line[line.index("nbd_"):].strip() if "nbd_" in line else line.strip()
-                for line in stderr.splitlines() if "Assertion" in line),
-               second or f"exit status {proc.returncode}")
+    why = _why(stderr, second or f"exit status {proc.returncode}")
     return Verdict(False, f"{name} aborts when an NBD client of an export in an I/O thread "
                           f"disconnects ({why})")
 

@@ -174,6 +174,7 @@ class DomainSession:
         qmp = self._qmp
         if qmp is None:
             raise DomainNotConnected(self.domain)
+        self.log.debug("domain %s: QMP %s %s", self.domain, command, arguments or "")
         try:
             async with asyncio.timeout(self.command_timeout):
                 return await qmp.execute(command, arguments)

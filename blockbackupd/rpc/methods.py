@@ -220,7 +220,10 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         return {"server": address.as_result(), "exports": [e.as_result() for e in made]}
 
     async def snapshot_copy(peer: Peer, a: p.SnapshotCopy) -> dict[str, Any]:
-        return await copies.copy(a.domain, a.name, a.disk, a.target, a.checkpoint, peer.uid)
+        if a.speed < 0:
+            raise InvalidArgument("speed must be 0 (no limit) or more bytes per second")
+        return await copies.copy(a.domain, a.name, a.disk, a.target, a.checkpoint, peer.uid,
+                                 a.speed)
 
     async def export_stop(peer: Peer, a: p.DomainXml) -> dict[str, Any]:
         domains.get(a.domain)

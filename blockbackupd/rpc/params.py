@@ -52,6 +52,8 @@ class SnapshotCopy(Params):
     disk: str
     target: str
     checkpoint: str | None = None
+    #: Bytes per second QEMU may copy (0: as fast as it can).
+    speed: int = 0
 
 
 class DomainXml(Params):

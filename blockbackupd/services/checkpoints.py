@@ -51,14 +51,11 @@ from ..store import Store
 from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
 from .domains import MIGRATED_RUN_STATES, Domain, DomainService
 from .events import EventBus
-from .segments import Placement, bitmap_problem, place, span
+from .segments import PERSISTENT_FORMATS, Placement, bitmap_problem, in_memory, place, span
 from .snapshots import Instant, Snapshot, SnapshotDisk, SnapshotService
 from .undo import every
 
 log = logging.getLogger("blockbackupd.checkpoints")
-
-#: Formats whose images can keep persistent bitmaps.
-_BITMAP_FORMATS = frozenset({"qcow2"})
 
 #: Block jobs that move data between images without recording it in bitmaps.
 _MOVING_JOBS = frozenset({"stream", "mirror"})
@@ -259,7 +256,6 @@ class CheckpointService:
         checking the chains of ``disks``, as the snapshot read them.
 
         :raise AlreadyExists: a checkpoint, or a bitmap in an image, has that name.
-        :raise Unsupported: a disk's format cannot keep persistent bitmaps.
         """
         records = self._store.checkpoints(domain.name)
         if checkpoint and any(c.name == name for c in records):
@@ -288,9 +284,6 @@ class CheckpointService:
                     f"checkpoint {newest.name!r}, the newest on disk {disk.name!r}, is not "
                     "recording: redefine the checkpoints newer than it first")
             if checkpoint:
-                if disk.format not in _BITMAP_FORMATS:
-                    raise Unsupported(f"disk {disk.name!r} is {disk.format}: only qcow2 images "
-                                      "can keep checkpoints")
                 if bitmap in on_node:
                     raise AlreadyExists(f"disk {disk.name!r} already has a bitmap {bitmap!r}")
                 # A chain that cannot be trusted is cleaned away; this one starts fresh.
@@ -306,8 +299,10 @@ class CheckpointService:
                     actions.append(action("block-dirty-bitmap-disable", node=node,
                                           name=placement.bitmap))
                     disabled.append((node, placement.bitmap))
+                # A raw disk's (file, block device, RBD image) lives in QEMU's
+                # memory: valid while this QEMU process runs, broken after.
                 actions.append(action("block-dirty-bitmap-add", node=node, name=bitmap,
-                                      persistent=True))
+                                      persistent=not in_memory(disk)))
                 added.append((node, bitmap))
                 new_disks.append(CheckpointDiskRecord(disk.name, bitmap, disk.file, 0))
                 bounds[disk.name] = (name, None)
@@ -558,9 +553,11 @@ class CheckpointService:
                     raise NoSuchDisk(f"domain {domain_name!r} has no disk {disk_name!r}")
                 # The segment began in the lowest image that holds the bitmap.
                 holders = [image for image in disk.chain if bitmap in image.bitmaps]
-                problem = bitmap_problem(None, bitmap, disk.file) if not holders else next(
-                    (p for p in (bitmap_problem(h.bitmaps[bitmap], bitmap, h.file)
-                                 for h in holders) if p is not None), None)
+                problem = bitmap_problem(None, bitmap, disk.file, fmt=disk.format) \
+                    if not holders else next(
+                        (p for p in (bitmap_problem(h.bitmaps[bitmap], bitmap, h.file,
+                                                    fmt=h.format)
+                                     for h in holders) if p is not None), None)
                 if problem is None and holders[0] is not disk.chain[0] and \
                         holders[0].bitmaps[bitmap].get("recording"):
                     problem = (f"bitmap {bitmap!r} records in image {holders[0].file}, which "
@@ -854,7 +851,8 @@ def _fold(mine: Placement, into: Placement, chain: Sequence[Image], recording: b
     nodes = [image.node for image in chain]
     target = mine.top
     actions = [action("block-dirty-bitmap-add", node=image.node, name=into.bitmap,
-                      persistent=True, disabled=True, granularity=granularity)
+                      persistent=image.format in PERSISTENT_FORMATS, disabled=True,
+                      granularity=granularity)
                for image in chain[nodes.index(target.node):nodes.index(into.top.node)]
                if into.bitmap not in image.bitmaps]
     actions.append(action("block-dirty-bitmap-merge", node=target.node, target=into.bitmap,

@@ -99,9 +99,12 @@ class CopyService:
         return f"it has {n} copy(ies) running" if n else None
 
     async def copy(self, domain_name: str, snapshot_name: str, disk: str, target: str,
-                   checkpoint: str | None, caller_uid: int) -> dict[str, Any]:
+                   checkpoint: str | None, caller_uid: int, speed: int = 0
+                   ) -> dict[str, Any]:
         """Write that disk of the snapshot (or its changes since the checkpoint)
         into ``target``; returns when the file is written and flushed.
+        ``speed``: bytes per second QEMU may copy (0: no limit), so that a
+        backup leaves the guest's storage its bandwidth.
 
         :raise NoSuchDomain: :raise DomainNotConnected: :raise NoSuchSnapshot:
         :raise NoSuchDisk: :raise NoSuchCheckpoint: :raise CheckpointBroken:
@@ -133,7 +136,7 @@ class CopyService:
             copy = Copy(domain_name, snapshot_name, disk, checkpoint, target,
                         f"{COPY_PREFIX}{secrets.token_hex(4)}")
             try:
-                await self._start(domain, copy, part.view_node, sources, granularity, fd)
+                await self._start(domain, copy, part.view_node, sources, granularity, fd, speed)
             finally:
                 os.close(fd)  # QEMU has its own
             self._copies.setdefault(domain_name, {})[copy.name] = copy
@@ -161,7 +164,8 @@ class CopyService:
         return {"bytes": copy.total, "seconds": round(seconds, 3)}
 
     async def _start(self, domain: Domain, copy: Copy, view: str,
-                     sources: list[dict[str, str]], granularity: int, fd: int) -> None:
+                     sources: list[dict[str, str]], granularity: int, fd: int,
+                     speed: int) -> None:
         ops, bitmaps = BlockOps(domain.session), Bitmaps(domain.session)
         undo = Undo(f"copy {domain.name}")
         record = self._store.add_intent(domain.name, COPY_RECORD,
@@ -180,7 +184,7 @@ class CopyService:
                 undo.push(f"bitmap {bitmap} on {view}", partial(bitmaps.remove, view, bitmap))
                 await bitmaps.merge(view, bitmap, sources)
             await faults.check("copy:target-added")
-            await ops.start_copy(copy.name, view, copy.name, bitmap)
+            await ops.start_copy(copy.name, view, copy.name, bitmap, speed)
         except BaseException as err:
             await undo.rollback(err)
             raise

@@ -6,12 +6,16 @@ daemon (not by QEMU, which may lack the right to create files there): the
 old data lands at its own offset, so the file needs no format of its own. A
 qcow2 would add a ``qemu-img`` run to every snapshot and a metadata update to
 every first write of a cluster, for nothing a temporary file needs.
+
+The scratch of an encrypted disk is a LUKS volume instead (:func:`encrypt`),
+under a random key that only the daemon and QEMU hold, for the snapshot's life.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,6 +80,37 @@ def create(path: Path, size: int) -> None:
         remove(path)
         raise OperationFailed(f"cannot create scratch file {path}: {err.strerror}") from err
     os.close(fd)
+
+
+def encrypt(path: Path, size: int, key: bytes, secret_id: str) -> None:
+    """Make the new scratch file a LUKS volume with ``size`` bytes of payload,
+    under ``key`` (for an encrypted disk: its old data must not land in the
+    clear). The key goes to ``qemu-img`` through a pipe, never on its command
+    line or on disk; PBKDF iterations are few, since the key is random, not a
+    passphrase, and lives only as long as the snapshot.
+
+    :raise OperationFailed: qemu-img failed (the file is then removed).
+    """
+    read, write = os.pipe()
+    try:
+        os.write(write, key)
+        os.close(write)
+        write = -1
+        proc = subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "luks",
+             "--object", f"secret,id={secret_id},file=/dev/fd/{read}",
+             "-o", f"key-secret={secret_id},iter-time=10", str(path), str(size)],
+            pass_fds=(read,), capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        remove(path)
+        raise OperationFailed(f"cannot encrypt scratch file {path}: {err}") from err
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+    if proc.returncode != 0:
+        remove(path)
+        raise OperationFailed(f"cannot encrypt scratch file {path}: {proc.stderr.strip()}")
 
 
 def remove(path: Path) -> None:

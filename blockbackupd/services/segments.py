@@ -70,7 +70,8 @@ def place(disk: Disk | None, record: CheckpointDiskRecord,
                 f"{disk.file})")
     chain = disk.chain
     base = chain[begin]
-    problem = bitmap_problem(base.bitmaps.get(bitmap), bitmap, base.file, record.granularity)
+    problem = bitmap_problem(base.bitmaps.get(bitmap), bitmap, base.file, record.granularity,
+                             base.format)
     if problem is not None:
         return problem
     topmost = next(i for i in range(begin + 1) if bitmap in chain[i].bitmaps)
@@ -78,7 +79,7 @@ def place(disk: Disk | None, record: CheckpointDiskRecord,
         if bitmap not in image.bitmaps:
             return (f"image {image.file} lacks bitmap {bitmap!r}: the writes it took while it "
                     "was on top were not recorded")
-        problem = bitmap_problem(image.bitmaps[bitmap], bitmap, image.file)
+        problem = bitmap_problem(image.bitmaps[bitmap], bitmap, image.file, fmt=image.format)
         if problem is not None:
             return problem
     files = [image.file for image in chain[topmost:begin + 1]]
@@ -106,19 +107,36 @@ def place(disk: Disk | None, record: CheckpointDiskRecord,
     return Placement(bitmap, chain[topmost:begin + 1])
 
 
+#: Formats whose images keep bitmaps (persistent ones) across QEMU processes.
+#: On any other (raw files, block devices, RBD images) a checkpoint's bitmap
+#: lives in the memory of the QEMU process that made it, and ends with it.
+PERSISTENT_FORMATS = frozenset({"qcow2"})
+
+
 def bitmap_problem(info: Mapping[str, Any] | None, bitmap: str, image: str,
-                   granularity: int = 0) -> str | None:
-    """Why one copy of a checkpoint's bitmap, as QEMU shows it in ``image``,
-    cannot carry a change set, or None. ``granularity``: the one recorded, if any."""
+                   granularity: int = 0, fmt: str = "qcow2") -> str | None:
+    """Why one copy of a checkpoint's bitmap, as QEMU shows it in ``image``
+    (of format ``fmt``), cannot carry a change set, or None.
+    ``granularity``: the one recorded, if any."""
+    in_memory = fmt not in PERSISTENT_FORMATS
     if info is None:
+        if in_memory:
+            return (f"the disk's image {image} is {fmt}, so its changes were tracked in the "
+                    "memory of the QEMU process, and that process has ended (QEMU restarted, "
+                    "crashed, or the domain moved): what changed since is unknown")
         return f"bitmap {bitmap!r} is missing from the image {image}"
     if info.get("inconsistent"):
         return f"the image {image} was not closed cleanly (bitmap inconsistent)"
-    if not info.get("persistent"):
+    if not info.get("persistent") and not in_memory:
         return f"bitmap {bitmap!r} in image {image} is not persistent"
     if granularity and int(info.get("granularity", 0)) != granularity:
         return f"bitmap granularity {info.get('granularity')} is not {granularity}"
     return None
+
+
+def in_memory(disk: Disk) -> bool:
+    """Whether a checkpoint made now on this disk lives only in QEMU's memory."""
+    return disk.format not in PERSISTENT_FORMATS
 
 
 def span(placement: Placement) -> tuple[str, ...]:

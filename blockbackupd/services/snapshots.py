@@ -40,7 +40,8 @@ from ..errors import (
     Unsupported,
 )
 from ..model import Disk, SnapshotDiskView, SnapshotState, SnapshotView
-from ..names import PREFIX, check_name
+from ..names import PREFIX, check_name, parse_checkpoint_bitmap
+from ..qemu import iothreads
 from ..qemu.blockops import Bitmaps, BlockOps
 from ..qemu.graph import BlockGraph, query_disks, read_graph, relink
 from ..store.db import Store
@@ -89,6 +90,9 @@ class SnapshotDisk:
     #: The store's record of the scratch file, kept while the file exists, so
     #: that a daemon killed at any moment removes it on the next connect.
     record: int | None = None
+    #: For an encrypted disk: the QEMU secret object holding the scratch's
+    #: random LUKS key (the key lives only there and in the daemon's memory).
+    secret: str | None = None
 
     def nodes(self) -> list[str]:
         """Our nodes, in the order they can be deleted."""
@@ -293,6 +297,8 @@ class SnapshotService:
                     raise Busy(f"disk {disk.name!r} is in use by block job(s) "
                                f"{', '.join(jobs)} (e.g. the VM manager's backup, "
                                "mirror or commit); take the snapshot when they have ended")
+            await self._refuse_inactive(ops, domain_name, graph, [d for d, _ in chosen])
+            await _refuse_throttled_io_threads(domain, graph, [d for d, _ in chosen])
             snapshot = await self._build(domain, ops, name, chosen, checkpoint,
                                          list(present.values()), quiesce)
             state.snapshots[name] = snapshot
@@ -302,6 +308,31 @@ class SnapshotService:
                  "" if snapshot.frozen_window is None
                  else f", filesystems frozen {snapshot.frozen_window * 1e3:.1f} ms")
         return snapshot
+
+    @staticmethod
+    async def _refuse_inactive(ops: BlockOps, domain: str, graph: BlockGraph,
+                               disks: list[Disk]) -> None:
+        """:raise Busy: before anything is made, when QEMU says a listed disk's
+        node is inactive (QEMU 10.0's ``active: false``; 7.2 has no such field).
+
+        After a completed migration the source's nodes are inactive, as are an
+        incoming QEMU's until the guest arrives: 10.0 then refuses our filter
+        above them (``Inactive 'X' can't be a file child of active 'Y'``), an
+        OperationFailed, where 7.2 adds it and :meth:`_switch` answers Busy
+        from the run state. The run state is read only in that case, so the
+        answer is the same on both (and a snapshot costs no extra command).
+        """
+        inactive = [d.name for d in disks if graph.nodes.get(d.top, {}).get("active") is False]
+        if not inactive:
+            return
+        status, migration = await asyncio.gather(ops.run_status(), ops.migration_status())
+        if status in _MIGRATING:
+            raise Busy(f"domain {domain!r} is migrating ({status})")
+        if migration in MIGRATION_STARTING:
+            raise Busy(f"domain {domain!r} is migrating (migration {migration})")
+        raise Busy(f"domain {domain!r}: disk(s) {', '.join(inactive)} inactive in QEMU (their "
+                   "images are another process's, e.g. after a migration); take the snapshot "
+                   "where the guest runs")
 
     def _choose(self, domain: str, snapshot: str, present: dict[str, Disk],
                 wanted: list[tuple[str, str | None]] | None) -> list[tuple[Disk, Path]]:
@@ -349,10 +380,22 @@ class SnapshotService:
             for part in parts:
                 scratch.create(part.scratch, part.disk.size)
                 undo.push(f"scratch file {part.scratch}", partial(scratch.remove, part.scratch))
+                if part.disk.encrypted:
+                    # The guest's old data must not land in the clear: a LUKS
+                    # scratch under a random key of this snapshot's own.
+                    # LUKS takes a passphrase (UTF-8): 256 random bits of it.
+                    key = secrets.token_urlsafe(32).encode()
+                    secret = part.scratch_node.removesuffix("-scratch") + "-key"
+                    await asyncio.to_thread(scratch.encrypt, part.scratch, part.disk.size, key,
+                                            "key")
+                    await ops.add_secret(secret, key)
+                    part.secret = secret
+                    undo.push(f"secret {secret}", partial(ops.delete_object, secret))
             await faults.check("snapshot:scratch-created")
             # Each layer's nodes in one batch (see undo.every): a node needs
             # only the layer below it.
-            await undo.run_all([(p.scratch_node, ops.add_scratch(p.scratch_node, str(p.scratch)),
+            await undo.run_all([(p.scratch_node,
+                                 ops.add_scratch(p.scratch_node, str(p.scratch), p.secret),
                                  partial(ops.delete_node, p.scratch_node)) for p in parts])
             await undo.run_all([
                 (p.filter_node, ops.add_cbw_filter(p.filter_node, p.source, p.scratch_node,
@@ -516,6 +559,9 @@ class SnapshotService:
         await every([ops.delete_node(p.filter_node) for p in free])
         await every([ops.delete_node(p.scratch_node) for p in free + gone
                       if p.scratch_node in graph.nodes])
+        await every([ops.delete_object(p.secret) for p in free + gone if p.secret is not None])
+        for p in free + gone:
+            p.secret = None
         await faults.check("snapshot-delete:node-removed")
 
     def _parts(self, domain: str) -> list[SnapshotDisk]:
@@ -679,7 +725,9 @@ class SnapshotService:
                 await ops.delete_node(node)
         for node_name, named in (await Bitmaps(session).on_nodes()).items():
             for b in named.values():  # tails and other non-persistent bitmaps of ours
-                if b["name"].startswith(PREFIX) and not b.get("persistent"):
+                # (not the checkpoints of raw disks: theirs live in QEMU's memory)
+                if b["name"].startswith(PREFIX) and not b.get("persistent") \
+                        and parse_checkpoint_bitmap(b["name"]) is None:
                     await Bitmaps(session).remove(node_name, b["name"])
         # Filters, newest first (one on another cannot go before it), each
         # taken out of whatever surrounds it now.
@@ -758,6 +806,39 @@ class SnapshotService:
             log.warning("snapshot %s/%s dropped: its QEMU went away", domain, snapshot.name)
 
 
+async def _refuse_throttled_io_threads(domain: Domain, graph: BlockGraph,
+                                      disks: list[Disk]) -> None:
+    """:raise Unsupported: before anything is made, when a listed disk has a
+    ``throttle`` filter node in its I/O path (libvirt's <throttlefilters>),
+    its device runs in an I/O thread, and this QEMU build aborts the VM when
+    a node is added above such a filter (7.2 does, at the first blockdev-add:
+    :mod:`..qemu.iothreads`)."""
+    throttled = []
+    for disk in disks:
+        node, seen = disk.top, set()
+        while node != disk.node and node in graph.nodes and node not in seen:
+            seen.add(node)
+            if graph.nodes[node].get("drv") == "throttle":
+                throttled.append(disk)
+                break
+            node = graph.child(node, "file") or ""
+    if not throttled or not await iothreads.has_iothreads(domain.session):
+        return
+    pinned = [(d, await iothreads.device_iothread(domain.session, d.qdev)) for d in throttled]
+    pinned = [(d, thread) for d, thread in pinned if thread]
+    if not pinned:
+        return
+    verdict = await iothreads.throttle_verdict(domain.session.qemu_pid)
+    if verdict.safe:
+        return
+    names = ", ".join(f"{d.name!r} (I/O thread {thread!r})" for d, thread in pinned)
+    raise Unsupported(f"disk(s) {names} have a throttle filter node in their I/O path, and "
+                      f"this QEMU build cannot take a snapshot of such a disk without risking "
+                      f"the VM: {verdict.detail}; throttle the disk on its device instead "
+                      "(block_set_io_throttle, libvirt's <iotune>), or run the VM on a QEMU "
+                      "that survives this (10.0 does)")
+
+
 def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
     """The answer of snapshot.lookup."""
     result: dict[str, Any] = {
@@ -768,7 +849,8 @@ def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
         "held_io_window": round(snapshot.held_io_window, 6),
         "quiesced": snapshot.quiesced,
         "scratch": [{"disk": d.disk.name, "file": str(d.scratch), "size": d.disk.size,
-                     "allocated": scratch.allocated_bytes(d.scratch)} for d in snapshot.disks],
+                     "allocated": scratch.allocated_bytes(d.scratch),
+                     "encrypted": d.secret is not None} for d in snapshot.disks],
     }
     if snapshot.frozen_window is not None:
         result["frozen_window"] = round(snapshot.frozen_window, 6)
