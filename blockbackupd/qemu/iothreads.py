@@ -27,6 +27,7 @@ import os
 import resource
 import shutil
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,46 +186,69 @@ def _why(stderr: str, fallback: str) -> str:
     return fallback
 
 
-async def _probe_throttle(exe: str, name: str) -> Verdict:
-    """A null node under a throttle filter, moved into the I/O thread (as a
-    device with an I/O thread moves its disk's nodes), then a node added
-    above it and removed, as a snapshot does."""
-    proc = await _start(
-        exe, "-object", '{"qom-type":"throttle-group","id":"probe-group",'
-                        '"limits":{"bps-total":1073741824}}',
-        "-blockdev", "driver=null-co,node-name=probe,size=1048576",
-        "-blockdev", "driver=throttle,node-name=probe-throttle,throttle-group=probe-group,"
-                     "file=probe")
-    error: str | None = None
+@dataclass
+class _Outcome:
+    """How a probe's throwaway process ended."""
+
+    status: int | None
+    stderr: str
+    #: Why the sequence could not be tried (the build lacks a command): unsafe.
+    untestable: str | None = None
+    #: What the sequence itself saw go wrong (e.g. a client's failure).
+    failure: str | None = None
+
+
+_Steps = Callable[["_StdioQmp"], Awaitable[tuple[str | None, str | None]]]
+
+
+async def _run(exe: str, args: tuple[str, ...], steps: _Steps) -> _Outcome:
+    """Start a throwaway process, run ``steps`` (-> untestable, failure),
+    quit it; an abort on the way ends the steps, and the exit status and
+    stderr say what happened."""
+    proc = await _start(exe, *args)
+    untestable = failure = None
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
             qmp = _StdioQmp(proc)
             await qmp.greeting()
             await qmp.cmd("qmp_capabilities")
-            moved = await qmp.cmd("x-blockdev-set-iothread",
-                                  {"node-name": "probe-throttle", "iothread": "io0"})
-            if "error" in moved:
-                error = f"cannot move a node into an I/O thread ({moved['error'].get('desc')})"
-            else:
-                for _ in range(2):
-                    await qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "probe-above",
-                                                   "file": "probe-throttle", "read-only": True})
-                    await qmp.cmd("blockdev-del", {"node-name": "probe-above"})
+            untestable, failure = await steps(qmp)
+            if untestable is None:
                 await qmp.cmd("quit")
                 await proc.wait()
     except (EOFError, ConnectionError):
-        pass  # it aborted: the exit status and stderr say so
+        pass  # it aborted
     except TimeoutError:
-        error = f"the probe did not finish in {PROBE_TIMEOUT:g} s"
+        untestable = f"the probe did not finish in {PROBE_TIMEOUT:g} s"
     finally:
         stderr = await _end(proc)
-    if error is not None:
-        return Verdict(False, f"{name}: {error}")
-    if proc.returncode == 0:
-        return Verdict(True, f"{name}: survived nodes added above a throttle filter in an "
-                             "I/O thread")
-    return Verdict(False, f"{name} aborts when a node is added above a throttle filter in an "
-                          f"I/O thread ({_why(stderr, f'exit status {proc.returncode}')})")
+    return _Outcome(proc.returncode, stderr, untestable, failure)
+
+
+async def _probe_throttle(exe: str, name: str) -> Verdict:
+    """A null node under a throttle filter, moved into the I/O thread (as a
+    device with an I/O thread moves its disk's nodes), then a node added
+    above it and removed, as a snapshot does."""
+
+    async def steps(qmp: _StdioQmp) -> tuple[str | None, str | None]:
+        moved = await qmp.cmd("x-blockdev-set-iothread",
+                              {"node-name": "probe-throttle", "iothread": "io0"})
+        if "error" in moved:
+            return f"cannot move a node into an I/O thread ({moved['error'].get('desc')})", None
+        for _ in range(2):
+            await qmp.cmd("blockdev-add", {"driver": "raw", "node-name": "probe-above",
+                                           "file": "probe-throttle", "read-only": True})
+            await qmp.cmd("blockdev-del", {"node-name": "probe-above"})
+        return None, None
+
+    out = await _run(exe, (
+        "-object", '{"qom-type":"throttle-group","id":"probe-group",'
+                   '"limits":{"bps-total":1073741824}}',
+        "-blockdev", "driver=null-co,node-name=probe,size=1048576",
+        "-blockdev", "driver=throttle,node-name=probe-throttle,throttle-group=probe-group,"
+                     "file=probe"), steps)
+    return _verdict(name, out, "survived nodes added above a throttle filter in an I/O thread",
+                    "aborts when a node is added above a throttle filter in an I/O thread")
 
 
 async def _probe_nbd(exe: str, name: str) -> Verdict:
@@ -235,40 +259,34 @@ async def _probe_nbd(exe: str, name: str) -> Verdict:
     proves the first client's close ran; a build with the bug aborts then."""
     work = tempfile.mkdtemp(prefix="bb-nbdprobe-")
     sock = os.path.join(work, "nbd")
-    proc = await _start(exe, "-blockdev",
-                        "driver=null-co,node-name=probe,size=1048576,read-zeroes=on")
-    error: str | None = None
-    second: str | None = None
+
+    async def steps(qmp: _StdioQmp) -> tuple[str | None, str | None]:
+        await qmp.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}},
+                                           "max-connections": 1})
+        reply = await qmp.cmd("block-export-add", {
+            "type": "nbd", "id": "probe", "node-name": "probe", "iothread": "io0"})
+        if "error" in reply:
+            return f"cannot put an export in an I/O thread ({reply['error'].get('desc')})", None
+        first = await asyncio.to_thread(_client, sock)
+        return None, await asyncio.to_thread(_client, sock) if first is None else first
+
     try:
-        async with asyncio.timeout(PROBE_TIMEOUT):
-            qmp = _StdioQmp(proc)
-            await qmp.greeting()
-            await qmp.cmd("qmp_capabilities")
-            await qmp.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}},
-                                               "max-connections": 1})
-            reply = await qmp.cmd("block-export-add", {
-                "type": "nbd", "id": "probe", "node-name": "probe", "iothread": "io0"})
-            if "error" in reply:
-                error = f"cannot put an export in an I/O thread ({reply['error'].get('desc')})"
-            else:
-                first = await asyncio.to_thread(_client, sock)
-                second = await asyncio.to_thread(_client, sock) if first is None else first
-                await qmp.cmd("quit")
-                await proc.wait()
-    except (EOFError, ConnectionError):
-        pass  # it aborted: the exit status and stderr say so
-    except TimeoutError:
-        error = f"the probe did not finish in {PROBE_TIMEOUT:g} s"
+        out = await _run(exe, ("-blockdev",
+                               "driver=null-co,node-name=probe,size=1048576,read-zeroes=on"),
+                         steps)
     finally:
-        stderr = await _end(proc)
         shutil.rmtree(work, ignore_errors=True)
-    if error is not None:
-        return Verdict(False, f"{name}: {error}")
-    if proc.returncode == 0 and second is None:
-        return Verdict(True, f"{name}: its NBD server survived clients of an I/O-thread export")
-    why = _why(stderr, second or f"exit status {proc.returncode}")
-    return Verdict(False, f"{name} aborts when an NBD client of an export in an I/O thread "
-                          f"disconnects ({why})")
+    return _verdict(name, out, "its NBD server survived clients of an I/O-thread export",
+                    "aborts when an NBD client of an export in an I/O thread disconnects")
+
+
+def _verdict(name: str, out: _Outcome, survived: str, aborts: str) -> Verdict:
+    if out.untestable is not None:
+        return Verdict(False, f"{name}: {out.untestable}")
+    if out.status == 0 and out.failure is None:
+        return Verdict(True, f"{name}: {survived}")
+    why = _why(out.stderr, out.failure or f"exit status {out.status}")
+    return Verdict(False, f"{name} {aborts} ({why})")
 
 
 def _no_core() -> None:
