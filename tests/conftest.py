@@ -1,6 +1,10 @@
 """Fixtures: real QEMU processes and a real blockbackupd process on temporary directories.
 
-Every factory stops what it started, by PID, even when the test fails.
+Every factory stops what it started, by PID, even when the test fails. The
+QEMU is the build ``BB_QEMU`` selects (tools/qemu_build.py), named with its
+version in pytest's header and summary. Tests marked ``libvirt`` run the
+system's QEMU under the system's libvirt whatever BB_QEMU says; `make test`
+runs them in its first pass only (``-m "not libvirt"`` in the second).
 """
 
 from __future__ import annotations
@@ -19,7 +23,40 @@ from typing import Any
 import pytest
 
 from tools.daemon import Daemon
+from tools.qemu_build import selected
 from tools.vm import Vm
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "libvirt: runs a private libvirtd with the system's QEMU, whatever "
+                   "BB_QEMU selects (deselect with -m 'not libvirt' on another build)")
+
+
+def _qemu_line() -> str:
+    try:
+        return selected().describe()
+    except Exception as e:  # the tests will fail with the details
+        return f"qemu: unavailable ({e})"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _qemu_line()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.write_line(_qemu_line())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test on the private libvirtd (fixture ``lv``) must carry the libvirt
+    mark, or a run on another QEMU build would repeat it unnoticed."""
+    unmarked = [item.nodeid for item in items
+                if "lv" in getattr(item, "fixturenames", ())
+                and item.get_closest_marker("libvirt") is None]
+    if unmarked:
+        raise pytest.UsageError("tests using libvirt without @pytest.mark.libvirt: "
+                                + ", ".join(unmarked))
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,

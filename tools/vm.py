@@ -2,7 +2,8 @@
 
 Each VM has two QMP monitors: ``daemon_qmp`` for blockbackupd, ``test_qmp``
 for the VM manager's role (the test). Guest writes are made with qemu-io on
-the test monitor, as the guest would make them through the device.
+the test monitor, as the guest would make them through the device. The QEMU
+build is the one ``BB_QEMU`` selects (tools/qemu_build.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-QEMU = "qemu-system-x86_64"
+from tools.qemu_build import QemuBuild, selected
+
 MiB = 1024 * 1024
 
 
@@ -95,8 +97,10 @@ class Vm:
 
     def __init__(self, workdir: Path, name: str = "vm1",
                  disks: dict[str, int] | None = None, paused: bool = False,
-                 extra_args: list[str] | None = None, writer: bool = False) -> None:
+                 extra_args: list[str] | None = None, writer: bool = False,
+                 qemu: QemuBuild | None = None) -> None:
         self.workdir = workdir
+        self.qemu = qemu or selected()
         self.name = name
         self.disks = disks if disks is not None else {"sda": 64 * MiB, "sdb": 64 * MiB}
         self.paused = paused
@@ -120,7 +124,7 @@ class Vm:
                                 str(self.image(disk)), str(size)], check=True)
 
     def command_line(self) -> list[str]:
-        args = [QEMU, "-machine", "pc" if self.writer else "q35", "-nodefaults",
+        args = [*self.qemu.command(), "-machine", "pc" if self.writer else "q35", "-nodefaults",
                 "-display", "none", "-name", self.name,
                 "-qmp", f"unix:{self.daemon_qmp},server=on,wait=off",
                 "-qmp", f"unix:{self.test_qmp},server=on,wait=off"]
@@ -154,7 +158,8 @@ class Vm:
             path.unlink(missing_ok=True)
         with open(self.stdout_path, "ab") as out:
             self.proc = subprocess.Popen(self.command_line(), stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.qemu.environ())
         deadline = time.monotonic() + timeout
         while not (self.daemon_qmp.exists() and self.test_qmp.exists()):
             if self.proc.poll() is not None:

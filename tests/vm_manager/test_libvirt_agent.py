@@ -35,6 +35,10 @@ from tools.libvirt import Libvirt, devices_end, libvirt_errors
 from tools.linux_guest.build import GuestImage, build
 from tools.linux_guest.vm import console_errors, last_step, read_console
 
+#: libvirt's emulator is the system's QEMU (/usr/bin/qemu-system-x86_64) whatever
+#: BB_QEMU selects: `make test`'s pass on another build deselects these.
+pytestmark = pytest.mark.libvirt
+
 MiB = 1024 * 1024
 LIBVIRT_PORT = "org.qemu.guest_agent.0"
 DISKS = {"vda": "virtio", "sdb": "scsi"}

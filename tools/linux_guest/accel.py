@@ -19,13 +19,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tools.linux_guest.build import GuestImage, build, cache_dir, locked
+from tools.qemu_build import selected
 
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "kvm": ("-accel", "kvm", "-cpu", "host"),
@@ -56,9 +56,8 @@ _chosen: Accelerator | None = None
 
 
 def _qemu_version() -> str:
-    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
-                         text=True, check=True).stdout
-    return out.splitlines()[0]
+    """The version of the QEMU build LinuxVm starts (BB_QEMU), for the verdict's key."""
+    return selected().version()
 
 
 def _kvm_usable() -> bool:
@@ -87,7 +86,7 @@ def probe(name: str, image: GuestImage) -> tuple[float | None, str]:
         vm.kill()
         said = [line for line in vm.qemu_output().splitlines() if "error" in line.lower()]
         reason = said or str(e).strip().splitlines() or [type(e).__name__]
-        return None, reason[0].removeprefix("qemu-system-x86_64: ")
+        return None, reason[0].split("qemu-system-x86_64: ", 1)[-1]
     finally:
         vm.kill()
         shutil.rmtree(workdir, ignore_errors=True)
