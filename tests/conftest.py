@@ -132,8 +132,8 @@ def workdir() -> Iterator[Path]:
 def make_vm(workdir: Path) -> Iterator[Callable[..., Vm]]:
     vms: list[Vm] = []
 
-    def make(name: str = "vm1", **kwargs: Any) -> Vm:
-        vm = Vm(workdir, name, **kwargs)
+    def make(name: str = "vm1", kind: type[Vm] = Vm, **kwargs: Any) -> Vm:
+        vm = kind(workdir, name, **kwargs)
         vms.append(vm)
         return vm.start()
 

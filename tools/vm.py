@@ -87,6 +87,13 @@ class Monitor:
         self.sock.close()
 
 
+def _disk(qdev: str) -> str:
+    """The disk's name (its device's id) from query-block's ``qdev``, which is
+    the id for SCSI and IDE disks and a QOM path for virtio-blk's backend."""
+    prefix = "/machine/peripheral/"
+    return qdev[len(prefix):].split("/", 1)[0] if qdev.startswith(prefix) else qdev
+
+
 class Vm:
     """One QEMU process with qcow2 disks attached as scsi-hd devices.
 
@@ -123,13 +130,18 @@ class Vm:
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
                                 str(self.image(disk)), str(size)], check=True)
 
-    def command_line(self) -> list[str]:
+    def common_args(self) -> list[str]:
+        """The machine and the two monitors, before any disk."""
         args = [*self.qemu.command(), "-machine", "pc" if self.writer else "q35", "-nodefaults",
                 "-display", "none", "-name", self.name,
                 "-qmp", f"unix:{self.daemon_qmp},server=on,wait=off",
                 "-qmp", f"unix:{self.test_qmp},server=on,wait=off"]
         if self.paused:
             args.append("-S")
+        return args
+
+    def command_line(self) -> list[str]:
+        args = self.common_args()
         if self.writer:
             from tools.guest import build_boot_image
             boot = build_boot_image(self.workdir)
@@ -217,7 +229,7 @@ class Vm:
 
     def top_nodes(self) -> dict[str, str]:
         """qdev -> node at the top of each device's I/O path."""
-        return {b["qdev"]: b["inserted"]["node-name"]
+        return {_disk(b["qdev"]): b["inserted"]["node-name"]
                 for b in self.qmp("query-block") if "inserted" in b}
 
     def status(self) -> str:

@@ -34,7 +34,7 @@ def image_node(vm: Vm, disk: str) -> str:
     graph = vm.qmp("x-debug-query-block-graph")
     names = {n["id"]: n["name"] for n in graph["nodes"]}
     files = {names[e["parent"]]: names[e["child"]] for e in graph["edges"] if e["name"] == "file"}
-    while nodes[node]["drv"] == "copy-before-write":
+    while nodes[node]["drv"] in ("copy-before-write", "throttle"):
         node = files[node]
     return node
 
