@@ -14,7 +14,12 @@ BASE_APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python
 # (debugfs, e2fsck, dumpe2fs) and copy its programs into the guest. The guest's
 # kernel, busybox-static and qemu-guest-agent are not installed: `make guest`
 # fetches them with apt-get download into its cache (tools/linux_guest).
-APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients e2fsprogs
+# ceph-mon, ceph-osd and ceph-common (ceph, rbd), for the tests only: RBD disks
+# run on a private cluster of one monitor and one RAM-backed OSD under a
+# temporary directory (tools/ceph.py; no systemd unit, /etc/ceph untouched).
+# qemu-block-extra is the system QEMU's rbd driver (block-rbd.so).
+APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients e2fsprogs \
+                ceph-mon ceph-osd ceph-common qemu-block-extra
 VENV         := .venv
 PYTHON       := $(VENV)/bin/python
 # libnbd's Python binding is a distro package for the system Python only.
