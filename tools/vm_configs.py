@@ -40,7 +40,7 @@ class ManagerVm(Vm):
 
     def create_images(self) -> None:
         for disk, size in self.disks.items():
-            if not self.image(disk).exists():
+            if disk not in self.images and not self.image(disk).exists():
                 subprocess.run(["qemu-img", "create", "-q", "-f", self.fmt,
                                 str(self.image(disk)), str(size)], check=True)
 
@@ -65,6 +65,40 @@ class ProxmoxVm(ManagerVm):
             "-device", f"scsi-hd,bus=virtioscsi{index}.0,channel=0,scsi-id=0,lun=0,"
                        f"drive=drive-{disk},id={disk}",
         ]
+
+
+class RbdVm(ManagerVm):
+    """Disks on Ceph RBD images, as libvirt 9.0 gives them: an ``rbd`` node
+    (``libvirt-N-storage``) under a ``raw`` format node, on ``scsi-hd``.
+    ``rbd`` maps disks to (image name, ceph.conf). (Proxmox's ``-drive
+    file=rbd:POOL/IMAGE:conf=…`` is :class:`ProxmoxVm` with that URI as the
+    disk's image.)"""
+
+    def __init__(self, workdir: Path, name: str = "vm1", *, rbd: dict[str, tuple[str, str]],
+                 **kwargs: Any) -> None:
+        super().__init__(workdir, name, fmt="raw", disks={d: 0 for d in rbd}, **kwargs)
+        self.rbd = rbd
+
+    def image(self, disk: str) -> Path:
+        return Path(f"rbd:rbd/{self.rbd[disk][0]}:conf={self.rbd[disk][1]}")
+
+    def create_images(self) -> None:
+        pass  # the test made them in its cluster
+
+    def disk_args(self, index: int, disk: str) -> list[str]:
+        n = index + 1
+        image, conf = self.rbd[disk]
+        storage = {"driver": "rbd", "pool": "rbd", "image": image, "conf": conf,
+                   "node-name": f"libvirt-{n}-storage", "cache": {"direct": True,
+                                                              "no-flush": False},
+                   "auto-read-only": True, "discard": "unmap"}
+        fmt = {"node-name": f"libvirt-{n}-format", "read-only": False, "discard": "unmap",
+               "cache": {"direct": True, "no-flush": False}, "driver": "raw",
+               "file": f"libvirt-{n}-storage"}
+        args = ["-blockdev", json.dumps(storage), "-blockdev", json.dumps(fmt)]
+        if index == 0:
+            args += ["-device", "virtio-scsi-pci,id=scsi0"]
+        return args + ["-device", f"scsi-hd,bus=scsi0.0,drive=libvirt-{n}-format,id={disk}"]
 
 
 class LibvirtVm(ManagerVm):
