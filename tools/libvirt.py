@@ -237,22 +237,27 @@ def make_libvirt() -> Libvirt:
         raise
 
 
-def domain_xml(name: str, images: dict[str, Path], aliases: dict[str, str], qmp: Path) -> str:
+def domain_xml(name: str, images: dict[str, Path], aliases: dict[str, str], qmp: Path,
+               iothread: bool = False) -> str:
     """q35 under TCG, no OS (SeaBIOS finds nothing to boot and idles), qcow2
-    disks as scsi-hd on virtio-scsi, and an extra QMP monitor for blockbackupd."""
+    disks as scsi-hd on virtio-scsi (``sdX`` targets) or virtio-blk (``vdX``;
+    with ``iothread``, in I/O thread 1: ``<driver iothread='1'>``, as hosts
+    run them), and an extra QMP monitor for blockbackupd."""
     disks = []
     for target, image in images.items():
         alias = f"<alias name='{aliases[target]}'/>" if target in aliases else ""
+        bus = "virtio" if target.startswith("vd") else "scsi"
+        thread = " iothread='1'" if iothread and bus == "virtio" else ""
         disks.append(f"""
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='qcow2'{thread}/>
       <source file='{image}'/>
-      <target dev='{target}' bus='scsi'/>{alias}
+      <target dev='{target}' bus='{bus}'/>{alias}
     </disk>""")
     return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
+  <vcpu>1</vcpu>{"<iothreads>1</iothreads>" if iothread else ""}
   <os><type arch='x86_64' machine='q35'>hvm</type></os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
@@ -279,8 +284,9 @@ class Domain:
 
     def __init__(self, lv: Libvirt, workdir: Path, name: str = "vm1",
                  disks: dict[str, int] | None = None,
-                 aliases: dict[str, str] | None = None) -> None:
+                 aliases: dict[str, str] | None = None, iothread: bool = False) -> None:
         self.lv = lv
+        self.iothread = iothread
         self.workdir = workdir
         self.name = name
         self.disks = disks if disks is not None else {"sda": 64 * MiB, "sdb": 64 * MiB}
@@ -296,7 +302,7 @@ class Domain:
                             str(size)], check=True)
         xml = self.workdir / f"{self.name}.xml"
         xml.write_text(domain_xml(self.name, {t: self.image(t) for t in self.disks},
-                                  self.aliases, self.qmp))
+                                  self.aliases, self.qmp, self.iothread))
         self.virsh("define", str(xml))
         self.virsh("start", self.name)
         _wait(self.qmp.exists, 30, "the extra QMP socket")
@@ -354,6 +360,8 @@ class Domain:
         through libvirt's monitor (HMP). QEMU prints qemu-io's report on its
         stdout, which libvirt's virtlogd appends to the domain's log."""
         qdev = self.qdevs()[target]
+        if target.startswith("vd"):  # qemu-io reaches virtio-blk through its backend
+            qdev += "/virtio-backend"
         log = self.lv.domain_log(self.name)
         before = log.stat().st_size
         self.virsh("qemu-monitor-command", self.name, "--hmp",

@@ -30,6 +30,7 @@ from tests.conftest import (
 from tests.vm_manager.manager import assert_restore_equals, backup, disk_level
 from tools.daemon import Daemon
 from tools.libvirt import Domain, Libvirt, libvirt_errors
+from tools.vm import MiB
 
 #: libvirt's emulator is the system's QEMU (/usr/bin/qemu-system-x86_64) whatever
 #: BB_QEMU selects: `make test`'s pass on another build deselects these.
@@ -530,3 +531,39 @@ def test_libvirt_creating_images_beside_the_daemon(dom: tuple[Daemon, Domain],
     assert begun.returncode == 0, begun.stderr + domain.log()[-300:]
     domain.virsh("domjobabort", "vm1")
     assert domain.state().startswith("running"), domain.log()[-300:]
+
+
+def test_virtio_blk_disks_in_an_io_thread_back_up_and_qemu_lives(
+        lv: Libvirt, workdir: Path, make_daemon: Any) -> None:
+    """libvirt's <driver iothread='1'> on virtio-blk, the way hosts run disks:
+    on libvirt's QEMU (the system's 7.2, whose NBD server aborts when a client
+    of such an export leaves) the backups go through QEMU's own copy, and the
+    guest lives through all of it."""
+    if not lv.alive:
+        lv.restart()
+    domain = Domain(lv, workdir, disks={"vda": 32 * MiB, "vdb": 16 * MiB}, aliases={},
+                    iothread=True)
+    since = lv.libvirtd_log.stat().st_size if lv.libvirtd_log.exists() else 0
+    try:
+        domain.start()
+        daemon: Daemon = make_daemon()
+        with daemon.client() as c:
+            c.domain_define("vm1", str(domain.qmp))
+        wait_for(lambda: domain_state(daemon, "vm1") == "running", what="vm1 running")
+        disks = domain.qdevs()
+        domain.write("vda", 0, MiB, 0x51)
+        dest = workdir / "backups"
+        first = backup(daemon, dest)
+        assert {disk_level(first, disks[t]) for t in ("vda", "vdb")} == {"full"}
+        domain.write("vda", 4 * MiB, K, 0x52)
+        second = backup(daemon, dest, "--level", "auto")
+        assert {disk_level(second, disks[t]) for t in ("vda", "vdb")} == {"inc"}
+        assert second["disks"][disks["vda"]]["bytes_read"] == K
+        for t in ("vda", "vdb"):
+            restore_equals_live(daemon, domain, dest, t)
+        assert domain.state().startswith("running")
+        assert libvirt_errors(lv, since) == []
+    finally:
+        print(f"--- libvirt's log of vm1 ---\n{domain.log()[-5000:]}"
+              if lv.domain_log("vm1").exists() else "")
+        domain.remove()
