@@ -95,6 +95,7 @@ class ExportService:
         self._settings = settings
         self._servers: dict[str, _Server] = {}
         self._goodbyes: set[asyncio.Task[None]] = set()
+        self._iothreads: dict[tuple[str, int | None, str], str] = {}
         snapshots.add_before_delete(self._stop_for)
         snapshots.add_before_part_delete(self._stop_for)
         events.subscribe(None, self._on_event)
@@ -206,7 +207,7 @@ class ExportService:
         an export disconnects (:mod:`..qemu.iothreads`)."""
         if not disks or not await iothreads.has_iothreads(domain.session):
             return {}
-        pinned = {disk: await iothreads.device_iothread(domain.session, qdev)
+        pinned = {disk: await self._iothread(domain, qdev)
                   for disk, qdev in zip(disks, qdevs, strict=True)}
         if not any(pinned.values()):
             return {}
@@ -219,6 +220,22 @@ class ExportService:
                        "does), or run the VM on a QEMU whose NBD server survives this "
                        "(10.0 does)")
                 for disk, thread in pinned.items() if thread}
+
+    async def _iothread(self, domain: Domain, qdev: str) -> str | None:
+        """The device's I/O thread, asked of QOM (bbctl's copies poll
+        snapshot.lookup, which asks this). Only a found I/O thread is kept,
+        per QEMU process and device: an answer "none" kept could let a disk
+        hot-plugged again under the same id, now in an I/O thread, be exported
+        on a build that would abort; a kept thread at worst refuses one."""
+        key = (domain.name, domain.session.qemu_pid, qdev)
+        if key in self._iothreads:
+            return self._iothreads[key]
+        thread = await iothreads.device_iothread(domain.session, qdev)
+        if thread is not None:
+            if len(self._iothreads) > 4096:  # a host's thousand VMs, restarted often
+                self._iothreads.clear()
+            self._iothreads[key] = thread
+        return thread
 
     def _address(self, domain: str, wanted: NbdAddress | None,
                  server: _Server | None) -> NbdAddress:
