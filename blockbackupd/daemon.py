@@ -46,6 +46,10 @@ async def run(config: Config) -> None:
         stack.callback(store.close)
 
         events = EventBus()
+        # Closed after the sessions (the stack unwinds in reverse): the NBD
+        # probes sent on their disconnection finish their goodbye first.
+        late: list[ExportService] = []
+        stack.push_async_callback(_close_all, late)
         domains = DomainService(store, events, DomainSettings(
             qmp_timeout=d.qmp_timeout, reconnect_max_delay=d.reconnect_max_delay))
         stack.push_async_callback(domains.close)
@@ -62,6 +66,7 @@ async def run(config: Config) -> None:
             run_dir=d.run_dir, socket_mode=config.nbd.socket_mode_bits, socket_gid=d.socket_gid,
             tls_dir=config.nbd.tls_dir, tls_verify_peer=config.nbd.tls_verify_peer,
             allow_plain_tcp=config.nbd.allow_plain_tcp, timeout=d.qmp_timeout))
+        late.append(exports)
         copies = CopyService(domains, snapshots, checkpoints, store)
         # Sessions start once every service has hooked in, so the first
         # connect is reconciled like every later one.
@@ -81,3 +86,8 @@ async def run(config: Config) -> None:
         await stop.wait()
         log.info("stopping")
         sd_notify("STOPPING=1")
+
+
+async def _close_all(services: list[ExportService]) -> None:
+    for service in services:
+        await service.close()

@@ -140,6 +140,9 @@ def make_vm(workdir: Path) -> Iterator[Callable[..., Vm]]:
     yield make
     for vm in vms:
         vm.stop()
+        if vm.stdout_path.exists():  # pytest shows it for failed tests only
+            print(f"--- QEMU output of {vm.name} ---\n"
+                  f"{vm.stdout_path.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture

@@ -104,6 +104,12 @@ class ExportService:
         # Before the snapshot service's: exports go before the nodes they read.
         domains.add_connect_hook(self.clean_leftovers, first=True)
 
+    async def close(self) -> None:
+        """Daemon stopping, its sessions closed: let the probes sent to servers
+        that outlive it say goodbye (cut short, QEMU logs a failed negotiation)."""
+        if self._goodbyes:
+            await asyncio.wait(set(self._goodbyes), timeout=3)
+
     # -- queries ----------------------------------------------------------------
 
     def exports(self, domain: str) -> list[Export]:

@@ -91,12 +91,25 @@ def encrypt(path: Path, size: int, key: bytes, secret_id: str) -> None:
 
     :raise OperationFailed: qemu-img failed (the file is then removed).
     """
+    for _ in range(3):
+        proc = _luks_create(path, size, key, secret_id)
+        # qemu-img times its PBKDF on the CPU first; on a loaded host that
+        # measure can fail ("Unable to get accurate CPU usage"): try again.
+        if proc.returncode == 0 or "accurate CPU usage" not in proc.stderr:
+            break
+    if proc.returncode != 0:
+        remove(path)
+        raise OperationFailed(f"cannot encrypt scratch file {path}: {proc.stderr.strip()}")
+
+
+def _luks_create(path: Path, size: int, key: bytes,
+                 secret_id: str) -> subprocess.CompletedProcess[str]:
     read, write = os.pipe()
     try:
         os.write(write, key)
         os.close(write)
         write = -1
-        proc = subprocess.run(
+        return subprocess.run(
             ["qemu-img", "create", "-q", "-f", "luks",
              "--object", f"secret,id={secret_id},file=/dev/fd/{read}",
              "-o", f"key-secret={secret_id},iter-time=10", str(path), str(size)],
@@ -108,9 +121,6 @@ def encrypt(path: Path, size: int, key: bytes, secret_id: str) -> None:
         os.close(read)
         if write >= 0:
             os.close(write)
-    if proc.returncode != 0:
-        remove(path)
-        raise OperationFailed(f"cannot encrypt scratch file {path}: {proc.stderr.strip()}")
 
 
 def remove(path: Path) -> None:
