@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import faults
-from ..errors import AlreadyExists, Busy, InvalidArgument, OperationFailed, Unsupported
+from ..errors import (
+    AlreadyExists,
+    Busy,
+    DomainNotConnected,
+    InvalidArgument,
+    OperationFailed,
+    Unsupported,
+)
 from ..model import DomainState, ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
 from ..names import PREFIX
 from ..qemu import iothreads
@@ -203,8 +210,11 @@ class ExportService:
         domain = self._domains.get(domain_name)
         if domain.session.state is DomainState.DISCONNECTED:
             return {}
-        return await self._unsafe(domain, [d.disk.qdev for d in snapshot.disks],
-                                  [d.disk.name for d in snapshot.disks])
+        try:
+            return await self._unsafe(domain, [d.disk.qdev for d in snapshot.disks],
+                                      [d.disk.name for d in snapshot.disks])
+        except DomainNotConnected:  # gone meanwhile: nothing can be exported anyway
+            return {}
 
     async def _unsafe(self, domain: Domain, qdevs: list[str],
                       disks: list[str]) -> dict[str, str]:
