@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from tools.cache import cache_dir as shared_cache_dir
+
 SERIES = "10.0"
 SUITE = "bookworm-backports"
 PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "qemu-utils",
@@ -92,16 +94,8 @@ def _version(binary: str, env: tuple[tuple[str, str], ...]) -> str:
 
 
 def cache_dir() -> Path:
-    """$BB_QEMU10_CACHE, else /var/cache/blockbackupd-qemu10 (or, for a user who
-    cannot write there, $XDG_CACHE_HOME/blockbackupd-qemu10)."""
-    env = os.environ.get("BB_QEMU10_CACHE")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0 or os.access(DEFAULT_CACHE if DEFAULT_CACHE.exists()
-                                      else DEFAULT_CACHE.parent, os.W_OK):
-        return DEFAULT_CACHE
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "blockbackupd-qemu10"
+    """$BB_QEMU10_CACHE, else /var/cache/blockbackupd-qemu10 (see tools.cache)."""
+    return shared_cache_dir("BB_QEMU10_CACHE", DEFAULT_CACHE)
 
 
 def from_prefix(prefix: Path, name: str | None = None) -> QemuBuild:

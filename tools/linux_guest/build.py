@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tools.cache import cache_dir as shared_cache_dir
+
 HERE = Path(__file__).resolve().parent
 INIT_SCRIPT = HERE / "init.sh"
 DEFAULT_CACHE = Path("/var/cache/blockbackupd-guest")
@@ -108,16 +110,8 @@ class GuestImage:
 
 
 def cache_dir() -> Path:
-    """$BB_GUEST_CACHE, else /var/cache/blockbackupd-guest (or, for a user who
-    cannot write there, $XDG_CACHE_HOME/blockbackupd-guest)."""
-    env = os.environ.get("BB_GUEST_CACHE")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0 or os.access(DEFAULT_CACHE if DEFAULT_CACHE.exists()
-                                      else DEFAULT_CACHE.parent, os.W_OK):
-        return DEFAULT_CACHE
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "blockbackupd-guest"
+    """$BB_GUEST_CACHE, else /var/cache/blockbackupd-guest (see tools.cache)."""
+    return shared_cache_dir("BB_GUEST_CACHE", DEFAULT_CACHE)
 
 
 @contextmanager
