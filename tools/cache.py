@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -16,3 +17,12 @@ def cache_dir(env: str, default: Path) -> Path:
         return default
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / default.name
+
+
+def sha256_file(path: Path) -> str:
+    """A downloaded package's SHA256, to check it against apt's index."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -30,7 +30,6 @@ makes a later call a no-op (no network).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -44,6 +43,7 @@ from functools import cache
 from pathlib import Path
 
 from tools.cache import cache_dir as shared_cache_dir
+from tools.cache import sha256_file
 
 SERIES = "10.0"
 SUITE = "bookworm-backports"
@@ -190,14 +190,6 @@ def _resolve(apt: Path) -> dict[str, dict[str, str]]:
     return found
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def install(cache: Path | None = None, verbose: bool = False) -> tuple[QemuBuild, bool]:
     """Unpack QEMU 10.0 into cache/prefix unless it is there: (the build,
     whether this call installed it)."""
@@ -225,7 +217,7 @@ def install(cache: Path | None = None, verbose: bool = False) -> tuple[QemuBuild
         paths = []
         for name, info in packages.items():
             deb = debs / Path(info["Filename"]).name
-            if not (deb.exists() and _sha256(deb) == info["SHA256"]):
+            if not (deb.exists() and sha256_file(deb) == info["SHA256"]):
                 say(f"apt-get download {name}={info['Version']}")
                 for stale in debs.glob(f"{name}_*.deb"):
                     stale.unlink()
@@ -235,7 +227,7 @@ def install(cache: Path | None = None, verbose: bool = False) -> tuple[QemuBuild
                 if len(fetched) != 1:
                     raise QemuBuildError(f"apt-get download {name}: found {fetched}")
                 fetched[0].replace(deb)
-                if _sha256(deb) != info["SHA256"]:
+                if sha256_file(deb) != info["SHA256"]:
                     raise QemuBuildError(f"{deb}: checksum differs from {SUITE}'s index")
             paths.append(deb)
         new = cache / "prefix.new"

@@ -27,12 +27,13 @@ import os
 import resource
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import nbd
 
+from ..model import Disk
 from .session import DomainSession
 
 log = logging.getLogger("blockbackupd.qemu")
@@ -54,6 +55,33 @@ async def has_iothreads(session: DomainSession) -> bool:
     :raise DomainNotConnected: :raise OperationFailed:
     """
     return bool(await session.execute("query-iothreads"))
+
+
+#: (domain, QEMU PID, qdev) -> the I/O thread found. Only a found thread is
+#: kept: an answer "none" kept could let a disk plugged again under the same
+#: id, now in an I/O thread, be exported or stacked on where QEMU would
+#: abort; a kept thread at worst refuses one.
+_pinned: dict[tuple[str, int | None, str], str] = {}
+
+
+async def pinned(session: DomainSession, disks: Sequence[Disk]) -> dict[str, str]:
+    """disk name -> the I/O thread its device runs in, for the listed disks
+    that run in one (bbctl's copies poll snapshot.lookup, which asks this:
+    QOM is asked once per QEMU process and device).
+
+    :raise DomainNotConnected: :raise OperationFailed:
+    """
+    if not disks or not await has_iothreads(session):
+        return {}
+    out = {}
+    for disk in disks:
+        key = (session.domain, session.qemu_pid, disk.qdev)
+        thread = _pinned.get(key) or await device_iothread(session, disk.qdev)
+        if thread is not None:
+            if key not in _pinned and len(_pinned) > 4096:  # a host's VMs, restarted often
+                _pinned.clear()
+            _pinned[key] = out[disk.name] = thread
+    return out
 
 
 async def device_iothread(session: DomainSession, qdev: str) -> str | None:

@@ -52,7 +52,7 @@ log = logging.getLogger("blockbackupd.copies")
 COPY_RECORD = "copy"
 #: Every QEMU name a copy makes starts with this (node, job, bitmap, fdset's opaque).
 COPY_PREFIX = f"{PREFIX}copy-"
-#: How often a running copy's job is looked at (its end also comes as an event).
+#: How often a running copy's job is looked at (its progress and its end).
 _POLL = 0.2
 
 
@@ -287,10 +287,11 @@ def _open_target(path: str, size: int, caller_uid: int) -> int:
             raise PermissionDenied(f"copy target {path} is not the caller's (owner uid "
                                    f"{st.st_uid})")
         header = os.pread(fd, _QCOW2.size, 0)
-        if len(header) < _QCOW2.size or _QCOW2.unpack(header)[0] != b"QFI\xfb":
+        fields = _QCOW2.unpack(header) if len(header) == _QCOW2.size else (b"",)
+        if fields[0] != b"QFI\xfb":
             raise InvalidArgument(f"copy target {path} is not a qcow2 file")
-        if _QCOW2.unpack(header)[5] != size:
-            raise InvalidArgument(f"copy target {path} holds {_QCOW2.unpack(header)[5]} bytes; "
+        if fields[5] != size:
+            raise InvalidArgument(f"copy target {path} holds {fields[5]} bytes; "
                                   f"the disk has {size}")
     except BaseException:
         os.close(fd)

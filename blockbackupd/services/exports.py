@@ -29,7 +29,7 @@ from ..errors import (
     OperationFailed,
     Unsupported,
 )
-from ..model import DomainState, ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
+from ..model import Disk, ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
 from ..names import PREFIX
 from ..qemu import iothreads
 from ..qemu.blockops import Bitmaps, BlockOps
@@ -102,7 +102,6 @@ class ExportService:
         self._settings = settings
         self._servers: dict[str, _Server] = {}
         self._goodbyes: set[asyncio.Task[None]] = set()
-        self._iothreads: dict[tuple[str, int | None, str], str] = {}
         snapshots.add_before_delete(self._stop_for)
         snapshots.add_before_part_delete(self._stop_for)
         events.subscribe(None, self._on_event)
@@ -160,8 +159,7 @@ class ExportService:
                 d.checkpoint is not None for d in spec.disks) else None
             planned = self._plan(domain_name, spec.disks, server, verified)
             refused = await self._unsafe(domain, [
-                self._snapshots.get(domain_name, e.snapshot).disk(e.disk).disk.qdev
-                for e in planned], [e.disk for e in planned])
+                self._snapshots.get(domain_name, e.snapshot).disk(e.disk).disk for e in planned])
             if refused:
                 raise Unsupported("; ".join(refused.values()))
             ops = BlockOps(domain.session)
@@ -207,25 +205,18 @@ class ExportService:
         :raise NoSuchDomain: :raise NoSuchSnapshot:
         """
         snapshot = self._snapshots.get(domain_name, snapshot_name)
-        domain = self._domains.get(domain_name)
-        if domain.session.state is DomainState.DISCONNECTED:
-            return {}
         try:
-            return await self._unsafe(domain, [d.disk.qdev for d in snapshot.disks],
-                                      [d.disk.name for d in snapshot.disks])
-        except DomainNotConnected:  # gone meanwhile: nothing can be exported anyway
+            return await self._unsafe(self._domains.get(domain_name),
+                                      [d.disk for d in snapshot.disks])
+        except DomainNotConnected:  # not connected: nothing can be exported anyway
             return {}
 
-    async def _unsafe(self, domain: Domain, qdevs: list[str],
-                      disks: list[str]) -> dict[str, str]:
+    async def _unsafe(self, domain: Domain, disks: list[Disk]) -> dict[str, str]:
         """disk -> why an NBD export of it would risk the VM: its device runs
         in an I/O thread, and this QEMU build aborts when a client of such
         an export disconnects (:mod:`..qemu.iothreads`)."""
-        if not disks or not await iothreads.has_iothreads(domain.session):
-            return {}
-        pinned = {disk: await self._iothread(domain, qdev)
-                  for disk, qdev in zip(disks, qdevs, strict=True)}
-        if not any(pinned.values()):
+        pinned = await iothreads.pinned(domain.session, disks)
+        if not pinned:
             return {}
         verdict = await iothreads.nbd_verdict(domain.session.qemu_pid)
         if verdict.safe:
@@ -235,23 +226,7 @@ class ExportService:
                        f"{verdict.detail}; read it with snapshot.copy instead (bbctl backup "
                        "does), or run the VM on a QEMU whose NBD server survives this "
                        "(10.0 does)")
-                for disk, thread in pinned.items() if thread}
-
-    async def _iothread(self, domain: Domain, qdev: str) -> str | None:
-        """The device's I/O thread, asked of QOM (bbctl's copies poll
-        snapshot.lookup, which asks this). Only a found I/O thread is kept,
-        per QEMU process and device: an answer "none" kept could let a disk
-        hot-plugged again under the same id, now in an I/O thread, be exported
-        on a build that would abort; a kept thread at worst refuses one."""
-        key = (domain.name, domain.session.qemu_pid, qdev)
-        if key in self._iothreads:
-            return self._iothreads[key]
-        thread = await iothreads.device_iothread(domain.session, qdev)
-        if thread is not None:
-            if len(self._iothreads) > 4096:  # a host's thousand VMs, restarted often
-                self._iothreads.clear()
-            self._iothreads[key] = thread
-        return thread
+                for disk, thread in pinned.items()}
 
     def _address(self, domain: str, wanted: NbdAddress | None,
                  server: _Server | None) -> NbdAddress:

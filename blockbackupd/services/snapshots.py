@@ -822,16 +822,13 @@ async def _refuse_throttled_io_threads(domain: Domain, graph: BlockGraph,
                 throttled.append(disk)
                 break
             node = graph.child(node, "file") or ""
-    if not throttled or not await iothreads.has_iothreads(domain.session):
-        return
-    pinned = [(d, await iothreads.device_iothread(domain.session, d.qdev)) for d in throttled]
-    pinned = [(d, thread) for d, thread in pinned if thread]
+    pinned = await iothreads.pinned(domain.session, throttled)
     if not pinned:
         return
     verdict = await iothreads.throttle_verdict(domain.session.qemu_pid)
     if verdict.safe:
         return
-    names = ", ".join(f"{d.name!r} (I/O thread {thread!r})" for d, thread in pinned)
+    names = ", ".join(f"{disk!r} (I/O thread {thread!r})" for disk, thread in pinned.items())
     raise Unsupported(f"disk(s) {names} have a throttle filter node in their I/O path, and "
                       f"this QEMU build cannot take a snapshot of such a disk without risking "
                       f"the VM: {verdict.detail}; throttle the disk on its device instead "

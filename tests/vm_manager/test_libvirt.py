@@ -8,6 +8,7 @@ libvirt's own alias (``scsi0-0-0-<unit>``) for the others."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -44,10 +45,16 @@ NEED_ROOT = "Need a root block node"
 @pytest.fixture
 def dom(lv: Libvirt, workdir: Path, make_daemon: Any) -> Iterator[tuple[Daemon, Domain]]:
     """Domain vm1 started by libvirt and defined in a fresh daemon."""
+    with started(lv, Domain(lv, workdir), make_daemon) as daemon_and_domain:
+        yield daemon_and_domain
+
+
+@contextlib.contextmanager
+def started(lv: Libvirt, domain: Domain, make_daemon: Any) -> Iterator[tuple[Daemon, Domain]]:
+    """The domain started by libvirt and defined in a fresh daemon; removed after."""
     if not lv.alive:
         print("libvirtd had died: started again")
         lv.restart()
-    domain = Domain(lv, workdir)
     try:
         domain.start()
         daemon: Daemon = make_daemon()
@@ -539,17 +546,10 @@ def test_virtio_blk_disks_in_an_io_thread_back_up_and_qemu_lives(
     on libvirt's QEMU (the system's 7.2, whose NBD server aborts when a client
     of such an export leaves) the backups go through QEMU's own copy, and the
     guest lives through all of it."""
-    if not lv.alive:
-        lv.restart()
     domain = Domain(lv, workdir, disks={"vda": 32 * MiB, "vdb": 16 * MiB}, aliases={},
                     iothread=True)
     since = lv.libvirtd_log.stat().st_size if lv.libvirtd_log.exists() else 0
-    try:
-        domain.start()
-        daemon: Daemon = make_daemon()
-        with daemon.client() as c:
-            c.domain_define("vm1", str(domain.qmp))
-        wait_for(lambda: domain_state(daemon, "vm1") == "running", what="vm1 running")
+    with started(lv, domain, make_daemon) as (daemon, _):
         disks = domain.qdevs()
         domain.write("vda", 0, MiB, 0x51)
         dest = workdir / "backups"
@@ -563,7 +563,3 @@ def test_virtio_blk_disks_in_an_io_thread_back_up_and_qemu_lives(
             restore_equals_live(daemon, domain, dest, t)
         assert domain.state().startswith("running")
         assert libvirt_errors(lv, since) == []
-    finally:
-        print(f"--- libvirt's log of vm1 ---\n{domain.log()[-5000:]}"
-              if lv.domain_log("vm1").exists() else "")
-        domain.remove()

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.cache import cache_dir as shared_cache_dir
+from tools.cache import sha256_file
 
 HERE = Path(__file__).resolve().parent
 INIT_SCRIPT = HERE / "init.sh"
@@ -121,14 +122,6 @@ def locked(cache: Path, name: str = "build") -> Iterator[None]:
     with open(cache / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
