@@ -172,6 +172,9 @@ class Instant:
     keep: Callable[[], None]
 
 
+#: Adds one layer of a snapshot's nodes, pushing each node's removal onto the Undo.
+Layer = Callable[[Undo], Awaitable[None]]
+
 #: (domain, snapshot name, its parts, checkpoint?, every disk as read for this snapshot)
 InstantHook = Callable[[Domain, str, list[SnapshotDisk], bool, list[Disk]], Awaitable[Instant]]
 
@@ -397,11 +400,41 @@ class SnapshotService:
             await undo.run_all([(p.scratch_node,
                                  ops.add_scratch(p.scratch_node, str(p.scratch), p.secret),
                                  partial(ops.delete_node, p.scratch_node)) for p in parts])
-            await undo.run_all([
-                (p.filter_node, ops.add_cbw_filter(p.filter_node, p.source, p.scratch_node,
-                                                   self._settings.cbw_timeout),
-                 partial(ops.delete_node, p.filter_node)) for p in parts])
-            await faults.check("snapshot:filter-added")
+            # On a build that aborts when a node is added above a node in an
+            # I/O thread while that thread does the guest's I/O (7.2), every
+            # node above such a disk is added inside the held-I/O window.
+            held_adds = await iothreads.adds_need_held_io(domain.session,
+                                                          [p.disk for p in parts])
+
+            async def add_filters(steps: Undo) -> None:
+                await steps.run_all([
+                    (p.filter_node, ops.add_cbw_filter(p.filter_node, p.source, p.scratch_node,
+                                                       self._settings.cbw_timeout),
+                     partial(ops.delete_node, p.filter_node)) for p in parts])
+                await faults.check("snapshot:filter-added")
+
+            def add_sinks() -> list[tuple[str, Awaitable[None], Callable[[], Awaitable[None]]]]:
+                return [(p.probe_sink, ops.add_probe_sink(p.probe_sink),
+                         partial(ops.delete_node, p.probe_sink)) for p in parts]
+
+            async def add_views(steps: Undo) -> None:
+                # Sinks are standalone nodes: with the views, unless made earlier.
+                views: list[tuple[str, Awaitable[None], Callable[[], Awaitable[None]]]] = [
+                    (p.view_node, ops.add_view(p.view_node, p.filter_node),
+                     partial(ops.delete_node, p.view_node)) for p in parts]
+                await steps.run_all(views + ([] if held_adds else add_sinks()))
+                await steps.run_all([
+                    (p.probe_window, ops.add_probe_window(p.probe_window, p.view_node),
+                     partial(ops.delete_node, p.probe_window)) for p in parts])
+
+            if held_adds:
+                await undo.run_all(add_sinks())
+                log.info("snapshot %s/%s: disk(s) %s run in I/O threads on a QEMU build that "
+                         "aborts when nodes are added above them while they do I/O: adding "
+                         "the snapshot's nodes with the guest's vCPUs stopped", domain.name,
+                         name, ", ".join(held_adds))
+            else:
+                await add_filters(undo)
 
             instant = None
             if self.instant_hook is not None:
@@ -419,19 +452,15 @@ class SnapshotService:
                 frozen = await self._quiesce.freeze(domain, name)
                 undo.push("frozen guest filesystems", partial(self._quiesce.thaw, frozen))
                 await faults.check("snapshot:frozen")
-            window = await self._switch(ops, domain.name, name, parts, undo, instant)
+            window = await self._switch(ops, domain.name, name, parts, undo, instant,
+                                        (add_filters, add_views) if held_adds else None)
             if frozen is not None:
                 assert self._quiesce is not None
                 await self._quiesce.thaw(frozen)
             await faults.check("snapshot:switched")
 
-            await undo.run_all(
-                [(p.view_node, ops.add_view(p.view_node, p.filter_node),
-                  partial(ops.delete_node, p.view_node)) for p in parts]
-                + [(p.probe_sink, ops.add_probe_sink(p.probe_sink),
-                    partial(ops.delete_node, p.probe_sink)) for p in parts])
-            await undo.run_all([(p.probe_window, ops.add_probe_window(p.probe_window, p.view_node),
-                                 partial(ops.delete_node, p.probe_window)) for p in parts])
+            if not held_adds:
+                await add_views(undo)
             await faults.check("snapshot:view-added")
             if instant is not None:
                 await instant.commit()
@@ -444,10 +473,17 @@ class SnapshotService:
                         frozen_filesystems=0 if frozen is None else frozen.filesystems)
 
     async def _switch(self, ops: BlockOps, domain: str, name: str, parts: list[SnapshotDisk],
-                      undo: Undo, instant: Instant | None) -> float:
+                      undo: Undo, instant: Instant | None,
+                      inside: tuple[Layer, Layer] | None = None) -> float:
         """Move every disk onto its filter in one instant; returns how long guest
         I/O was held (vCPUs stopped), or how long the moves took when the VM
         was not running anyway.
+
+        ``inside``: layers of nodes to add in the same window, before the
+        moves (the filters) and after them (the views), for disks above which
+        this QEMU build may add nodes only while the guest is stopped. They
+        are sent one layer at a time, and if one fails, what the window made
+        is taken out before the guest runs again.
 
         The commands are sent back to back without waiting for each answer:
         QEMU's monitor runs them one after the other in order, so the moves
@@ -479,18 +515,52 @@ class SnapshotService:
             held = self._store.add_intent(domain, HELD_IO_RECORD, {"snapshot": name})
             undo.push_record("record of the stopped guest",
                              partial(self._store.drop_intent, held))
-        undo.push("I/O paths and run state", restore)
-        steps = [ops.set_drive(p.disk.qdev, p.filter_node) for p in parts]
-        if instant is not None and instant.actions:
-            undo.push("bitmaps of the instant", instant.undo)
-            steps.append(Bitmaps(ops.session).transaction(instant.actions))
-        if running:
-            steps = [ops.stop(), *steps, ops.cont()]
-        start = time.perf_counter()
-        await every(steps)
-        window = time.perf_counter() - start
+        steps: list[Awaitable[None]] = [ops.set_drive(p.disk.qdev, p.filter_node)
+                                        for p in parts]
+        if inside is not None:
+            window = await self._held_window(ops, running, steps, undo, instant, inside,
+                                             restore)
+        else:
+            undo.push("I/O paths and run state", restore)
+            if instant is not None and instant.actions:
+                undo.push("bitmaps of the instant", instant.undo)
+                steps.append(Bitmaps(ops.session).transaction(instant.actions))
+            if running:
+                steps = [ops.stop(), *steps, ops.cont()]
+            start = time.perf_counter()
+            await every(steps)
+            window = time.perf_counter() - start
         if held is not None:
             self._store.drop_intent(held)
+        return window
+
+    @staticmethod
+    async def _held_window(ops: BlockOps, running: bool, moves: list[Awaitable[None]],
+                           undo: Undo, instant: Instant | None, inside: tuple[Layer, Layer],
+                           restore: Callable[[], Awaitable[None]]) -> float:
+        """The window of :meth:`_switch` with layers of nodes added inside it."""
+        before, after = inside
+        made = Undo(undo.what)
+        start = time.perf_counter()
+        if running:
+            await ops.stop()
+        try:
+            try:
+                await before(made)
+                made.push("I/O paths", restore)  # restore() resumes only a running guest
+                if instant is not None and instant.actions:
+                    made.push("bitmaps of the instant", instant.undo)
+                    moves.append(Bitmaps(ops.session).transaction(instant.actions))
+                await every(moves)
+                await after(made)
+            except BaseException as err:
+                await made.rollback(err)  # the guest still stopped: nothing added runs
+                raise
+        finally:
+            if running:
+                await ops.cont()
+        window = time.perf_counter() - start
+        undo.adopt(made)
         return window
 
     # -- delete ---------------------------------------------------------------

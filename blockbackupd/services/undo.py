@@ -77,6 +77,11 @@ class Undo:
     def discard(self) -> None:
         self._steps.clear()
 
+    def adopt(self, other: Undo) -> None:
+        """Take over another stack's steps (newer than this one's), emptying it."""
+        self._steps += other._steps
+        other._steps = []
+
     async def rollback(self, cause: BaseException | None = None) -> None:
         """Run the inverse steps, newest first. ``cause``, the exception that
         stopped the operation, tells whether the last QMP command's outcome is
