@@ -17,9 +17,11 @@ BASE_APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python
 # ceph-mon, ceph-osd and ceph-common (ceph, rbd), for the tests only: RBD disks
 # run on a private cluster of one monitor and one RAM-backed OSD under a
 # temporary directory (tools/ceph.py; no systemd unit, /etc/ceph untouched).
-# qemu-block-extra is the system QEMU's rbd driver (block-rbd.so).
+# qemu-block-extra is the system QEMU's rbd driver (block-rbd.so); python3-rbd
+# (with python3-rados) is the daemon's own way to the cluster, for checkpoints
+# kept as RBD snapshots (ceph-common depends on it; named for clarity).
 APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients e2fsprogs \
-                ceph-mon ceph-osd ceph-common qemu-block-extra
+                ceph-mon ceph-osd ceph-common qemu-block-extra python3-rbd python3-rados
 VENV         := .venv
 PYTHON       := $(VENV)/bin/python
 # libnbd's Python binding is a distro package for the system Python only.

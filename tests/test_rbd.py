@@ -1,18 +1,25 @@
 """Disks on Ceph RBD images (a real one-monitor, one-OSD cluster of the
 test's own, tools/ceph.py), as libvirt and Proxmox VE start them: snapshots,
-full backups and incrementals from checkpoints in QEMU's memory; after a
-QEMU restart the next backup is a full that says why.
+full backups and incrementals, from checkpoints the cluster keeps as RBD
+snapshots, so they survive QEMU restarts and the daemon's lost state; none
+of our RBD snapshots outlives its checkpoint.
+
+The disks are written all over before the first backup: RBD's diff of an
+object that did not exist at a snapshot counts from the object's start (a
+superset, by design), while one of an object that did is exact, and these
+tests count bytes.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import bbctl, domain_state, wait_for
+from tests.conftest import bbctl, domain_state, snapshot_xml, wait_for
 from tests.vm_manager.manager import backup, disk_level
 from tools.ceph import Cluster
 from tools.daemon import Daemon
@@ -21,57 +28,145 @@ from tools.vm_configs import ProxmoxVm, RbdVm
 
 pytest_plugins = ("tests.ceph_fixtures",)
 
+SIZE = 32 * MiB
 
-def assert_restore_equals_image(daemon: Daemon, dest: Path, disk: str, uri: str) -> None:
+
+def assert_restore_equals_image(daemon: Daemon, vm: Vm, dest: Path, disk: str,
+                                uri: str) -> None:
     out = dest.parent / f"restored-{disk}.raw"
     r = bbctl(daemon, "restore", str(dest), "--disk", disk, "--output", str(out),
               "--format", "raw")
     assert r.returncode == 0, r.stderr
-    cmp = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(out), uri],
-                         capture_output=True, text=True)
+    vm.qmp("stop")  # the guest's writes all in the cluster, none arriving
+    try:
+        cmp = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(out),
+                              uri], capture_output=True, text=True)
+    finally:
+        vm.qmp("cont")
     out.unlink()
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
-@pytest.mark.parametrize("manager", ["libvirt", "proxmox"])
-def test_rbd_disks_back_up_full_then_incremental_and_full_again_after_qemu_restarts(
-        ceph_cluster: Cluster, ceph_image: Callable[[int], str], make_vm: Callable[..., Vm],
-        daemon: Daemon, workdir: Path, manager: str) -> None:
-    # (The image's fixture first: it is removed after the VM that holds it stops.)
-    image = ceph_image(32 * MiB)
-    uri = ceph_cluster.qemu_uri(image)
+def ours(cluster: Cluster, image: str) -> list[str]:
+    return [s["name"] for s in cluster.snapshots(image) if s["name"].startswith("bb-")]
+
+
+def start_vm(make_vm: Callable[..., Vm], cluster: Cluster, image: str, manager: str) -> Vm:
     if manager == "libvirt":
-        vm = make_vm(kind=RbdVm, rbd={"sda": (image, str(ceph_cluster.conf))})
-    else:
-        vm = make_vm(kind=ProxmoxVm, fmt="raw", images={"sda": Path(uri)},
-                     disks={"sda": 32 * MiB})
+        return make_vm(kind=RbdVm, rbd={"sda": (image, str(cluster.conf))})
+    return make_vm(kind=ProxmoxVm, fmt="raw", images={"sda": Path(cluster.qemu_uri(image))},
+                   disks={"sda": SIZE})
+
+
+def connect(daemon: Daemon, vm: Vm) -> None:
     with daemon.client() as c:
         c.domain_define("vm1", str(vm.daemon_qmp))
     wait_for(lambda: domain_state(daemon, "vm1") == "running")
-    vm.write("sda", 0, MiB, 0x41)
+
+
+def restart(vm: Vm, daemon: Daemon) -> None:
+    vm.stop()
+    vm.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+
+
+@pytest.mark.parametrize("manager", ["libvirt", "proxmox"])
+def test_rbd_checkpoints_are_kept_by_the_cluster_across_qemu_restarts(
+        ceph_cluster: Cluster, ceph_image: Callable[[int], str], make_vm: Callable[..., Vm],
+        daemon: Daemon, workdir: Path, manager: str) -> None:
+    # (The image's fixture first: it is removed after the VM that holds it stops.)
+    image = ceph_image(SIZE)
+    uri = ceph_cluster.qemu_uri(image)
+    vm = start_vm(make_vm, ceph_cluster, image, manager)
+    connect(daemon, vm)
+    vm.write("sda", 0, SIZE, 0x41)
     dest = workdir / "backups"
-    assert disk_level(backup(daemon, dest), "sda") == "full"
+    first = backup(daemon, dest)
+    assert disk_level(first, "sda") == "full"
+    with daemon.client() as c:
+        (cp1,) = c.call("checkpoint.list", domain="vm1")
+        assert c.call("checkpoint.lookup", domain="vm1", name=cp1)["tracking"] == \
+            {"sda": "cluster"}
+    # One RBD snapshot just before the instant, one just after.
+    assert sorted(n.split("-")[1] for n in ours(ceph_cluster, image)) == ["cp", "end"]
+
     vm.write("sda", 6 * MiB, 128 * 1024, 0x42)
     second = backup(daemon, dest, "--level", "auto")
     assert disk_level(second, "sda") == "inc"
     assert second["disks"]["sda"]["bytes_read"] == 128 * 1024
-    vm.qmp("stop")
-    try:
-        assert_restore_equals_image(daemon, dest, "sda", uri)
-    finally:
-        vm.qmp("cont")
+    assert_restore_equals_image(daemon, vm, dest, "sda", uri)
+
+    # QEMU restarts (the bitmaps in its memory are gone); the guest writes
+    # before and after the daemon sees it again.
+    vm.write("sda", 9 * MiB, 64 * 1024, 0x43)
+    restart(vm, daemon)
+    vm.write("sda", 20 * MiB, 64 * 1024, 0x44)
+    with daemon.client() as c:
+        cp2 = c.call("checkpoint.list", domain="vm1")[-1]
+        found = c.call("checkpoint.changes", domain="vm1", disk="sda", name=cp2)
+        assert found["extents"] == [[9 * MiB, 64 * 1024], [20 * MiB, 64 * 1024]]
+        assert c.call("checkpoint.lookup", domain="vm1", name=cp2)["state"] == "valid"
+    third = backup(daemon, dest, "--level", "auto")
+    assert disk_level(third, "sda") == "inc", third["disks"]["sda"].get("reason")
+    assert third["disks"]["sda"]["bytes_read"] == 128 * 1024
+    assert_restore_equals_image(daemon, vm, dest, "sda", uri)
+
+    # Deleting the checkpoints takes their RBD snapshots with them.
+    with daemon.client() as c:
+        for name in c.call("checkpoint.list", domain="vm1"):
+            c.call("checkpoint.delete", domain="vm1", name=name)
+    assert ours(ceph_cluster, image) == []
+    assert vm.running
+
+
+def test_rbd_checkpoints_come_back_after_the_daemon_lost_its_state_and_qemu_restarted(
+        ceph_cluster: Cluster, ceph_image: Callable[[int], str], make_vm: Callable[..., Vm],
+        daemon: Daemon, workdir: Path) -> None:
+    image = ceph_image(SIZE)
+    uri = ceph_cluster.qemu_uri(image)
+    vm = start_vm(make_vm, ceph_cluster, image, "libvirt")
+    connect(daemon, vm)
+    vm.write("sda", 0, SIZE, 0x51)
+    dest = workdir / "backups"
+    backup(daemon, dest)
+    vm.write("sda", 3 * MiB, 64 * 1024, 0x52)
+    backup(daemon, dest, "--level", "auto")
+    with daemon.client() as c:
+        before = {n: c.call("checkpoint.lookup", domain="vm1", name=n)["created"]
+                  for n in c.call("checkpoint.list", domain="vm1")}
+    vm.write("sda", 12 * MiB, 128 * 1024, 0x53)
+    assert daemon.stop() == 0
+    shutil.rmtree(daemon.daemon_keys["state_dir"])
     vm.stop()
     vm.start()
-    wait_for(lambda: domain_state(daemon, "vm1") == "running")
-    vm.write("sda", 9 * MiB, 64 * 1024, 0x43)
+    daemon.start()
+    connect(daemon, vm)
+    vm.write("sda", 30 * MiB, 64 * 1024, 0x54)
+    with daemon.client() as c:
+        after = {n: c.call("checkpoint.lookup", domain="vm1", name=n)["created"]
+                 for n in c.call("checkpoint.list", domain="vm1")}
+        assert after == before
+        newest = list(after)[-1]
+        found = c.call("checkpoint.changes", domain="vm1", disk="sda", name=newest)
+        assert found["extents"] == [[12 * MiB, 128 * 1024], [30 * MiB, 64 * 1024]]
     third = backup(daemon, dest, "--level", "auto")
-    assert disk_level(third, "sda") == "full"
-    assert "memory of the QEMU process" in third["disks"]["sda"]["reason"]
-    vm.qmp("stop")
-    try:
-        assert_restore_equals_image(daemon, dest, "sda", uri)
-    finally:
-        vm.qmp("cont")
+    assert disk_level(third, "sda") == "inc", third["disks"]["sda"].get("reason")
+    assert third["disks"]["sda"]["bytes_read"] == 192 * 1024
+    assert_restore_equals_image(daemon, vm, dest, "sda", uri)
+
+
+def test_a_failed_snapshot_leaves_no_rbd_snapshot(
+        ceph_cluster: Cluster, ceph_image: Callable[[int], str], make_vm: Callable[..., Vm],
+        daemon: Daemon) -> None:
+    image = ceph_image(SIZE)
+    vm = start_vm(make_vm, ceph_cluster, image, "proxmox")
+    assert daemon.stop() == 0
+    daemon.env = {"BLOCKBACKUPD_FAIL_AT": "snapshot:view-added"}
+    daemon.start()
+    connect(daemon, vm)
+    with daemon.client() as c:
+        with pytest.raises(Exception, match="snapshot:view-added"):
+            c.snapshot_create("vm1", snapshot_xml("s1"), checkpoint=True)
+        assert c.call("checkpoint.list", domain="vm1") == []
+    assert ours(ceph_cluster, image) == []
     assert vm.running
-    # Nothing of ours is left in the cluster.
-    assert ceph_cluster.snapshots(image) == []

@@ -195,10 +195,10 @@ class BlockOps:
                                                     "size": size})
 
     async def export_add(self, export_id: str, node: str, name: str,
-                         bitmaps: list[str] | None = None) -> None:
+                         bitmaps: list[str] | None = None, writable: bool = False) -> None:
         args: dict[str, Any] = {
             "type": "nbd", "id": export_id, "node-name": node, "name": name,
-            "writable": False, "allocation-depth": True,
+            "writable": writable, "allocation-depth": True,
         }
         if bitmaps:
             args["bitmaps"] = bitmaps

@@ -28,7 +28,8 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from .. import faults
@@ -49,6 +50,8 @@ from ..qemu.graph import query_disks
 from ..qemu.session import DomainSession, NoAnswer
 from ..store import Store
 from ..store.db import CheckpointDiskRecord, CheckpointRecord, IntentRecord
+from .cluster import ClusterRecords, image_from
+from .cluster import image as rbd_image
 from .domains import MIGRATED_RUN_STATES, Domain, DomainService
 from .events import EventBus
 from .segments import PERSISTENT_FORMATS, Placement, bitmap_problem, in_memory, place, span
@@ -179,6 +182,10 @@ class CheckpointService:
         self._moved: dict[str, list[str]] = {}
         domains.checkpoints_of = self.names
         domains.disk_checkpoints = self._by_disk
+        #: RBD snapshots that keep raw RBD disks' checkpoints across QEMU processes.
+        self.cluster = ClusterRecords(store)
+        #: Per domain, the disks as the last check read them.
+        self._seen: dict[str, dict[str, Disk]] = {}
 
     # -- queries ----------------------------------------------------------------
 
@@ -240,6 +247,11 @@ class CheckpointService:
             "name": cp.name, "created": int(cp.created), "parent": parent,
             "disks": [d.disk for d in cp.disks],
             "state": cp.state,
+            # Added: where each disk's changes are kept (docs/hosts.md):
+            # "image" (a qcow2 bitmap), "memory" (QEMU's, lost with the
+            # process) or "cluster" (QEMU's, and RBD snapshots rebuild it).
+            "tracking": {d.disk: self.cluster.tracking(domain, self._seen.get(domain, {}).get(
+                d.disk), cp.name, d.bitmap) for d in cp.disks},
         }
         if cp.broken:
             result["reason"] = cp.broken
@@ -318,11 +330,17 @@ class CheckpointService:
                 bounds[disk.name] = (recording.name, tail)
 
         intent = None
+        images = {part.disk.name: img for part in parts
+                  if checkpoint and (img := rbd_image(part.disk)) is not None}
         payload = {"name": name, "bitmap": bitmap, "disks": [d.disk for d in new_disks],
-                   "added": added, "disabled": disabled}
+                   "added": added, "disabled": disabled,
+                   "rbd": {disk: asdict(img) for disk, img in images.items()}}
+        kept: dict[str, Any] = {}
         if checkpoint:
             intent = self._store.add_intent(domain.name, "checkpoint-create", payload)
             faults.crash_point("checkpoint-create:intent-recorded")
+            # Before the instant and outside the held-I/O window: see .cluster.
+            kept = await self.cluster.before_instant(domain.name, bitmap, images)
 
         async def undo() -> None:
             await _revert_instant(domain.session, added, disabled, bitmap)
@@ -346,12 +364,17 @@ class CheckpointService:
             self._store.add_checkpoint(domain.name, name, created, disks, intent=intent)
             log.info("checkpoint %s/%s created on %s", domain.name, name,
                      ",".join(d.disk for d in disks))
+            await self.cluster.after_instant(domain.name, bitmap, kept)
+
+        async def release() -> None:
+            # The snapshot failed: its checkpoint does not exist, nor do its RBD snapshots.
+            await self.cluster.forget(domain.name, bitmap, kept)
 
         def abort() -> None:
             if intent is not None:
                 self._store.drop_intent(intent)
 
-        return Instant(actions, bounds, undo, commit, abort, keep)
+        return Instant(actions, bounds, undo, commit, abort, keep, release)
 
     # -- change sets ---------------------------------------------------------------
 
@@ -506,7 +529,13 @@ class CheckpointService:
                         # QEMU cannot take a bitmap out of a read-only backing
                         # image: it goes once the image is writable again.
                         orphans.append({"image": image.file, "bitmap": rec.bitmap})
-            intent = self._store.add_intent(domain_name, "checkpoint-delete", {"name": name})
+            gone = records[[c.name for c in records].index(name)]
+            images = {rec.disk: img for rec in gone.disks
+                      if (disk := verified.disks.get(rec.disk)) is not None
+                      and (img := rbd_image(disk)) is not None}
+            intent = self._store.add_intent(domain_name, "checkpoint-delete", {
+                "name": name, "bitmap": gone.disks[0].bitmap if gone.disks else None,
+                "rbd": {disk: asdict(img) for disk, img in images.items()}})
             faults.crash_point("checkpoint-delete:intent-recorded")
             try:
                 await Bitmaps(domain.session).transaction(actions)
@@ -521,6 +550,9 @@ class CheckpointService:
             faults.crash_point("checkpoint-delete:before-store")
             for orphan in orphans:
                 self._store.add_intent(domain_name, ORPHAN_RECORD, orphan)
+            # Its RBD snapshots go before its record, so none can bring it back.
+            await every([self.cluster.forget(domain_name, rec.bitmap, {rec.disk: images[rec.disk]})
+                         for rec in gone.disks if rec.disk in images])
             self._store.delete_checkpoint(domain_name, name, intent=intent)
         log.info("checkpoint %s/%s deleted", domain_name, name)
 
@@ -635,21 +667,46 @@ class CheckpointService:
             self._unchecked.add(domain.name)  # done when the guest runs here
             return
         self._unchecked.discard(domain.name)
+        await self.cluster.remove_leftovers(domain.name)
         disks = {d.name: d for d in await query_disks(domain.session)}
         for intent in self._store.intents(domain.name):
             if intent.kind == "checkpoint-create" and intent.payload.get("rollback"):
                 await _revert_instant(domain.session, intent.payload["added"],
                                       intent.payload["disabled"],
                                       intent.payload.get("bitmap", intent.payload["name"]))
+                await self._forget_in_cluster(domain.name, intent.payload)
                 self._store.drop_intent(intent.id)
                 log.warning("checkpoint %s/%s: its snapshot failed mid-way; reverted its "
                             "bitmaps", domain.name, intent.payload["name"])
                 disks = {d.name: d for d in await query_disks(domain.session)}
             elif intent.kind in ("checkpoint-create", "checkpoint-delete"):
-                self._settle(domain, intent, disks)
+                finished = self._settle(domain, intent, disks)
+                if finished == (intent.kind == "checkpoint-delete"):
+                    # a creation that did not happen, a deletion that did
+                    await self._forget_in_cluster(domain.name, intent.payload)
+        if await self.cluster.rebuild(domain, disks.values(), partial(self._granularity,
+                                                                      domain.name),
+                                      partial(self._distrusted, domain.name)):
+            disks = {d.name: d for d in await query_disks(domain.session)}
         self._adopt(domain.name, disks)
         await self._remove_orphans(domain, disks)
         self._check(domain.name, disks)
+
+    async def _forget_in_cluster(self, domain: str, payload: Mapping[str, Any]) -> None:
+        """Remove the RBD snapshots of a checkpoint creation that did not happen."""
+        bitmap = payload.get("bitmap")
+        images = {disk: image_from(img) for disk, img in payload.get("rbd", {}).items()}
+        if bitmap and images:
+            await self.cluster.forget(domain, bitmap, images)
+
+    def _granularity(self, domain: str, disk: str, bitmap: str) -> int | None:
+        """The granularity recorded for a checkpoint's bitmap on a disk, if any."""
+        return next((d.granularity for c in self._store.checkpoints(domain) for d in c.disks
+                     if d.disk == disk and d.bitmap == bitmap and d.granularity), None)
+
+    def _distrusted(self, domain: str, disk: str, bitmap: str) -> bool:
+        return any(d.broken is not None for c in self._store.checkpoints(domain)
+                   for d in c.disks if d.disk == disk and d.bitmap == bitmap)
 
     def _adopt(self, domain: str, disks: dict[str, Disk]) -> None:
         """Record the checkpoints the images hold that the store does not know
@@ -669,7 +726,10 @@ class CheckpointService:
                 continue
             for bitmap, desc in disk.chain[0].bitmaps.items():
                 parsed = parse_checkpoint_bitmap(bitmap)
-                if parsed is None or not desc.get("persistent") or (disk.name, bitmap) in known:
+                # A raw disk's are not persistent (QEMU's memory, or rebuilt
+                # from the cluster): ours all the same.
+                ours = desc.get("persistent") or in_memory(disk)
+                if parsed is None or not ours or (disk.name, bitmap) in known:
                     continue
                 name, created = parsed
                 holders = []
@@ -760,7 +820,8 @@ class CheckpointService:
         if job_type in _MOVING_JOBS:
             self._moved.setdefault(domain, []).append(f"{job_type} job {job_id!r}")
 
-    def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk]) -> None:
+    def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk]) -> bool:
+        """Finish a creation or deletion QEMU shows happened (True), else forget it."""
         name = intent.payload["name"]
         if intent.kind == "checkpoint-create":
             bitmap = intent.payload.get("bitmap", name)  # stores before bb-cp- names
@@ -776,7 +837,7 @@ class CheckpointService:
                                            intent=intent.id)
                 log.warning("checkpoint %s/%s: creation cut short; finished it",
                             domain.name, name)
-                return
+                return True
         elif intent.kind == "checkpoint-delete":
             cp = next((c for c in self._store.checkpoints(domain.name) if c.name == name), None)
             gone = cp is None or not any(
@@ -785,13 +846,15 @@ class CheckpointService:
                 self._store.delete_checkpoint(domain.name, name, intent=intent.id)
                 log.warning("checkpoint %s/%s: deletion cut short; finished it",
                             domain.name, name)
-                return
+                return True
         self._store.drop_intent(intent.id)
         log.warning("checkpoint %s/%s: %s cut short before QEMU acted; forgotten",
                     domain.name, name, intent.kind)
+        return False
 
     def _check(self, domain: str, disks: dict[str, Disk]) -> Verified:
         self._note_usage(domain, disks.values())
+        self._seen[domain] = disks
         records = self._store.checkpoints(domain)
         before = {c.name for c in records if c.broken}
         moved = self._moved.pop(domain, [])

@@ -32,8 +32,8 @@ from ..errors import (
 from ..model import Disk, ExportDiskSpec, ExportSpec, NbdAddress, SnapshotState
 from ..names import PREFIX
 from ..qemu import iothreads
-from ..qemu.blockops import Bitmaps, BlockOps
-from ..qemu.nbdread import dirty_extents
+from ..qemu.blockops import Bitmaps, BlockOps, bitmap_ref
+from ..qemu.nbdread import dirty_extents, mark_extents
 from ..store.db import Store
 from .checkpoints import CheckpointService, Verified
 from .domains import Domain, DomainService
@@ -99,6 +99,7 @@ class ExportService:
         self._snapshots = snapshots
         self._checkpoints = checkpoints
         checkpoints.bitmap_reader = self.read_bitmaps
+        checkpoints.cluster.writer = self.write_bitmap
         self._settings = settings
         self._servers: dict[str, _Server] = {}
         self._goodbyes: set[asyncio.Task[None]] = set()
@@ -466,6 +467,44 @@ class ExportService:
             raise
         finally:
             await undo.rollback()  # the temporary export goes in any case
+
+    async def write_bitmap(self, domain: Domain, node: str, bitmap: str, size: int,
+                           granularity: int, extents: list[list[int]]) -> None:
+        """Mark extents in an existing bitmap of a node: written as zeros to a
+        temporary writable export of a null node whose own bitmap takes them,
+        then merged into ``bitmap`` (caller holds the domain lock).
+
+        :raise Busy: the domain's NBD server listens on TCP (see read_bitmaps).
+        :raise OperationFailed: QEMU refused, or the export could not be written.
+        """
+        server = self._servers.get(domain.name)
+        if server is not None and server.address.transport != "unix":
+            raise Busy(f"the NBD server of domain {domain.name!r} listens on TCP")
+        token = secrets.token_hex(4)
+        null, export_id = f"{PREFIX}{token}-marks", f"{PREFIX}export-{token}"
+        name = f"{PREFIX}marks-{token}"
+        ops, bitmaps = BlockOps(domain.session), Bitmaps(domain.session)
+        undo = Undo(f"bitmap {bitmap} of {domain.name}")
+        try:
+            await ops.add_null(null, size)
+            undo.push(null, partial(ops.delete_node, null))
+            await bitmaps.add(null, "marks", granularity=granularity)
+            address = server.address if server is not None else NbdAddress(
+                "unix", socket=str(self._settings.run_dir / f"{domain.name}.nbd"))
+            if server is None:
+                await self._start_nbd(domain, ops, address, None, undo)
+            await ops.export_add(export_id, null, name, writable=True)
+            undo.push(name, partial(ops.export_del, export_id, self._settings.timeout))
+            try:
+                await asyncio.to_thread(mark_extents, str(address.socket), name, extents)
+            except (RuntimeError, OSError) as err:
+                raise OperationFailed(f"cannot mark bitmap {bitmap!r}: {err}") from err
+            await bitmaps.merge(node, bitmap, [bitmap_ref(null, "marks")])
+        except BaseException as err:
+            await undo.rollback(err)
+            raise
+        finally:
+            await undo.rollback()  # the temporary export and node go in any case
 
     # -- QEMU gone ----------------------------------------------------------------
 

@@ -170,6 +170,8 @@ class Instant:
     commit: Callable[[], Awaitable[None]]
     abort: Callable[[], None]
     keep: Callable[[], None]
+    #: Removes what the hook made outside QEMU (RBD snapshots) if the snapshot fails.
+    release: Callable[[], Awaitable[None]] | None = None
 
 
 #: Adds one layer of a snapshot's nodes, pushing each node's removal onto the Undo.
@@ -440,6 +442,8 @@ class SnapshotService:
             if self.instant_hook is not None:
                 instant = await self.instant_hook(domain, name, parts, checkpoint, disks)
                 undo.push_record("checkpoint intent", instant.abort, instant.keep)
+                if instant.release is not None:
+                    undo.push("the checkpoint's records in the cluster", instant.release)
                 for part in parts:
                     part.boundary, part.tail = instant.bounds.get(part.disk.name, (None, None))
             elif checkpoint:
