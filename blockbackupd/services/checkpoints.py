@@ -341,6 +341,8 @@ class CheckpointService:
             faults.crash_point("checkpoint-create:intent-recorded")
             # Before the instant and outside the held-I/O window: see .cluster.
             kept = await self.cluster.before_instant(domain.name, bitmap, images)
+            if kept:
+                faults.crash_point("checkpoint-create:cluster-kept")
 
         async def undo() -> None:
             await _revert_instant(domain.session, added, disabled, bitmap)
@@ -364,6 +366,7 @@ class CheckpointService:
             self._store.add_checkpoint(domain.name, name, created, disks, intent=intent)
             log.info("checkpoint %s/%s created on %s", domain.name, name,
                      ",".join(d.disk for d in disks))
+            faults.crash_point("checkpoint-create:stored")
             await self.cluster.after_instant(domain.name, bitmap, kept)
 
         async def release() -> None:
