@@ -23,7 +23,8 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -583,10 +584,42 @@ class SnapshotService:
             for hook in self._before_delete:
                 await hook(domain, snapshot)
             ops = BlockOps(domain.session)
-            await self._retire(domain, snapshot.disks)
-            del self._state(domain_name).snapshots[name]
-            await self._unstack(domain, ops)
+            async with self._held_for_removal(domain, [p.disk for p in snapshot.disks], name):
+                await self._retire(domain, snapshot.disks)
+                del self._state(domain_name).snapshots[name]
+                await self._unstack(domain, ops)
         log.info("snapshot %s/%s deleted", domain_name, name)
+
+    @asynccontextmanager
+    async def _held_for_removal(self, domain: Domain, disks: Sequence[Disk],
+                                snapshot: str) -> AsyncIterator[None]:
+        """Stop the guest's vCPUs while a snapshot's nodes above disks in I/O
+        threads are removed, on every build.
+
+        Measured on QEMU 10.0.2 with a Linux guest writing to an RBD disk in an
+        I/O thread, with a checkpoint's bitmap on it: removing the filter while
+        the guest ran crashed QEMU (SIGSEGV) at the 27th snapshot; inside
+        ``stop``/``cont``, 150 survived. No throwaway process can show a race
+        that needs the guest's own I/O, so no build is trusted with it; the
+        pause costs a few milliseconds, only for such disks. Recorded like the
+        held-I/O window of a snapshot, so a daemon killed inside it has the
+        guest resumed by the next connect.
+        """
+        ops = BlockOps(domain.session)
+        if not await iothreads.pinned(domain.session, disks) or \
+                await ops.run_status() != "running":
+            yield
+            return
+        held = self._store.add_intent(domain.name, HELD_IO_RECORD, {"snapshot": snapshot})
+        await ops.stop()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            await ops.cont()  # if QEMU is gone, the record stays for the next connect
+            self._store.drop_intent(held)
+            log.debug("snapshot %s/%s: its nodes removed with the guest's vCPUs stopped "
+                      "for %.1f ms", domain.name, snapshot, (time.perf_counter() - start) * 1e3)
 
     async def _unstack(self, domain: Domain, ops: BlockOps) -> None:
         """Take retired filters out of whatever now surrounds them, with their
@@ -716,11 +749,13 @@ class SnapshotService:
         for snapshot, part in parts:
             for hook in self._before_part_delete:
                 await hook(domain, snapshot, part.disk.name)
-        await self._retire(domain, [part for _, part in parts])
-        for snapshot, part in parts:
-            snapshot.disks.remove(part)
-            snapshot.removed[part.disk.name] = reason
-        await self._unstack(domain, BlockOps(domain.session))
+        async with self._held_for_removal(domain, [part.disk for _, part in parts],
+                                          ",".join(sorted({s.name for s, _ in parts}))):
+            await self._retire(domain, [part for _, part in parts])
+            for snapshot, part in parts:
+                snapshot.disks.remove(part)
+                snapshot.removed[part.disk.name] = reason
+            await self._unstack(domain, BlockOps(domain.session))
 
     async def _retire(self, domain: Domain, parts: list[SnapshotDisk]) -> None:
         """Remove the parts' tail bitmaps, probe nodes and views (the exports

@@ -14,10 +14,15 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import bbctl, domain_state, snapshot_xml, wait_for
+from tools.ceph import Cluster
 from tools.daemon import Daemon
+from tools.linux_guest.accel import Accelerator
 from tools.linux_guest.vm import LinuxVm, console_errors
+
+pytest_plugins = ("tests.ceph_fixtures",)
 
 MiB = 1024 * 1024
 SNAPSHOTS = 40
@@ -42,8 +47,48 @@ def test_snapshots_of_a_writing_guest_on_an_io_thread_disk_keep_it_alive(
         make_guest: Callable[..., LinuxVm], make_daemon: Callable[..., Daemon],
         workdir: Path) -> None:
     vm = make_guest("vm1", disks={"vda": 64 * MiB}, iothread=True, script=WRITER, agent=False)
+    snapshots_and_a_backup(vm, make_daemon(), workdir)
+
+
+class RbdGuest(LinuxVm):
+    """The Linux guest with its disk on an RBD image (libvirt's shape: an
+    ``rbd`` node under a ``raw`` one) instead of a qcow2 file."""
+
+    def __init__(self, *args: Any, rbd: tuple[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rbd = rbd
+
+    def create_images(self) -> None:
+        pass  # the test made the image in its cluster
+
+    def command_line(self) -> list[str]:
+        args = super().command_line()
+        (disk,) = self.disks
+        at = args.index(f"driver=file,filename={self.image(disk)},node-name={disk}-file")
+        image, conf = self.rbd
+        args[at] = json.dumps({"driver": "rbd", "pool": "rbd", "image": image, "conf": conf,
+                               "node-name": f"{disk}-file", "cache": {"direct": True}})
+        args[at + 2] = f"driver=raw,file={disk}-file,node-name={disk}-fmt"
+        return args
+
+
+def test_snapshots_of_a_writing_guest_on_an_rbd_disk_in_an_io_thread_keep_it_alive(
+        ceph_cluster: Cluster, ceph_image: Callable[[int], str], guest_workdir: Path,
+        guest_accel: Accelerator, make_daemon: Callable[..., Daemon], workdir: Path) -> None:
+    # (The image's fixture first: it is removed after the guest that holds it stops.)
+    image = ceph_image(64 * MiB)
+    vm = RbdGuest(guest_workdir, "rbd1", disks={"vda": 64 * MiB}, iothread=True, script=WRITER,
+                  agent=False, accel=guest_accel, rbd=(image, str(ceph_cluster.conf)))
+    try:
+        vm.start()
+        snapshots_and_a_backup(vm, make_daemon(), workdir)
+    finally:
+        vm.kill()
+        print(f"--- {vm.name} console ---\n{vm.console()[-3000:]}")
+
+
+def snapshots_and_a_backup(vm: LinuxVm, daemon: Daemon, workdir: Path) -> None:
     vm.wait_ready()
-    daemon = make_daemon()
     with daemon.client() as c:
         c.domain_define("vm1", str(vm.daemon_qmp))
     wait_for(lambda: domain_state(daemon, "vm1") == "running", what="domain running")
@@ -52,7 +97,9 @@ def test_snapshots_of_a_writing_guest_on_an_io_thread_disk_keep_it_alive(
     windows = []
     with daemon.client() as c:
         for i in range(SNAPSHOTS):
-            c.snapshot_create("vm1", snapshot_xml(f"s{i}"))
+            # Every fourth with a checkpoint (on RBD: two RBD snapshots the
+            # guest's librbd takes as the image's lock owner, mid-writes).
+            c.snapshot_create("vm1", snapshot_xml(f"s{i}"), checkpoint=i % 4 == 0)
             windows.append(c.snapshot_lookup("vm1", f"s{i}")["held_io_window"])
             c.snapshot_delete("vm1", f"s{i}")
             assert vm.running, f"QEMU died at snapshot {i}:\n{vm.stdout_path.read_text()}"
