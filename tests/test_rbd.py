@@ -252,7 +252,10 @@ def test_rbd_incrementals_of_a_guest_that_never_stops_writing_are_never_short(
         daemon: Daemon, workdir: Path) -> None:
     image = ceph_image(SIZE)
     uri = ceph_cluster.qemu_uri(image)
-    vm = start_vm(make_vm, ceph_cluster, image, "proxmox")
+    # libvirt's shape: HMP qemu-io, the writer here, crashes QEMU 10.0 when it
+    # writes to an RBD disk in an I/O thread through a snapshot's filter
+    # (docs/hosts.md); a Linux guest there is tests/guest/test_io_thread_guest.py.
+    vm = start_vm(make_vm, ceph_cluster, image, "libvirt")
     connect(daemon, vm)
     dest = workdir / "backups"
     writer = Writer(vm, 1)
