@@ -15,6 +15,8 @@ import os
 import secrets
 import socket
 import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -436,37 +438,21 @@ class ExportService:
             cannot connect as a client.
         :raise OperationFailed: QEMU refused.
         """
-        server = self._servers.get(domain.name)
-        if server is not None and server.address.transport != "unix":
-            raise Busy(f"the NBD server of domain {domain.name!r} listens on TCP; read the "
-                       "changes through an export with checkpoint= instead")
-        token = secrets.token_hex(4)
-        node, export_id = f"{PREFIX}{token}-changes", f"{PREFIX}export-{token}"
-        name = f"{PREFIX}changes-{token}"
-        ops, bitmaps = BlockOps(domain.session), Bitmaps(domain.session)
-        undo = Undo(f"changes {domain.name}")
-        try:
-            await ops.add_null(node, size)
-            undo.push(node, partial(ops.delete_node, node))
+        bitmaps = Bitmaps(domain.session)
+
+        async def fill(node: str) -> None:
             await bitmaps.add(node, "changes", disabled=True, granularity=granularity)
             await bitmaps.merge(node, "changes", sources)
-            address = server.address if server is not None else NbdAddress(
-                "unix", socket=str(self._settings.run_dir / f"{domain.name}.nbd"))
-            if server is None:
-                await self._start_nbd(domain, ops, address, None, undo)
-            await ops.export_add(export_id, node, name, ["changes"])
-            undo.push(name, partial(ops.export_del, export_id, self._settings.timeout))
+
+        async with self._null_export(domain, size, "changes", fill, context="changes",
+                                     tcp_hint="; read the changes through an export with "
+                                              "checkpoint= instead") as (sock, name, _):
             await faults.check("changes:exported")
             try:
-                return await asyncio.to_thread(dirty_extents, str(address.socket), name,
+                return await asyncio.to_thread(dirty_extents, sock, name,
                                                "qemu:dirty-bitmap:changes")
             except (RuntimeError, OSError) as err:
                 raise OperationFailed(f"cannot read the change set: {err}") from err
-        except BaseException as err:
-            await undo.rollback(err)
-            raise
-        finally:
-            await undo.rollback()  # the temporary export goes in any case
 
     async def write_bitmap(self, domain: Domain, node: str, bitmap: str, size: int,
                            granularity: int, extents: list[list[int]]) -> None:
@@ -477,34 +463,58 @@ class ExportService:
         :raise Busy: the domain's NBD server listens on TCP (see read_bitmaps).
         :raise OperationFailed: QEMU refused, or the export could not be written.
         """
+        bitmaps = Bitmaps(domain.session)
+
+        async def fill(null: str) -> None:
+            await bitmaps.add(null, "marks", granularity=granularity)
+
+        async with self._null_export(domain, size, "marks", fill,
+                                     writable=True) as (sock, name, null):
+            try:
+                await asyncio.to_thread(mark_extents, sock, name, extents)
+            except (RuntimeError, OSError) as err:
+                raise OperationFailed(f"cannot mark bitmap {bitmap!r}: {err}") from err
+            await bitmaps.merge(node, bitmap, [bitmap_ref(null, "marks")])
+
+    @asynccontextmanager
+    async def _null_export(self, domain: Domain, size: int, kind: str,
+                           fill: Callable[[str], Awaitable[None]], *, context: str | None = None,
+                           writable: bool = False,
+                           tcp_hint: str = "") -> AsyncIterator[tuple[str, str, str]]:
+        """A null node of ``size`` bytes (it reads as zeros: no guest data),
+        given its bitmap by ``fill(node)``, exported for a moment under a
+        random name on the domain's UNIX-socket NBD server (started for it if
+        none runs); yields (socket, export name, node), then removes it all.
+
+        :raise Busy: the domain's NBD server listens on TCP, where the daemon
+            cannot connect as a client.
+        :raise OperationFailed: QEMU refused.
+        """
         server = self._servers.get(domain.name)
         if server is not None and server.address.transport != "unix":
-            raise Busy(f"the NBD server of domain {domain.name!r} listens on TCP")
+            raise Busy(f"the NBD server of domain {domain.name!r} listens on TCP{tcp_hint}")
         token = secrets.token_hex(4)
-        null, export_id = f"{PREFIX}{token}-marks", f"{PREFIX}export-{token}"
-        name = f"{PREFIX}marks-{token}"
-        ops, bitmaps = BlockOps(domain.session), Bitmaps(domain.session)
-        undo = Undo(f"bitmap {bitmap} of {domain.name}")
+        node, export_id = f"{PREFIX}{token}-{kind}", f"{PREFIX}export-{token}"
+        name = f"{PREFIX}{kind}-{token}"
+        ops = BlockOps(domain.session)
+        undo = Undo(f"{kind} {domain.name}")
         try:
-            await ops.add_null(null, size)
-            undo.push(null, partial(ops.delete_node, null))
-            await bitmaps.add(null, "marks", granularity=granularity)
+            await ops.add_null(node, size)
+            undo.push(node, partial(ops.delete_node, node))
+            await fill(node)
             address = server.address if server is not None else NbdAddress(
                 "unix", socket=str(self._settings.run_dir / f"{domain.name}.nbd"))
             if server is None:
                 await self._start_nbd(domain, ops, address, None, undo)
-            await ops.export_add(export_id, null, name, writable=True)
+            await ops.export_add(export_id, node, name, [context] if context else None,
+                                 writable=writable)
             undo.push(name, partial(ops.export_del, export_id, self._settings.timeout))
-            try:
-                await asyncio.to_thread(mark_extents, str(address.socket), name, extents)
-            except (RuntimeError, OSError) as err:
-                raise OperationFailed(f"cannot mark bitmap {bitmap!r}: {err}") from err
-            await bitmaps.merge(node, bitmap, [bitmap_ref(null, "marks")])
+            yield str(address.socket), name, node
         except BaseException as err:
             await undo.rollback(err)
             raise
         finally:
-            await undo.rollback()  # the temporary export and node go in any case
+            await undo.rollback()  # the temporary export goes in any case
 
     # -- QEMU gone ----------------------------------------------------------------
 
