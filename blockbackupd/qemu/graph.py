@@ -251,6 +251,11 @@ async def relink(session: DomainSession, graph: BlockGraph, node: str, new: str,
         parent of a kind that cannot be reopened onto another child).
     :raise DomainNotConnected:
     """
+    if new == node:
+        # Not a no-op: qom-set of a device's drive to the node it already
+        # uses aborts QEMU (7.2 and 10.0: bdrv_replace_child_noperm
+        # "old_bs != new_bs").
+        return []
     moved = []
     for parent in graph.parents(node):
         if parent.node is not None and parent.node in keep:
