@@ -13,7 +13,6 @@ cycles): ``BB_QEMU=10.0 .venv/bin/python -m tools.stop_cont_stall [CYCLES]
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import tempfile
@@ -22,22 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from tools.linux_guest.accel import accelerator
-from tools.linux_guest.vm import LinuxVm
+from tools.linux_guest.vm import WRITE_ROUNDS, LinuxVm, write_rounds
 
-WRITER = """
-n=0
-while ! stopping; do
-    dd if=/dev/urandom of=/mnt/vda/f bs=64k count=64 conv=fsync 2>/dev/null || err "write"
-    n=$((n + 1))
-    say "BB-ROUND $n"
-done
-"""
 QUEUE = {"path": "/machine/peripheral/vda/virtio-backend", "queue": 0}
 
 
 def rounds(vm: LinuxVm) -> int:
-    found = re.findall(r"^BB-ROUND (\d+)$", vm.console(), re.M)
-    return int(found[-1]) if found else 0
+    return write_rounds(vm.console())
 
 
 def queue_state(vm: LinuxVm) -> dict[str, Any]:
@@ -47,7 +37,7 @@ def queue_state(vm: LinuxVm) -> dict[str, Any]:
 
 def run(cycles: int, iothread: bool) -> str:
     work = Path(tempfile.mkdtemp(prefix="bb-stall-", dir="/tmp"))
-    vm = LinuxVm(work, "vm1", disks={"vda": 64 << 20}, iothread=iothread, script=WRITER,
+    vm = LinuxVm(work, "vm1", disks={"vda": 64 << 20}, iothread=iothread, script=WRITE_ROUNDS,
                  agent=False, accel=accelerator())
     try:
         vm.start()

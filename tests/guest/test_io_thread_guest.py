@@ -11,7 +11,6 @@ held-I/O window on such builds; this test would lose the VM otherwise.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from tests.conftest import bbctl, domain_state, snapshot_xml, wait_for
 from tools.ceph import Cluster
 from tools.daemon import Daemon
 from tools.linux_guest.accel import Accelerator
-from tools.linux_guest.vm import LinuxVm, console_errors
+from tools.linux_guest.vm import WRITE_ROUNDS, LinuxVm, console_errors, write_rounds
 from tools.qemu_build import selected
 
 pytest_plugins = ("tests.ceph_fixtures",)
@@ -30,20 +29,9 @@ pytest_plugins = ("tests.ceph_fixtures",)
 MiB = 1024 * 1024
 SNAPSHOTS = 40
 
-#: The guest writes and syncs 4 MiB over and over, counting rounds on its console.
-WRITER = """
-n=0
-while ! stopping; do
-    dd if=/dev/urandom of=/mnt/vda/f bs=64k count=64 conv=fsync 2>/dev/null || err "write"
-    n=$((n + 1))
-    say "BB-ROUND $n"
-done
-"""
-
 
 def rounds(vm: LinuxVm) -> int:
-    found = re.findall(r"^BB-ROUND (\d+)$", vm.console(), re.M)
-    return int(found[-1]) if found else 0
+    return write_rounds(vm.console())
 
 
 @pytest.mark.xfail(selected().name == "10.0", strict=False, reason=(
@@ -54,7 +42,7 @@ def rounds(vm: LinuxVm) -> int:
 def test_snapshots_of_a_writing_guest_on_an_io_thread_disk_keep_it_alive(
         make_guest: Callable[..., LinuxVm], make_daemon: Callable[..., Daemon],
         workdir: Path) -> None:
-    vm = make_guest("vm1", disks={"vda": 64 * MiB}, iothread=True, script=WRITER, agent=False)
+    vm = make_guest("vm1", disks={"vda": 64 * MiB}, iothread=True, script=WRITE_ROUNDS, agent=False)
     snapshots_and_a_backup(vm, make_daemon(), workdir)
 
 
@@ -85,8 +73,9 @@ def test_snapshots_of_a_writing_guest_on_an_rbd_disk_in_an_io_thread_keep_it_ali
         guest_accel: Accelerator, make_daemon: Callable[..., Daemon], workdir: Path) -> None:
     # (The image's fixture first: it is removed after the guest that holds it stops.)
     image = ceph_image(64 * MiB)
-    vm = RbdGuest(guest_workdir, "rbd1", disks={"vda": 64 * MiB}, iothread=True, script=WRITER,
-                  agent=False, accel=guest_accel, rbd=(image, str(ceph_cluster.conf)))
+    vm = RbdGuest(guest_workdir, "rbd1", disks={"vda": 64 * MiB}, iothread=True,
+                  script=WRITE_ROUNDS, agent=False, accel=guest_accel,
+                  rbd=(image, str(ceph_cluster.conf)))
     try:
         vm.start()
         snapshots_and_a_backup(vm, make_daemon(), workdir)

@@ -48,6 +48,24 @@ def last_step(console: str) -> int:
     return int(found[-1]) if found else 0
 
 
+#: A "script" workload that writes and syncs 4 MiB to the first disk over
+#: and over, counting its rounds on the console (see :func:`write_rounds`).
+WRITE_ROUNDS = """
+n=0
+while ! stopping; do
+    dd if=/dev/urandom of=/mnt/vda/f bs=64k count=64 conv=fsync 2>/dev/null || err "write"
+    n=$((n + 1))
+    say "BB-ROUND $n"
+done
+"""
+
+
+def write_rounds(console: str) -> int:
+    """The WRITE_ROUNDS workload's last finished round in console text (0 before the first)."""
+    found = re.findall(r"^BB-ROUND (\d+)$", console, re.M)
+    return int(found[-1]) if found else 0
+
+
 def console_errors(console: str) -> list[str]:
     """BB-ERROR lines and the kernel's I/O error lines of console text."""
     return ERROR_LINE.findall(console)
