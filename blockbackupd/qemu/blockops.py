@@ -261,5 +261,8 @@ class Bitmaps:
     async def enable(self, node: str, name: str) -> None:
         await self.session.execute("block-dirty-bitmap-enable", {"node": node, "name": name})
 
+    async def disable(self, node: str, name: str) -> None:
+        await self.session.execute("block-dirty-bitmap-disable", {"node": node, "name": name})
+
     async def remove(self, node: str, name: str) -> None:
         await self.session.execute("block-dirty-bitmap-remove", {"node": node, "name": name})

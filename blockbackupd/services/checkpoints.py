@@ -276,7 +276,11 @@ class CheckpointService:
         bitmap = checkpoint_bitmap(name, created)
         verified = await self.verify(domain, disks)
         records = self._store.checkpoints(domain.name)
+        # Split around the moves onto the filters for a switch that holds no
+        # I/O (see Instant): what starts recording goes before, what stops
+        # recording or freezes a copy after, so a change set only grows.
         actions: list[dict[str, Any]] = []
+        after: list[dict[str, Any]] = []
         bounds: dict[str, tuple[str | None, str | None]] = {}
         added: list[tuple[str, str]] = []      # (node, bitmap) this instant adds
         disabled: list[tuple[str, str]] = []   # recording segments it disables
@@ -308,8 +312,8 @@ class CheckpointService:
                     # read-only images below keep recording: a later commit
                     # writes through them, and what it moves down stays
                     # recorded (a closed segment may grow, never shrink).
-                    actions.append(action("block-dirty-bitmap-disable", node=node,
-                                          name=placement.bitmap))
+                    after.append(action("block-dirty-bitmap-disable", node=node,
+                                        name=placement.bitmap))
                     disabled.append((node, placement.bitmap))
                 # A raw disk's (file, block device, RBD image) lives in QEMU's
                 # memory: valid while this QEMU process runs, broken after.
@@ -320,7 +324,7 @@ class CheckpointService:
                 bounds[disk.name] = (name, None)
             elif recording is not None and placement is not None:
                 tail = f"{PREFIX}{secrets.token_hex(4)}-tail"
-                actions += [
+                after += [
                     action("block-dirty-bitmap-add", node=node, name=tail, disabled=True,
                            granularity=recording.record.granularity),
                     action("block-dirty-bitmap-merge", node=node, target=tail,
@@ -377,7 +381,7 @@ class CheckpointService:
             if intent is not None:
                 self._store.drop_intent(intent)
 
-        return Instant(actions, bounds, undo, commit, abort, keep, release)
+        return Instant(actions, bounds, undo, commit, abort, keep, release, after)
 
     # -- change sets ---------------------------------------------------------------
 
@@ -687,6 +691,9 @@ class CheckpointService:
                 if finished == (intent.kind == "checkpoint-delete"):
                     # a creation that did not happen, a deletion that did
                     await self._forget_in_cluster(domain.name, intent.payload)
+                elif finished and await _stop_replaced(domain.session,
+                                                       intent.payload["disabled"]):
+                    disks = {d.name: d for d in await query_disks(domain.session)}
         if await self.cluster.rebuild(domain, disks.values(), partial(self._granularity,
                                                                       domain.name),
                                       partial(self._distrusted, domain.name)):
@@ -926,6 +933,19 @@ def _fold(mine: Placement, into: Placement, chain: Sequence[Image], recording: b
     if recording:  # it was recording: its predecessor takes over
         actions.append(action("block-dirty-bitmap-enable", node=target.node, name=into.bitmap))
     return actions
+
+
+async def _stop_replaced(session: DomainSession, disabled: Sequence[Sequence[str]]) -> bool:
+    """A creation finished on connect: the segments it replaces stop recording,
+    if it was cut short between a one-disk snapshot's move and its second
+    transaction (until then both recorded, so no change set lost a write)."""
+    ops = Bitmaps(session)
+    now = await ops.on_nodes()
+    recording = [(node, bitmap) for node, bitmap in disabled
+                 if now.get(node, {}).get(bitmap, {}).get("recording")]
+    for node, bitmap in recording:
+        await ops.disable(node, bitmap)
+    return bool(recording)
 
 
 async def _revert_instant(session: DomainSession, added: Sequence[Sequence[str]],

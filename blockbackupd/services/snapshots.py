@@ -159,11 +159,16 @@ BeforePartDelete = Callable[[Domain, Snapshot, str], Awaitable[None]]
 class Instant:
     """What happens to bitmaps at a snapshot's instant (see the checkpoint service).
 
-    ``actions`` run in one ``transaction`` inside the held-I/O window;
-    ``bounds`` gives each disk's (boundary, tail); ``undo`` reverts the actions
-    judging by what QEMU shows (safe whether or not they ran); ``commit``
-    records the result once the snapshot is complete; ``abort`` forgets it;
-    ``keep`` marks it for the next connect to revert, when ``undo`` could not.
+    ``actions`` and ``after`` run in one ``transaction`` inside the held-I/O
+    window. A switch that holds no I/O (one disk: see
+    :meth:`SnapshotService._switch`) runs ``actions`` (bitmaps that start
+    recording) before the move and ``after`` (segments that stop recording,
+    frozen copies) after it: a write between them is counted on both sides
+    of the instant, never on neither. ``bounds`` gives each disk's
+    (boundary, tail); ``undo`` reverts the actions judging by what QEMU
+    shows (safe whether or not they ran); ``commit`` records the result once
+    the snapshot is complete; ``abort`` forgets it; ``keep`` marks it for
+    the next connect to revert, when ``undo`` could not.
     """
 
     actions: list[dict[str, Any]]
@@ -174,6 +179,11 @@ class Instant:
     keep: Callable[[], None]
     #: Removes what the hook made outside QEMU (RBD snapshots) if the snapshot fails.
     release: Callable[[], Awaitable[None]] | None = None
+    after: list[dict[str, Any]] = field(default_factory=list)
+
+    def everything(self) -> list[dict[str, Any]]:
+        """The actions of one held transaction."""
+        return self.actions + self.after
 
 
 #: Adds one layer of a snapshot's nodes, pushing each node's removal onto the Undo.
@@ -482,8 +492,9 @@ class SnapshotService:
                       undo: Undo, instant: Instant | None,
                       inside: tuple[Layer, Layer] | None = None) -> float:
         """Move every disk onto its filter in one instant; returns how long guest
-        I/O was held (vCPUs stopped), or how long the moves took when the VM
-        was not running anyway.
+        I/O was held (vCPUs stopped; for one disk of a running guest, no
+        vCPU stopped: the move, which drains that disk's I/O), or how long
+        the moves took when the VM was not running anyway.
 
         ``inside``: layers of nodes to add in the same window, before the
         moves (the filters) and after them (the views), for disks above which
@@ -505,17 +516,28 @@ class SnapshotService:
             # A filter now would make the migration fail at its end.
             raise Busy(f"domain {domain!r} is migrating (migration {migration})")
         running = status == "running"
+        # One disk needs no hold: its move is atomic for its I/O (QEMU drains
+        # the device's requests around it), and the bitmaps are ordered
+        # around it (see Instant). Several disks in one instant need the
+        # vCPUs stopped; so do builds that add nodes only inside the window.
+        hold = running and (inside is not None or len(parts) > 1)
 
         async def restore() -> None:
             tops = {d.name: d.top for d in await query_disks(ops.session)}
             for part in parts:
                 if tops.get(part.disk.name) == part.filter_node:
                     await ops.set_drive(part.disk.qdev, part.source)
-            if running and await ops.run_status() != "running":
+            if hold and await ops.run_status() != "running":
                 await ops.cont()
 
+        if running and not hold:
+            window = await self._move_unheld(ops, parts[0], undo, instant, restore)
+            log.info("snapshot %s/%s: one disk, moved without stopping the guest's vCPUs",
+                     domain, name)
+            return window
+
         held = None
-        if running:
+        if hold:
             # A guest left stopped is the one failure the guest pays for: record
             # it, so that whoever connects next resumes it if we cannot.
             held = self._store.add_intent(domain, HELD_IO_RECORD, {"snapshot": name})
@@ -524,20 +546,39 @@ class SnapshotService:
         steps: list[Awaitable[None]] = [ops.set_drive(p.disk.qdev, p.filter_node)
                                         for p in parts]
         if inside is not None:
-            window = await self._held_window(ops, running, steps, undo, instant, inside,
-                                             restore)
+            window = await self._held_window(ops, hold, steps, undo, instant, inside, restore)
         else:
             undo.push("I/O paths and run state", restore)
-            if instant is not None and instant.actions:
+            if instant is not None and instant.everything():
                 undo.push("bitmaps of the instant", instant.undo)
-                steps.append(Bitmaps(ops.session).transaction(instant.actions))
-            if running:
+                steps.append(Bitmaps(ops.session).transaction(instant.everything()))
+            if hold:
                 steps = [ops.stop(), *steps, ops.cont()]
             start = time.perf_counter()
             await every(steps)
             window = time.perf_counter() - start
         if held is not None:
             self._store.drop_intent(held)
+        return window
+
+    @staticmethod
+    async def _move_unheld(ops: BlockOps, part: SnapshotDisk, undo: Undo,
+                           instant: Instant | None,
+                           restore: Callable[[], Awaitable[None]]) -> float:
+        """The instant of a one-disk snapshot with the guest running: the new
+        bitmaps, the move, then the bitmaps that stop recording. Returns how
+        long the move held the disk's I/O (QEMU drains it for the move)."""
+        bitmaps = Bitmaps(ops.session)
+        if instant is not None and instant.everything():
+            undo.push("bitmaps of the instant", instant.undo)
+            await bitmaps.transaction(instant.actions)
+        undo.push("I/O path", restore)
+        start = time.perf_counter()
+        await ops.set_drive(part.disk.qdev, part.filter_node)
+        window = time.perf_counter() - start
+        await faults.check("snapshot:moved")
+        if instant is not None:
+            await bitmaps.transaction(instant.after)
         return window
 
     @staticmethod
@@ -554,9 +595,9 @@ class SnapshotService:
             try:
                 await before(made)
                 made.push("I/O paths", restore)  # restore() resumes only a running guest
-                if instant is not None and instant.actions:
+                if instant is not None and instant.everything():
                     made.push("bitmaps of the instant", instant.undo)
-                    moves.append(Bitmaps(ops.session).transaction(instant.actions))
+                    moves.append(Bitmaps(ops.session).transaction(instant.everything()))
                 await every(moves)
                 await after(made)
             except BaseException as err:

@@ -69,7 +69,7 @@ from tests.faults.configs import (
     params,
 )
 from tests.faults.operations import EXPORTING, Setup, assert_refused, prepare, run, serves
-from tests.test_checkpoints import Guest, bitmap_names, changes, checkpoint, runs
+from tests.test_checkpoints import Guest, bitmap_names, changes, checkpoint, recording, runs
 from tools.daemon import Daemon
 from tools.vm import Vm
 
@@ -195,3 +195,45 @@ def test_killed_at_step_then_restarted(make_vm: Callable[..., Vm],
         serves(c, vm, s, refused)
     assert vm.node_names() == nodes
     assert vm.running and vm.status() == "running"
+
+
+def test_killed_between_a_one_disk_move_and_its_second_bitmaps(
+        make_vm: Callable[..., Vm], make_daemon: Callable[..., Daemon]) -> None:
+    """``snapshot:moved``: a one-disk snapshot of a running guest holds no
+    I/O, so its bitmaps change in two transactions around the move. Killed
+    between them, the new checkpoint's bitmap records and so does the old
+    segment: the restart finishes the checkpoint, stops the old segment, and
+    every change set is exact."""
+    vm = MINIMAL.start(make_vm)
+    daemon = make_daemon()
+    g = Guest(vm)
+    nodes, tops = vm.node_names(), vm.top_nodes()
+    with daemon.client() as c:
+        c.domain_define("vm1", str(vm.daemon_qmp))
+        wait_for(lambda: domain_state(daemon, "vm1") == "running")
+        checkpoint(c, "cp1", {"sda": None})
+    g.write("sda", 1)
+    assert daemon.stop() == 0
+    daemon.env = {"BLOCKBACKUPD_CRASH_AT": "snapshot:moved"}
+    daemon.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+    with daemon.client() as c, pytest.raises(ConnectionLost):
+        c.snapshot_create("vm1", snapshot_xml("s2", {"sda": None}), checkpoint=True)
+    assert daemon.proc is not None and daemon.proc.wait(10) == -signal.SIGKILL
+    daemon.proc = None
+    assert vm.status() == "running"  # never stopped
+    assert "held-io" not in [kind for kind, _ in store_records(daemon)]
+    assert sorted(recording(vm, "sda-fmt")) == ["cp1", "s2"]
+    g.write("sda", 5)
+
+    daemon.env = {}
+    daemon.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+    g.write("sda", 7)
+    with daemon.client() as c:
+        assert c.snapshot_list("vm1") == []
+        assert c.call("checkpoint.list", domain="vm1") == ["cp1", "s2"]
+        assert changes(c, "cp1") == runs({1, 5, 7})
+        assert changes(c, "s2") == runs({5, 7})
+    assert recording(vm, "sda-fmt") == ["s2"]
+    assert_nothing_left(daemon, vm, nodes, tops)

@@ -6,6 +6,10 @@ Measured on QEMU 7.2 with this guest: a snapshot's nodes added above the
 disk while the guest ran aborted QEMU (``qemu_mutex_unlock_impl: Operation
 not permitted``) at the 12th snapshot. The daemon adds them inside the
 held-I/O window on such builds; this test would lose the VM otherwise.
+
+On QEMU 10.0.2 the held-I/O window itself (``stop``/``cont``) lost a
+completion interrupt of this disk and stalled the guest's I/O in 1 run of
+15-30 (docs/hosts.md); there these one-disk snapshots stop no vCPU.
 """
 
 from __future__ import annotations
@@ -15,14 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import bbctl, domain_state, snapshot_xml, wait_for
 from tools.ceph import Cluster
 from tools.daemon import Daemon
 from tools.linux_guest.accel import Accelerator
 from tools.linux_guest.vm import WRITE_ROUNDS, LinuxVm, console_errors, write_rounds
-from tools.qemu_build import selected
 
 pytest_plugins = ("tests.ceph_fixtures",)
 
@@ -34,16 +35,14 @@ def rounds(vm: LinuxVm) -> int:
     return write_rounds(vm.console())
 
 
-@pytest.mark.xfail(selected().name == "10.0", strict=False, reason=(
-    "QEMU 10.0.2 loses a completion interrupt of a virtio-blk disk in an I/O thread across "
-    "stop/cont while the guest writes (tools/stop_cont_stall.py: 1 run of 4 x 3000 plain "
-    "stop/cont, no daemon; never without the I/O thread or on 7.2); the daemon's held-I/O "
-    "window is one stop/cont per snapshot. docs/hosts.md; the test still runs"))
 def test_snapshots_of_a_writing_guest_on_an_io_thread_disk_keep_it_alive(
         make_guest: Callable[..., LinuxVm], make_daemon: Callable[..., Daemon],
         workdir: Path) -> None:
     vm = make_guest("vm1", disks={"vda": 64 * MiB}, iothread=True, script=WRITE_ROUNDS, agent=False)
-    snapshots_and_a_backup(vm, make_daemon(), workdir)
+    held, stops = snapshots_and_a_backup(vm, make_daemon(), workdir)
+    # Where the nodes may be added while the guest runs, one disk's
+    # snapshots stop no vCPU (the stop/cont that stalls 10.0's guest).
+    assert stops == (SNAPSHOTS if held else 0)
 
 
 class RbdGuest(LinuxVm):
@@ -84,7 +83,9 @@ def test_snapshots_of_a_writing_guest_on_an_rbd_disk_in_an_io_thread_keep_it_ali
         print(f"--- {vm.name} console ---\n{vm.console()[-3000:]}")
 
 
-def snapshots_and_a_backup(vm: LinuxVm, daemon: Daemon, workdir: Path) -> None:
+def snapshots_and_a_backup(vm: LinuxVm, daemon: Daemon, workdir: Path) -> tuple[bool, int]:
+    """40 snapshots, then a backup; returns whether the nodes were added held
+    and how many times the guest's vCPUs were stopped for the snapshots."""
     vm.wait_ready()
     with daemon.client() as c:
         c.domain_define("vm1", str(vm.daemon_qmp))
@@ -92,6 +93,8 @@ def snapshots_and_a_backup(vm: LinuxVm, daemon: Daemon, workdir: Path) -> None:
     wait_for(lambda: rounds(vm) >= 1, timeout=60, what="the guest writing")
 
     windows = []
+    assert vm.monitor is not None
+    vm.monitor.events.clear()
     with daemon.client() as c:
         for i in range(SNAPSHOTS):
             # Every fourth with a checkpoint (on RBD: two RBD snapshots the
@@ -100,6 +103,7 @@ def snapshots_and_a_backup(vm: LinuxVm, daemon: Daemon, workdir: Path) -> None:
             windows.append(c.snapshot_lookup("vm1", f"s{i}")["held_io_window"])
             c.snapshot_delete("vm1", f"s{i}")
             assert vm.running, f"QEMU died at snapshot {i}:\n{vm.stdout_path.read_text()}"
+    stops = sum(e["event"] == "STOP" for e in vm.monitor.events)
     before = rounds(vm)
     r = bbctl(daemon, "--json", "backup", "vm1", "--dest", str(workdir / "b"))
     assert r.returncode == 0, r.stderr
@@ -111,5 +115,7 @@ def snapshots_and_a_backup(vm: LinuxVm, daemon: Daemon, workdir: Path) -> None:
     # Which builds need it is the daemon's own finding (a throwaway process);
     # either way every window was one the guest could live with.
     print(f"nodes added while held: {held}; windows (ms): "
-          f"median {sorted(windows)[len(windows) // 2] * 1e3:.1f}, max {max(windows) * 1e3:.1f}")
+          f"median {sorted(windows)[len(windows) // 2] * 1e3:.1f}, max {max(windows) * 1e3:.1f}; "
+          f"vCPUs stopped {stops} times")
     assert max(windows) < 1.0
+    return held, stops

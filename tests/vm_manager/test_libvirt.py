@@ -256,7 +256,7 @@ def test_block_jobs_refused_while_our_snapshot_is_live(dom: tuple[Daemon, Domain
     assert ("unable to execute QEMU command 'block-commit': " + NEED_ROOT) in commit.stderr
     assert ("unable to execute QEMU command 'blockdev-mirror': " + NEED_ROOT) in mirror.stderr
     assert domain.qmp_cmd("query-block-jobs") == []
-    assert domain.state() == "running (unpaused)"
+    assert domain.state().startswith("running")  # ("booted": a one-disk snapshot stops no vCPU)
     write(domain, "sda", 1, 2)
     with NbdReader(sock, f"{SDA}-s1") as r:
         assert r.read(K, K) == pattern(1) and r.read(2 * K, K) == bytes(K)
@@ -415,9 +415,14 @@ def test_each_snapshot_is_a_suspend_resume_pair(dom: tuple[Daemon, Domain],
             print(f"held-I/O windows {windows} s; libvirt's Suspended->Resumed {paused} s")
             c.snapshot_delete("vm1", "p1")
             c.snapshot_delete("vm1", "p2")
+            # One disk: its move alone is the instant, no pair (the user's
+            # suspend below would otherwise come as the 7th line, not the 5th).
+            c.snapshot_create("vm1", snapshot_xml("one", {SDA: None}), checkpoint=True)
+            c.snapshot_delete("vm1", "one")
             # A guest libvirt suspended is left alone: no pair, still paused.
             domain.virsh("suspend", "vm1")
-            wait_for(lambda: len(lines()) == 5, what="the user's suspend")
+            wait_for(lambda: len(lines()) >= 5, what="the user's suspend")
+            assert lines() == pair * 2 + ["Suspended Paused"]
             c.snapshot_create("vm1", snapshot_xml("p3"))
             assert domain.state() == "paused (user)"
             c.snapshot_delete("vm1", "p3")
