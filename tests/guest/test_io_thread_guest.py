@@ -94,6 +94,7 @@ def snapshots_and_a_backup(vm: LinuxVm, daemon: Daemon, workdir: Path) -> tuple[
 
     windows = []
     assert vm.monitor is not None
+    vm.qmp("query-status")
     vm.monitor.events.clear()
     with daemon.client() as c:
         for i in range(SNAPSHOTS):
@@ -103,6 +104,7 @@ def snapshots_and_a_backup(vm: LinuxVm, daemon: Daemon, workdir: Path) -> tuple[
             windows.append(c.snapshot_lookup("vm1", f"s{i}")["held_io_window"])
             c.snapshot_delete("vm1", f"s{i}")
             assert vm.running, f"QEMU died at snapshot {i}:\n{vm.stdout_path.read_text()}"
+    vm.qmp("query-status")  # reads the events QEMU sent before its answer
     stops = sum(e["event"] == "STOP" for e in vm.monitor.events)
     before = rounds(vm)
     r = bbctl(daemon, "--json", "backup", "vm1", "--dest", str(workdir / "b"))
