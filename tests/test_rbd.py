@@ -219,3 +219,55 @@ def test_a_daemon_killed_mid_checkpoint_leaves_the_cluster_matching_its_checkpoi
         assert listed == [] and kept == []
     assert vm.running
 
+
+
+def test_rbd_checkpoints_stay_in_memory_where_the_cluster_is_out_of_reach(
+        ceph_cluster: Cluster, ceph_image: Callable[[int], str], make_vm: Callable[..., Vm],
+        daemon: Daemon, workdir: Path) -> None:
+    """QEMU reaches the cluster, the daemon cannot (here: the ``conf`` QEMU
+    opened the image with is gone; on hosts, a keyring the daemon cannot
+    read or libvirt's ``key-secret``): the checkpoints are kept in QEMU's
+    memory, said so (``tracking: memory``), incrementals exact while that
+    QEMU runs; after a QEMU restart the checkpoint is broken with the reason
+    and ``auto`` takes a full backup saying why. No RBD snapshot of ours."""
+    image = ceph_image(SIZE)
+    uri = ceph_cluster.qemu_uri(image)
+    conf = workdir / "qemu-only.conf"
+    shutil.copy(ceph_cluster.conf, conf)
+    vm = make_vm(kind=RbdVm, rbd={"sda": (image, str(conf))})
+    connect(daemon, vm)
+    conf.rename(workdir / "away.conf")  # QEMU holds its connection; the daemon has none
+    vm.write("sda", 0, SIZE, 0x71)
+    dest = workdir / "backups"
+    first = backup(daemon, dest)
+    assert disk_level(first, "sda") == "full"
+    with daemon.client() as c:
+        (cp1,) = c.call("checkpoint.list", domain="vm1")
+        assert c.call("checkpoint.lookup", domain="vm1", name=cp1)["tracking"] == \
+            {"sda": "memory"}
+    assert ours(ceph_cluster, image) == []
+    assert "RBD image" in daemon.log()  # the failed cluster call, logged
+
+    vm.write("sda", 5 * MiB, 128 * 1024, 0x72)
+    second = backup(daemon, dest, "--level", "auto")
+    assert disk_level(second, "sda") == "inc", second["disks"]["sda"].get("reason")
+    assert second["disks"]["sda"]["bytes_read"] == 128 * 1024
+    assert_restore_equals_image(daemon, vm, dest, "sda", uri)
+
+    vm.stop()
+    (workdir / "away.conf").rename(conf)  # QEMU needs it to start again
+    vm.start()
+    wait_for(lambda: domain_state(daemon, "vm1") == "running")
+    vm.write("sda", 9 * MiB, 64 * 1024, 0x73)
+    with daemon.client() as c:
+        cp2 = c.call("checkpoint.list", domain="vm1")[-1]
+        looked = c.call("checkpoint.lookup", domain="vm1", name=cp2)
+        assert looked["state"] == "broken", looked
+        print("broken:", looked.get("broken_disks"))
+    third = backup(daemon, dest, "--level", "auto")
+    assert disk_level(third, "sda") == "full"
+    reason = third["disks"]["sda"]["reason"]
+    print("reason:", reason)
+    assert "tracked in the memory of the QEMU process, and that process has ended" in reason
+    assert_restore_equals_image(daemon, vm, dest, "sda", uri)
+    assert vm.running
