@@ -3,7 +3,8 @@
 For 1, 4 and 8 disks of a running VM, takes REPEAT snapshots through the real
 daemon and reports medians of:
 
-- the held-I/O window the daemon records (vCPUs stopped, every disk moved);
+- the held-I/O window the daemon records (vCPUs stopped, every disk moved;
+  for one disk no vCPU stops: the move alone, whose drain holds that disk);
 - the floor it is compared with in the same run: a bare ``stop`` + ``cont``
   pair sent back to back on the test's own monitor (the least any
   stop-the-guest method can hold guest I/O);
