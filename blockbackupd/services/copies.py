@@ -221,7 +221,14 @@ class CopyService:
         job = await ops.job(name)
         if job is not None:
             if job.get("status") not in ("concluded", "null"):
-                await ops.cancel_job(name)
+                try:
+                    await ops.cancel_job(name)
+                except OperationFailed:
+                    # A small copy can end between the reading and the cancel
+                    # (seen on 10.0 after a reconnect): then it only needs dismissing.
+                    job = await ops.job(name)
+                    if job is not None and job.get("status") not in ("concluded", "null"):
+                        raise
                 while job is not None and job.get("status") != "concluded":
                     await asyncio.sleep(0.05)
                     job = await ops.job(name)
