@@ -139,11 +139,7 @@ def test_chain_exact_from_every_checkpoint(defined: tuple[Daemon, Vm]) -> None:
                 "cp1", "cp2", "cp3", "cp4"]
         # Exactly one recording bitmap per disk, whatever the number of checkpoints.
         for node in ("sda-fmt", "sdb-fmt"):
-            recording = [checkpoint_of(b["name"])
-                         for n in vm.qmp("query-named-block-nodes", flat=True)
-                         if n["node-name"] == node for b in n.get("dirty-bitmaps", [])
-                         if b.get("recording")]
-            assert recording == ["cp4"]
+            assert recording(vm, node) == ["cp4"]
 
 
 def recording(vm: Vm, node: str) -> list[str]:

@@ -66,6 +66,17 @@ def connect(daemon: Daemon, vm: Vm) -> None:
     wait_for(lambda: domain_state(daemon, "vm1") == "running")
 
 
+def first_full_backup(daemon: Daemon, vm: Vm, dest: Path, pattern: int) -> dict[str, str]:
+    """The guest writes the whole disk (see the module's docstring), bbctl takes
+    the first backup, a full one; returns its checkpoint's ``tracking``."""
+    vm.write("sda", 0, SIZE, pattern)
+    first = backup(daemon, dest)
+    assert disk_level(first, "sda") == "full"
+    with daemon.client() as c:
+        (cp1,) = c.call("checkpoint.list", domain="vm1")
+        return dict(c.call("checkpoint.lookup", domain="vm1", name=cp1)["tracking"])
+
+
 def restart(vm: Vm, daemon: Daemon) -> None:
     vm.stop()
     vm.start()
@@ -81,14 +92,8 @@ def test_rbd_checkpoints_are_kept_by_the_cluster_across_qemu_restarts(
     uri = ceph_cluster.qemu_uri(image)
     vm = start_vm(make_vm, ceph_cluster, image, manager)
     connect(daemon, vm)
-    vm.write("sda", 0, SIZE, 0x41)
     dest = workdir / "backups"
-    first = backup(daemon, dest)
-    assert disk_level(first, "sda") == "full"
-    with daemon.client() as c:
-        (cp1,) = c.call("checkpoint.list", domain="vm1")
-        assert c.call("checkpoint.lookup", domain="vm1", name=cp1)["tracking"] == \
-            {"sda": "cluster"}
+    assert first_full_backup(daemon, vm, dest, 0x41) == {"sda": "cluster"}
     # One RBD snapshot just before the instant, one just after.
     assert sorted(n.split("-")[1] for n in ours(ceph_cluster, image)) == ["cp", "end"]
 
@@ -237,14 +242,8 @@ def test_rbd_checkpoints_stay_in_memory_where_the_cluster_is_out_of_reach(
     vm = make_vm(kind=RbdVm, rbd={"sda": (image, str(conf))})
     connect(daemon, vm)
     conf.rename(workdir / "away.conf")  # QEMU holds its connection; the daemon has none
-    vm.write("sda", 0, SIZE, 0x71)
     dest = workdir / "backups"
-    first = backup(daemon, dest)
-    assert disk_level(first, "sda") == "full"
-    with daemon.client() as c:
-        (cp1,) = c.call("checkpoint.list", domain="vm1")
-        assert c.call("checkpoint.lookup", domain="vm1", name=cp1)["tracking"] == \
-            {"sda": "memory"}
+    assert first_full_backup(daemon, vm, dest, 0x71) == {"sda": "memory"}
     assert ours(ceph_cluster, image) == []
     assert "RBD image" in daemon.log()  # the failed cluster call, logged
 
