@@ -91,6 +91,10 @@ class DaemonSection(_Section):
     # Added: warn (log, daemon.info) when a domain's persistent bitmaps take more
     # than this many MiB of QEMU's memory (QEMU loads them all; 0: never warn).
     bitmap_memory_warning: int = Field(default=256, ge=0)
+    # Added: the qemu-storage-daemon that serves a stopped domain's images
+    # (empty: the one of the domain's own QEMU build, next to its binary, else
+    # the one on PATH).
+    storage_daemon: str = ""
 
     @field_validator("socket", "state_dir", "scratch_dir", "run_dir")
     @classmethod

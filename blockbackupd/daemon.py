@@ -18,6 +18,7 @@ from .services.copies import CopyService
 from .services.domains import DomainService, DomainSettings
 from .services.events import EventBus
 from .services.exports import ExportService, ExportSettings
+from .services.offline import OfflineService, OfflineSettings
 from .services.quiesce import QuiesceService, QuiesceSettings
 from .services.snapshots import SnapshotService, SnapshotSettings
 from .store import Store
@@ -53,12 +54,19 @@ async def run(config: Config) -> None:
         domains = DomainService(store, events, DomainSettings(
             qmp_timeout=d.qmp_timeout, reconnect_max_delay=d.reconnect_max_delay))
         stack.push_async_callback(domains.close)
+        offline = OfflineService(domains, store, OfflineSettings(
+            run_dir=d.run_dir, binary=d.storage_daemon, qmp_timeout=d.qmp_timeout,
+            scratch_dirs=d.scratch_dirs))
+        # Quit after the snapshot service removed what the storage processes served.
+        stack.push_async_callback(offline.close)
+        await offline.start()
         quiesce = QuiesceService(domains, store, QuiesceSettings(timeout=d.quiesce_timeout))
         stack.push_async_callback(quiesce.close)
         snapshots = SnapshotService(domains, events, store, SnapshotSettings(
             scratch_dirs=d.scratch_dirs, cbw_timeout=d.cbw_timeout,
             probe_interval=d.snapshot_probe_interval, probe_timeout=d.qmp_timeout), quiesce)
         stack.push_async_callback(snapshots.close)
+        offline.add_holder(snapshots.usage)
         checkpoints = CheckpointService(
             domains, snapshots, events, store,
             bitmap_memory_warning=d.bitmap_memory_warning * 2**20 or None)
@@ -76,7 +84,8 @@ async def run(config: Config) -> None:
         quiesce.start()
 
         server = RpcServer(d.socket,
-                           build_methods(domains, snapshots, checkpoints, exports, copies, events),
+                           build_methods(domains, snapshots, checkpoints, exports, copies, events,
+                                         offline),
                            AccessPolicy(d.allowed_uids, d.allowed_gids))
         await server.start(bind_unix_socket(d.socket, d.socket_mode_bits, d.socket_gid))
         stack.push_async_callback(server.close)

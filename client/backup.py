@@ -553,10 +553,10 @@ def _domain_note(client: Client, domain: str) -> str:
 
 # -- the backup ----------------------------------------------------------------------
 
-def _has_agent(client: Client, domain: str) -> bool:
-    """Whether the domain is defined with a guest agent to quiesce through."""
-    return any(d["name"] == domain and d.get("guest_agent_socket")
-               for d in client.domain_list())
+def _definition(client: Client, domain: str) -> dict[str, Any]:
+    """The domain's entry of domain.list (empty when not defined: the daemon
+    answers no-such-domain at the snapshot)."""
+    return next((d for d in client.domain_list() if d["name"] == domain), {})
 
 
 def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str],
@@ -586,7 +586,13 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
     # Without --disk, the snapshot takes every writable disk there is at its instant.
     xml = "<domainblocksnapshot><name>" + backup_id + "</name>" + "".join(
         f'<disk name="{d}"/>' for d in dict.fromkeys(disks)) + "</domainblocksnapshot>"
-    freeze = quiesce == "yes" or (quiesce == "auto" and _has_agent(client, domain))
+    definition = _definition(client, domain)
+    stopped = definition.get("state") == "disconnected"
+    if stopped:
+        say(f"{domain} is not running: its disks are read from its images as the guest left "
+            "them (the daemon holds them until this backup ends)")
+    freeze = quiesce == "yes" or (quiesce == "auto" and not stopped
+                                  and bool(definition.get("guest_agent_socket")))
     quiesce_error: str | None = None
     made: list[Path] = []
     undo: tuple[str, ...] = ()  # what of the daemon's to delete if this fails

@@ -106,12 +106,23 @@ def _size(n: int) -> str:
 def _domain_list(c: Client, a: argparse.Namespace) -> Result:
     domains = c.domain_list()
     return domains, _table([[d["name"], d["state"], d["qmp_socket"],
-                             d.get("guest_agent_socket", "-")] for d in domains],
-                           ["NAME", "STATE", "QMP SOCKET", "GUEST AGENT"])
+                             d.get("guest_agent_socket", "-"),
+                             f"images held by storage process {d['storage_process']['pid']}"
+                             if "storage_process" in d else ""] for d in domains],
+                           ["NAME", "STATE", "QMP SOCKET", "GUEST AGENT", ""])
 
 
 def _domain_define(c: Client, a: argparse.Namespace) -> Result:
-    result = c.domain_define(a.name, a.qmp_socket, a.guest_agent_socket)
+    disks = None
+    if a.disk:
+        disks = []
+        for spec in a.disk:
+            name, sep, rest = spec.partition("=")
+            if not sep or not name or not rest:
+                raise BackupError(f"--disk {spec!r}: expected NAME=FILE[,format=qcow2|raw]")
+            file, _, option = rest.partition(",format=")
+            disks.append({"name": name, "file": file, **({"format": option} if option else {})})
+    result = c.domain_define(a.name, a.qmp_socket, a.guest_agent_socket, disks)
     return result, f"domain {result['name']} defined"
 
 
@@ -462,6 +473,9 @@ def _domain_area(area: argparse.ArgumentParser) -> None:
               "name", "qmp_socket")
     p.add_argument("--guest-agent-socket", metavar="PATH",
                    help="the host side of its guest agent channel, to quiesce")
+    p.add_argument("--disk", action="append", metavar="NAME=FILE[,format=F]",
+                   help="an image of a disk, for backups while the domain has not run "
+                        "under this daemon yet (it records them itself at every start)")
     p = _verb(domain, "undefine", _domain_undefine, "forget a domain", "name")
     p.add_argument("--force", action="store_true", help="also drop its checkpoint metadata")
     _verb(domain, "xml", _domain_xml, "the live domain document", "domain")

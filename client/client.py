@@ -80,9 +80,11 @@ class _Methods:
         return self.call("daemon.info")
 
     def domain_define(self, name: str, qmp_socket: str,
-                      guest_agent_socket: str | None = None) -> Any:
+                      guest_agent_socket: str | None = None,
+                      disks: list[dict[str, str]] | None = None) -> Any:
         return self.call("domain.define", **_params(name=name, qmp_socket=qmp_socket,
-                                                    guest_agent_socket=guest_agent_socket))
+                                                    guest_agent_socket=guest_agent_socket,
+                                                    disks=disks))
 
     def domain_undefine(self, name: str, force: bool | None = None) -> Any:
         return self.call("domain.undefine", **_params(name=name, force=force))

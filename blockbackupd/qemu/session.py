@@ -97,6 +97,10 @@ class NoAnswer(OperationFailed):
 class DomainSession:
     """A self-reconnecting QMP session to one domain's QEMU."""
 
+    #: A storage process of the daemon's own, holding a stopped domain's
+    #: images (see :mod:`.storage`), rather than the domain's QEMU.
+    offline = False
+
     def __init__(
         self,
         domain: str,
@@ -245,7 +249,7 @@ class DomainSession:
     async def _supervise(self) -> None:
         delay = _FIRST_RETRY_DELAY
         while not self._closing.is_set():
-            qmp = QMPClient(self.domain)
+            qmp = self._new_client()
             # The default catch-all listener would queue every event forever.
             qmp.events.event_filter = _accept_none
             listener = _Listener(("STOP", "RESUME"))
@@ -291,6 +295,9 @@ class DomainSession:
                 self._qmp = None
                 self._set_state(DomainState.DISCONNECTED)
                 await asyncio.shield(self._close_client(qmp))
+
+    def _new_client(self) -> QMPClient:
+        return QMPClient(self.domain)
 
     async def _serve(self, qmp: QMPClient, listener: EventListener, status: str) -> None:
         """One connected session: reconcile, then follow run-state events until it drops."""

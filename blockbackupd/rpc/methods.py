@@ -11,6 +11,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from jsonrpcserver import Error, Result, Success
@@ -23,6 +25,7 @@ from ..services.copies import CopyService
 from ..services.domains import DomainService
 from ..services.events import EventBus, Subscription
 from ..services.exports import ExportService
+from ..services.offline import OfflineService
 from ..services.snapshots import SnapshotService, lookup_result
 from ..xml.checkpoint import CheckpointDoc, parse_checkpoint, render_checkpoint
 from ..xml.export import parse_export
@@ -47,7 +50,37 @@ class Peer(Protocol):
 
     def add_subscription(self, subscription: Subscription) -> None: ...
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call back (no I/O) when the connection has closed."""
+
     def notify(self, method: str, params: dict[str, Any]) -> None: ...
+
+
+def disk_images(disks: list[p.DiskImage]) -> dict[str, tuple[str, str]]:
+    """disk -> (file, format) from domain.define's ``disks``, checked.
+
+    :raise InvalidArgument: a name twice, a path not absolute or not there, a
+        format other than qcow2 or raw.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for disk in disks:
+        if not disk.name or "/" in disk.name or disk.name in out:
+            raise InvalidArgument(f"disks: disk name {disk.name[:100]!r} is empty, has a '/' "
+                                  "or is given twice")
+        path = Path(disk.file)
+        if "\0" in disk.file or not path.is_absolute():
+            raise InvalidArgument(f"disks: {disk.name}: file {disk.file[:200]!r} must be an "
+                                  "absolute path")
+        try:
+            with path.open("rb") as f:
+                magic = f.read(4)
+        except OSError as err:
+            raise InvalidArgument(f"disks: {disk.name}: {disk.file}: {err.strerror}") from None
+        fmt = disk.format or ("qcow2" if magic == b"QFI\xfb" else "raw")
+        if fmt not in ("qcow2", "raw"):
+            raise InvalidArgument(f"disks: {disk.name}: format {fmt!r} is not qcow2 or raw")
+        out[disk.name] = (str(path), fmt)
+    return out
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -93,7 +126,8 @@ def _usage(usage: BitmapUsage | None) -> dict[str, Any]:
 
 def build_methods(domains: DomainService, snapshots: SnapshotService,
                   checkpoints: CheckpointService, exports: ExportService,
-                  copies: CopyService, events: EventBus) -> dict[str, Callable[..., Any]]:
+                  copies: CopyService, events: EventBus,
+                  offline: OfflineService | None = None) -> dict[str, Callable[..., Any]]:
     """The jsonrpcserver method table for the daemon's services."""
 
     async def daemon_info(peer: Peer, _: p.NoParams) -> dict[str, Any]:
@@ -114,7 +148,12 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
             pass
 
     async def domain_define(peer: Peer, a: p.DomainDefine) -> dict[str, Any]:
+        images = None if a.disks is None else disk_images(a.disks)
+        if images is not None and offline is None:
+            raise InvalidArgument("disks: this daemon serves no stopped domains")
         domain = await domains.define(a.name, a.qmp_socket, a.guest_agent_socket)
+        if images is not None and offline is not None:
+            offline.define_images(domain.name, images)
         return {"name": domain.name}
 
     async def domain_undefine(peer: Peer, a: p.DomainUndefine) -> dict[str, Any]:
@@ -124,7 +163,9 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
     async def domain_list(peer: Peer, _: p.NoParams) -> list[dict[str, Any]]:
         return [{"name": d.name, "qmp_socket": d.qmp_socket, "state": d.state.value,
                  **({"guest_agent_socket": d.guest_agent_socket}
-                    if d.guest_agent_socket is not None else {})}
+                    if d.guest_agent_socket is not None else {}),
+                 **({"storage_process": held} if offline is not None and
+                    (held := offline.describe(d.name)) is not None else {})}
                 for d in domains.all()]
 
     async def domain_get_xml(peer: Peer, a: p.DomainRef) -> str:
@@ -149,6 +190,10 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         snapshot = await snapshots.create(a.domain, spec.name if spec else None, disks,
                                           a.checkpoint,
                                           a.quiesce or (spec is not None and spec.quiesce))
+        if snapshot.offline:
+            # A stopped domain's images stay held only as long as the backup
+            # application that asked: its VM manager may want to start it.
+            peer.on_close(partial(snapshots.delete_soon, a.domain, snapshot.name))
         result: dict[str, Any] = {"name": snapshot.name, "xml": render_snapshot(snapshot.view())}
         if export is not None:
             export = replace(export, disks=tuple(replace(d, snapshot=snapshot.name)

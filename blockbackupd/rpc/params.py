@@ -17,10 +17,20 @@ class NoParams(Params):
     pass
 
 
+class DiskImage(Params):
+    name: str
+    file: str
+    format: str | None = None
+
+
 class DomainDefine(Params):
     name: str
     qmp_socket: str
     guest_agent_socket: str | None = None
+    #: Added: the images of a domain the daemon has not seen running, so that
+    #: it can be backed up while stopped (the daemon records them itself at
+    #: every connect).
+    disks: list[DiskImage] | None = None
 
 
 class DomainUndefine(Params):

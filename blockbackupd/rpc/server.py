@@ -63,12 +63,16 @@ class Connection:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
+        self._on_close: list[Callable[[], None]] = []
         self._closed = False
 
     # -- Peer -----------------------------------------------------------------
 
     def add_subscription(self, subscription: Subscription) -> None:
         self._subscriptions.append(subscription)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
 
     def notify(self, method: str, params: dict[str, Any]) -> None:
         line = json.dumps({"jsonrpc": "2.0", "method": method, "params": params})
@@ -121,6 +125,11 @@ class Connection:
             writer_task.cancel()
             self._closed = True
             self._writer.close()
+            for callback in self._on_close:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("%s: a clean-up at disconnection failed", self.name)
             log.debug("%s disconnected", self.name)
 
     async def _read_loop(self) -> None:

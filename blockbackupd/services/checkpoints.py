@@ -443,8 +443,7 @@ class CheckpointService:
         :raise NoSuchDisk: :raise CheckpointBroken: :raise InvalidArgument:
         :raise OperationFailed:
         """
-        domain = self._domains.connected(domain_name)
-        async with domain.lock:
+        async with self._domains.reachable(domain_name) as domain, domain.lock:
             verified = await self.verify(domain)
             disks = verified.disks
             if disk not in disks:
@@ -487,8 +486,7 @@ class CheckpointService:
         :raise NoSuchDomain: :raise DomainNotConnected: :raise NoSuchCheckpoint:
         :raise OperationFailed:
         """
-        domain = self._domains.connected(domain_name)
-        async with domain.lock:
+        async with self._domains.reachable(domain_name) as domain, domain.lock:
             self.get(domain_name, name)  # no-such-checkpoint before anything else
             verified = await self.verify(domain)
             records = self._store.checkpoints(domain_name)
@@ -577,8 +575,7 @@ class CheckpointService:
             check_name(name, "checkpoint name")
         except ValueError as err:
             raise InvalidArgument(str(err)) from None
-        domain = self._domains.connected(domain_name)
-        async with domain.lock:
+        async with self._domains.reachable(domain_name) as domain, domain.lock:
             records = self._store.checkpoints(domain_name)
             if any(c.name == name for c in records):
                 raise AlreadyExists(f"domain {domain_name!r} already has a checkpoint {name!r}")

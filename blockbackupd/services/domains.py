@@ -6,10 +6,11 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import AlreadyExists, Busy, DomainNotConnected, InvalidArgument, NoSuchDomain
 from ..model import DomainState, ExportDiskSpec
@@ -38,7 +39,8 @@ class Domain:
     name: str
     qmp_socket: str
     origin: str
-    session: DomainSession
+    #: The session to the domain's own QEMU (the VM).
+    vm_session: DomainSession
     #: The host side of the guest agent's channel, for quiesce (None: no agent).
     guest_agent_socket: str | None = None
     #: Held by every operation that changes the domain's block graph
@@ -47,10 +49,25 @@ class Domain:
     #: The last thing that went wrong with the domain, for operators
     #: (daemon.info): {"time": unix seconds, "message": ...}, or None.
     last_error: dict[str, Any] | None = None
+    #: While the VM's QEMU is not running and a snapshot, checkpoint or
+    #: export needs its images: the session to the daemon's storage process
+    #: that holds them (see :mod:`blockbackupd.qemu.storage`).
+    storage_session: DomainSession | None = None
+
+    @property
+    def session(self) -> DomainSession:
+        """The QEMU that holds the domain's images now: the VM's, or, while
+        the domain is served offline, the daemon's storage process."""
+        return self.storage_session or self.vm_session
+
+    @property
+    def offline(self) -> bool:
+        return self.storage_session is not None
 
     @property
     def state(self) -> DomainState:
-        return self.session.state
+        """The VM's state (``disconnected`` while it is served offline)."""
+        return self.vm_session.state
 
     def note_error(self, message: str) -> None:
         self.last_error = {"time": int(time.time()), "message": message}
@@ -60,6 +77,27 @@ class Domain:
 class DomainSettings:
     qmp_timeout: float
     reconnect_max_delay: float
+
+
+class Storage(Protocol):
+    """Serves a stopped domain's images (the offline service)."""
+
+    def lease(self, domain: Domain) -> AbstractAsyncContextManager[None]:
+        """Hold the domain's images in a storage process for the block.
+
+        :raise DomainNotConnected: the daemon knows no images of the domain.
+        :raise Unsupported: no storage daemon is installed.
+        :raise OperationFailed: it could not open them (QEMU's text).
+        """
+        ...
+
+    async def settle(self, domain: Domain) -> None:
+        """Stop serving the domain's images if nothing holds them any more."""
+        ...
+
+    async def displaced(self, domain: Domain) -> None:
+        """The VM's QEMU connected while a storage process holds its images."""
+        ...
 
 
 class DomainService:
@@ -85,6 +123,9 @@ class DomainService:
         self.disk_checkpoints: Callable[[str], Mapping[str, list[str]]] = lambda domain: {}
         #: Set by the export service: the domain's exports.
         self.exports_of: Callable[[str], Iterable[ExportDiskSpec]] = lambda domain: ()
+        #: Set by the offline service: serves stopped domains' images.
+        self.storage: Storage | None = None
+        self._gone_hooks: list[Callable[[str], None]] = []
 
     def _on_event(self, event: dict[str, Any]) -> None:
         """Breaks are what an operator must hear about: keep the last one."""
@@ -109,14 +150,32 @@ class DomainService:
 
     async def _connected_hooks(self, session: DomainSession) -> None:
         domain = self._domains.get(session.domain)
-        if domain is None or domain.session is not session:
+        if domain is None or domain.vm_session is not session:
             return
+        if domain.offline and self.storage is not None:
+            # Its images were not to be opened by anyone else; QEMU did (image
+            # locking off?): the storage process and what it served go first.
+            await self.storage.displaced(domain)
+        await self.run_connect_hooks(domain)
+
+    async def run_connect_hooks(self, domain: Domain) -> None:
+        """Reconcile the services with the QEMU now holding the domain's images."""
         async with domain.lock:
             start = time.perf_counter()
             for hook in self._connect_hooks:
                 await hook(domain)
-            log.info("domain %s: reconciled with QEMU in %.1f ms", domain.name,
+            log.info("domain %s: reconciled with %s in %.1f ms", domain.name,
+                     "the storage process" if domain.offline else "QEMU",
                      (time.perf_counter() - start) * 1e3)
+
+    def add_gone_hook(self, hook: Callable[[str], None]) -> None:
+        """hook(domain) runs when the storage process serving a stopped domain
+        has gone: its nodes, snapshots and exports went with it."""
+        self._gone_hooks.append(hook)
+
+    def storage_gone(self, name: str) -> None:
+        for hook in self._gone_hooks:
+            hook(name)
 
     def add_removal_hook(self, hook: Callable[[Domain, str], Awaitable[None]]) -> None:
         """hook(domain, disk) runs under the domain's lock when QEMU reports that
@@ -164,7 +223,7 @@ class DomainService:
         told of something the services must follow (called from the QMP
         reader, which must not wait)."""
         domain = self._domains.get(session.domain)
-        if domain is None or domain.session is not session or not hooks:
+        if domain is None or domain.vm_session is not session or not hooks:
             return
 
         async def run() -> None:
@@ -210,7 +269,7 @@ class DomainService:
     async def close(self) -> None:
         """Close every QMP session (the definitions stay in the store)."""
         domains, self._domains = list(self._domains.values()), {}
-        await asyncio.gather(*(d.session.close() for d in domains))
+        await asyncio.gather(*(d.vm_session.close() for d in domains))
 
     def _add(self, name: str, qmp_socket: str, origin: str,
              guest_agent_socket: str | None) -> Domain:
@@ -259,9 +318,32 @@ class DomainService:
         :raise DomainNotConnected: its QEMU is not reachable.
         """
         domain = self.get(name)
-        if domain.state is DomainState.DISCONNECTED:
+        if domain.state is DomainState.DISCONNECTED and not domain.offline:
             raise DomainNotConnected(name)
         return domain
+
+    async def release(self, domain: Domain) -> None:
+        """Something that held a stopped domain's images (a snapshot) has gone."""
+        if self.storage is not None and domain.offline:
+            await self.storage.settle(domain)
+
+    @asynccontextmanager
+    async def reachable(self, name: str) -> AsyncIterator[Domain]:
+        """The domain, served by its QEMU, or while that is not running by a
+        storage process of the daemon's (kept for the block at least).
+
+        :raise NoSuchDomain: no domain with that name.
+        :raise DomainNotConnected: its QEMU is not reachable and the daemon
+            knows none of its images.
+        :raise Unsupported: :raise OperationFailed: the storage process
+            could not serve them.
+        """
+        domain = self.get(name)
+        if domain.state is not DomainState.DISCONNECTED or self.storage is None:
+            yield self.connected(name)
+            return
+        async with self.storage.lease(domain):
+            yield domain
 
     def __len__(self) -> int:
         return len(self._domains)
@@ -344,7 +426,7 @@ class DomainService:
         self._store.delete_domain(name)
         del self._domains[name]
         log.info("domain %s: undefined", name)
-        await domain.session.close()
+        await domain.vm_session.close()
 
 
 def _socket_path(key: str, path: str) -> str:

@@ -108,6 +108,7 @@ class ExportService:
         snapshots.add_before_delete(self._stop_for)
         snapshots.add_before_part_delete(self._stop_for)
         events.subscribe(None, self._on_event)
+        domains.add_gone_hook(self.forget)
         domains.add_usage_check(self._usage)
         domains.exports_of = lambda d: [e.spec() for e in self.exports(d)]
         # Before the snapshot service's: exports go before the nodes they read.
@@ -520,23 +521,27 @@ class ExportService:
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event["type"] == "domain-disconnected":
-            server = self._servers.pop(event["domain"], None)
-            if server is None:
+            self.forget(event["domain"])
+
+    def forget(self, domain: str) -> None:
+        """The connection to the QEMU serving the domain's exports went."""
+        server = self._servers.pop(domain, None)
+        if server is None:
+            return
+        # The connection went, not necessarily QEMU (the daemon stopping
+        # while a client holds an export, a cut monitor socket): while
+        # the server still listens, its record stays, and the next
+        # connection to this QEMU stops it (clean_leftovers). A TCP
+        # server cannot be told apart: its record goes, as with QEMU.
+        if server.address.socket is not None:
+            probe = _connect(server.address.socket)
+            if probe is not None:  # it listens: said goodbye to, kept
+                task = asyncio.get_running_loop().create_task(_goodbye(probe))
+                self._goodbyes.add(task)
+                task.add_done_callback(self._goodbyes.discard)
                 return
-            # The connection went, not necessarily QEMU (the daemon stopping
-            # while a client holds an export, a cut monitor socket): while
-            # the server still listens, its record stays, and the next
-            # connection to this QEMU stops it (clean_leftovers). A TCP
-            # server cannot be told apart: its record goes, as with QEMU.
-            if server.address.socket is not None:
-                probe = _connect(server.address.socket)
-                if probe is not None:  # it listens: said goodbye to, kept
-                    task = asyncio.get_running_loop().create_task(_goodbye(probe))
-                    self._goodbyes.add(task)
-                    task.add_done_callback(self._goodbyes.discard)
-                    return
-                _remove_socket(server.address.socket)
-            self._store.drop_intent(server.record)
+            _remove_socket(server.address.socket)
+        self._store.drop_intent(server.record)
 
 
 #: NBD handshake constants (the NBD protocol): "IHAVEOPT", NBD_OPT_ABORT,

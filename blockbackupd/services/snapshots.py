@@ -36,11 +36,12 @@ from ..errors import (
     Busy,
     InvalidArgument,
     NoSuchDisk,
+    NoSuchDomain,
     NoSuchSnapshot,
     QuiesceFailed,
     Unsupported,
 )
-from ..model import Disk, SnapshotDiskView, SnapshotState, SnapshotView
+from ..model import Disk, DomainState, SnapshotDiskView, SnapshotState, SnapshotView
 from ..names import PREFIX, check_name, parse_checkpoint_bitmap
 from ..qemu import iothreads
 from ..qemu.blockops import Bitmaps, BlockOps
@@ -119,6 +120,9 @@ class Snapshot:
     frozen_window: float | None = None
     #: How many filesystems the guest agent froze for it.
     frozen_filesystems: int = 0
+    #: Taken of a stopped domain's images, in the daemon's storage process:
+    #: it lives as long as the connection that made it (see the offline service).
+    offline: bool = False
 
     @property
     def quiesced(self) -> bool:
@@ -211,14 +215,16 @@ class SnapshotService:
         self._before_delete: list[BeforeDelete] = []
         self._before_part_delete: list[BeforePartDelete] = []
         self._job_ids = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
         #: Set by the checkpoint service: the bitmap actions of each instant.
         self.instant_hook: InstantHook | None = None
         events.subscribe(None, self._on_event)
-        domains.add_usage_check(self._usage)
+        domains.add_usage_check(self.usage)
         domains.add_connect_hook(self.clean_leftovers)
         domains.add_removal_hook(self._disk_removed)
         domains.add_job_start_hook(self._job_started)
         domains.add_migration_hook(self._migrating)
+        domains.add_gone_hook(self.forget)
 
     def add_before_delete(self, hook: BeforeDelete) -> None:
         """Run hook (e.g. stopping exports) before a snapshot's nodes go."""
@@ -237,6 +243,8 @@ class SnapshotService:
             for name in reversed(list(state.snapshots)):  # newest first: no retired filters
                 try:
                     await self.delete(domain, name)
+                except NoSuchSnapshot:
+                    pass  # deleted meanwhile (its creator's connection closed)
                 except Exception as err:
                     log.error("snapshot %s/%s left behind at exit: %s", domain, name, err)
 
@@ -258,7 +266,7 @@ class SnapshotService:
         except KeyError:
             raise NoSuchSnapshot(f"domain {domain!r} has no snapshot {name!r}") from None
 
-    def _usage(self, domain: str) -> str | None:
+    def usage(self, domain: str) -> str | None:
         n = len(self._state(domain).snapshots)
         return f"it has {n} snapshot(s)" if n else None
 
@@ -285,8 +293,12 @@ class SnapshotService:
             not reachable, refused, or did not answer in time; nothing is left.
         :raise OperationFailed: QEMU or the host refused; nothing is left behind.
         """
-        domain = self._domains.connected(domain_name)
+        domain = self._domains.get(domain_name)
         if quiesce:
+            if domain.state is DomainState.DISCONNECTED:
+                raise QuiesceFailed(f"domain {domain_name!r} is not running: no guest to freeze "
+                                    "(its disks are as the guest left them at shutdown); take "
+                                    "the snapshot without quiesce")
             agent_socket(domain)  # refused before anything is made
             if self._quiesce is None:
                 raise QuiesceFailed("quiesce is not available in this daemon")
@@ -296,7 +308,7 @@ class SnapshotService:
             check_name(name, "snapshot name")
         except ValueError as err:
             raise InvalidArgument(str(err)) from None
-        async with domain.lock:
+        async with self._domains.reachable(domain_name) as domain, domain.lock:
             self._domains.connected(domain_name)
             state = self._state(domain_name)
             if name in state.snapshots:
@@ -318,6 +330,7 @@ class SnapshotService:
             await _refuse_throttled_io_threads(domain, graph, [d for d, _ in chosen])
             snapshot = await self._build(domain, ops, name, chosen, checkpoint,
                                          list(present.values()), quiesce)
+            snapshot.offline = domain.offline
             state.snapshots[name] = snapshot
             self._ensure_prober(domain)
         log.info("snapshot %s/%s created: disks %s, held-I/O window %.3f ms%s", domain_name, name,
@@ -612,6 +625,26 @@ class SnapshotService:
 
     # -- delete ---------------------------------------------------------------
 
+    def delete_soon(self, domain_name: str, name: str) -> None:
+        """Delete a snapshot in the background (its creator went away); one
+        already deleted is no error."""
+        async def run() -> None:
+            if name not in self._state(domain_name).snapshots:
+                return  # deleted already (and its domain may be gone with it)
+            try:
+                await self.delete(domain_name, name)
+                log.info("snapshot %s/%s deleted: the connection that made it closed",
+                         domain_name, name)
+            except (NoSuchSnapshot, NoSuchDomain):
+                pass
+            except Exception as err:
+                log.error("snapshot %s/%s: deleting it after its creator left failed: %s",
+                          domain_name, name, err)
+
+        task = asyncio.create_task(run(), name=f"delete {domain_name}/{name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def delete(self, domain_name: str, name: str) -> None:
         """Stop the snapshot's exports, restore each disk's I/O path, remove
         every node and scratch file. Safe to repeat after a failure.
@@ -630,6 +663,8 @@ class SnapshotService:
             del self._state(domain_name).snapshots[name]
             await self._unstack(domain, ops)
         log.info("snapshot %s/%s deleted", domain_name, name)
+        if domain.offline:
+            await self._domains.release(domain)
 
     @asynccontextmanager
     async def _held_for_removal(self, domain: Domain,

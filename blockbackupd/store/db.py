@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,12 @@ MIGRATIONS: tuple[str, ...] = (
     # 4: the host side of the domain's guest agent channel (NULL: none), for quiesce.
     """
     ALTER TABLE domain ADD COLUMN guest_agent_socket TEXT;
+    """,
+    # 5: the images of each disk as the domain's QEMU last had them open (JSON:
+    # disk -> {size, chain: [{file, format}, ...] top first}), so that a
+    # stopped domain's disks can still be backed up.
+    """
+    ALTER TABLE domain ADD COLUMN images TEXT;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -133,6 +139,9 @@ class DomainRecord:
     origin: str
     defined_at: float
     guest_agent_socket: str | None = None
+    #: disk -> {"size": bytes, "chain": [{"file", "format"}, ...] top first}:
+    #: the images its QEMU last had open (or the definition named).
+    images: dict[str, Any] = field(default_factory=dict)
 
 
 class Store:
@@ -208,24 +217,36 @@ class Store:
     def domains(self) -> list[DomainRecord]:
         with self.transaction() as db:
             rows = db.execute(
-                "SELECT name, qmp_socket, origin, defined_at, guest_agent_socket FROM domain "
-                "ORDER BY name"
+                "SELECT name, qmp_socket, origin, defined_at, guest_agent_socket, images "
+                "FROM domain ORDER BY name"
             ).fetchall()
-        return [DomainRecord(**dict(r)) for r in rows]
+        return [DomainRecord(**{**dict(r), "images": json.loads(r["images"] or "{}")})
+                for r in rows]
 
     def put_domain(self, name: str, qmp_socket: str, origin: str,
                    guest_agent_socket: str | None = None) -> DomainRecord:
         """Insert or replace the domain's row."""
-        record = DomainRecord(name, qmp_socket, origin, time.time(), guest_agent_socket)
         with self.transaction() as db:
+            # The images the daemon saw stay with the name (a new socket for
+            # the same VM is still the same VM's disks).
+            old = db.execute("SELECT images FROM domain WHERE name = ?", (name,)).fetchone()
+            images = old["images"] if old is not None else None
+            record = DomainRecord(name, qmp_socket, origin, time.time(), guest_agent_socket,
+                                  json.loads(images or "{}"))
             db.execute("DELETE FROM domain WHERE name = ? OR qmp_socket = ?", (name, qmp_socket))
             db.execute(
-                "INSERT INTO domain (name, qmp_socket, origin, defined_at, guest_agent_socket) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO domain (name, qmp_socket, origin, defined_at, guest_agent_socket, "
+                "images) VALUES (?, ?, ?, ?, ?, ?)",
                 (record.name, record.qmp_socket, record.origin, record.defined_at,
-                 record.guest_agent_socket),
+                 record.guest_agent_socket, images),
             )
         return record
+
+    def set_images(self, name: str, images: dict[str, Any]) -> None:
+        """Record the images of the domain's disks (see migration 5)."""
+        with self.transaction() as db:
+            db.execute("UPDATE domain SET images = ? WHERE name = ?",
+                       (json.dumps(images, sort_keys=True), name))
 
     def delete_domain(self, name: str) -> None:
         """Forget a domain and its checkpoint metadata (bitmaps in images stay)."""
