@@ -20,8 +20,13 @@ BASE_APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python
 # qemu-block-extra is the system QEMU's rbd driver (block-rbd.so); python3-rbd
 # (with python3-rados) is the daemon's own way to the cluster, for checkpoints
 # kept as RBD snapshots (ceph-common depends on it; named for clarity).
+# libguestfs-tools and python3-guestfs: bbctl mount (file-level restore) reads a
+# backup's guest filesystems in libguestfs's appliance VM; linux-image-amd64 is
+# the kernel supermin builds that appliance from (only a Recommends of supermin,
+# and a container has none in /boot); it is not booted on the host.
 APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients e2fsprogs \
-                ceph-mon ceph-osd ceph-common qemu-block-extra python3-rbd python3-rados
+                ceph-mon ceph-osd ceph-common qemu-block-extra python3-rbd python3-rados \
+                libguestfs-tools python3-guestfs linux-image-amd64
 VENV         := .venv
 PYTHON       := $(VENV)/bin/python
 # libnbd's Python binding is a distro package for the system Python only.

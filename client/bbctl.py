@@ -339,9 +339,12 @@ def _list(c: Client | None, a: argparse.Namespace) -> Result:
     from pathlib import Path
 
     from .backup import Manifest, disk_level, record_level
+    from .mount import restorable
 
-    backups = Manifest.load(Path(a.dest), None).backups
+    manifest = Manifest.load(Path(a.dest), None)
+    backups = manifest.backups
     for b in backups:  # manifests before per-disk levels: said by the backing file
+        b["restore"] = restorable(Path(a.dest), manifest, b)
         b["disks"] = {d: {"level": disk_level(e), **e} for d, e in b["disks"].items()}
     rows = []
     for b in backups:
@@ -351,8 +354,10 @@ def _list(c: Client | None, a: argparse.Namespace) -> Result:
         rows.append([b["id"], level,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["time"])),
                      "yes" if b.get("quiesced") else "no", disks,
-                     str(sum(d["bytes_written"] for d in b["disks"].values()))])
-    return backups, _table(rows, ["ID", "LEVEL", "TIME", "QUIESCED", "DISKS", "BYTES"])
+                     str(sum(d["bytes_written"] for d in b["disks"].values())),
+                     ",".join(b["restore"]) or "-"])
+    return backups, _table(rows, ["ID", "LEVEL", "TIME", "QUIESCED", "DISKS", "BYTES",
+                                  "RESTORE"])
 
 
 def _restore(c: Client | None, a: argparse.Namespace) -> Result:
@@ -388,6 +393,51 @@ def _verify(c: Client | None, a: argparse.Namespace) -> Result:
     return {"ok": True}, "all files match the manifest"
 
 
+class _Status:
+    """The mount's progress on a terminal: its step and the seconds so far, on one
+    line of stderr rewritten in place (the appliance's start takes seconds)."""
+
+    def __init__(self) -> None:
+        self.shown = False
+
+    def __call__(self, step: str, seconds: float) -> None:
+        print(f"\r\033[Kbbctl: {step} ({seconds:.0f} s)", end="", file=sys.stderr, flush=True)
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def _mount(c: Client | None, a: argparse.Namespace) -> Result:
+    from pathlib import Path
+
+    from .mount import mount
+
+    status = _Status() if sys.stderr.isatty() else None
+    try:
+        result = mount(Path(a.dest), a.disk, a.at, Path(a.mountpoint), progress=status,
+                       timeout=a.timeout)
+    finally:
+        if status is not None:
+            status.clear()
+    rows = [[f["path"], f["source"], f["type"], f["note"] or "-"]
+            for f in result["filesystems"]]
+    return result, (f"mounted {a.disk} at {result['backup']} read-only on "
+                    f"{result['mountpoint']} in {result['seconds']} s (pid {result['pid']}; "
+                    f"bbctl umount {result['mountpoint']} ends it)\n"
+                    + _table(rows, ["PATH", "SOURCE", "TYPE", "NOTE"]))
+
+
+def _umount(c: Client | None, a: argparse.Namespace) -> Result:
+    from pathlib import Path
+
+    from .mount import umount
+
+    result = umount(Path(a.mountpoint))
+    return result, f"unmounted {result['mountpoint']}"
+
+
 def _enable_tracking(c: Client | None, a: argparse.Namespace) -> Result:
     from pathlib import Path
 
@@ -404,7 +454,7 @@ def _enable_tracking(c: Client | None, a: argparse.Namespace) -> Result:
 
 
 #: Commands that work on files alone, without the daemon.
-_OFFLINE = {"list", "restore", "verify", "prune", "disk"}
+_OFFLINE = {"list", "restore", "verify", "prune", "disk", "mount", "umount"}
 
 
 # -- the parser ------------------------------------------------------------------
@@ -565,6 +615,21 @@ def _restore_command(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_restore)
 
 
+def _mount_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dest")
+    p.add_argument("--disk", required=True)
+    p.add_argument("--at", help="backup id (default: the latest)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="give up if the filesystems are not mounted by then (default 600)")
+    p.add_argument("mountpoint", help="an empty directory")
+    p.set_defaults(run=_mount)
+
+
+def _umount_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mountpoint")
+    p.set_defaults(run=_umount)
+
+
 def _prune_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest")
     p.add_argument("--keep", type=int, required=True, metavar="N",
@@ -600,6 +665,12 @@ _AREAS: list[tuple[str, str, str | None, Completer]] = [
     ("list", "the backups in a directory", "one line per backup, oldest first", _list_command),
     ("restore", "rebuild a disk as it was at a backup",
      "rebuild a disk as it was at a backup (default latest)", _restore_command),
+    ("mount", "mount the filesystems of a backup point read-only",
+     "mount every partition and LVM volume of a disk at a backup (default latest), "
+     "read-only, each in a directory under MOUNTPOINT; libguestfs's appliance reads "
+     "them, never the host's kernel", _mount_command),
+    ("umount", "end a bbctl mount", "unmount a bbctl mount and stop its appliance",
+     _umount_command),
     ("prune", _PRUNE, _PRUNE, _prune_command),
     ("verify", "check every file against the manifest",
      "re-read every backup file (up to --at) and compare it with the manifest's checksum",

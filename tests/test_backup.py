@@ -62,7 +62,9 @@ def test_full_then_incrementals_restore_every_point(defined: tuple[Daemon, Vm],
                         {"sda": (64 * 1024, 0), "sdb": (0, 64 * 1024)}][i]
     assert levels == ["full", "inc", "inc"]
     listing = bbctl(daemon, "list", str(dest)).stdout.splitlines()
-    assert listing[0].split() == ["ID", "LEVEL", "TIME", "QUIESCED", "DISKS", "BYTES"]
+    assert listing[0].split() == ["ID", "LEVEL", "TIME", "QUIESCED", "DISKS", "BYTES",
+                                  "RESTORE"]
+    assert [line.split()[-1] for line in listing[1:]] == ["restore,mount"] * 3
     # No guest agent is defined: --quiesce auto took crash-consistent backups.
     assert [line.split()[4] for line in listing[1:]] == ["no", "no", "no"]
     assert [line.split()[1] for line in listing[1:]] == ["full", "inc", "inc"]
