@@ -238,8 +238,13 @@ def test_a_writer_beside_a_one_disk_instant_lands_on_its_side(defined: tuple[Dae
     assert new == set(written[:len(new)])
     assert new <= before, sorted(new - before)
     assert set(written) - new <= after, sorted(set(written) - new - after)
-    # Only the gap between the two transactions is counted twice.
-    assert len(before & after) <= 3, sorted(before & after)
+    # Only the gap between the two transactions is counted twice: one run of
+    # consecutive writes around the instant (how many depends on the load,
+    # so no count is asserted: 3 here alone, 6 under a loaded suite run).
+    twice = sorted(written.index(cl) for cl in before & after)
+    if twice:
+        assert twice == list(range(twice[0], twice[-1] + 1)), twice
+        assert twice[0] <= len(new) <= twice[-1] + 1, (twice, len(new))
     assert vm.status() == "running"
 
 
