@@ -798,15 +798,7 @@ def restore(dest: Path, disk: str, at: str | None, output: Path, fmt: str) -> No
     """
     manifest = Manifest.load(dest, None)
     record = manifest.find(at)
-    files = chain(manifest, record["id"], disk)
-    for i, name in enumerate(files):
-        path = dest / name
-        if not path.exists():
-            raise BackupError(f"{name} is missing: {disk} at {record['id']} needs it")
-        expected = files[i + 1] if i + 1 < len(files) else None
-        actual = _backing_name(path)
-        if actual != expected:
-            raise BackupError(f"{name} has backing file {actual}, the manifest says {expected}")
+    files = checked_chain(dest, manifest, record["id"], disk)
     import subprocess
 
     existed = output.exists()
@@ -817,6 +809,24 @@ def restore(dest: Path, disk: str, at: str | None, output: Path, fmt: str) -> No
         if not existed:
             output.unlink(missing_ok=True)
         raise
+
+
+def checked_chain(dest: Path, manifest: Manifest, backup_id: str, disk: str) -> list[str]:
+    """:func:`chain`, each file present and naming the next one as its backing file.
+
+    :raise BackupError: no such disk, or a file is missing or names another
+        backing file than the manifest.
+    """
+    files = chain(manifest, backup_id, disk)
+    for i, name in enumerate(files):
+        path = dest / name
+        if not path.exists():
+            raise BackupError(f"{name} is missing: {disk} at {backup_id} needs it")
+        expected = files[i + 1] if i + 1 < len(files) else None
+        actual = _backing_name(path)
+        if actual != expected:
+            raise BackupError(f"{name} has backing file {actual}, the manifest says {expected}")
+    return files
 
 
 def verify(dest: Path, at: str | None) -> list[str]:

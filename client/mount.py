@@ -80,25 +80,13 @@ def _point(dest: Path, disk: str, at: str | None) -> tuple[str, Path]:
     :raise BackupError: no such directory, backup or disk, or a file of the chain
         is missing or names another backing file than the manifest.
     """
-    from . import qcow2
-    from .backup import Manifest, chain
+    from .backup import Manifest, checked_chain
 
     if not dest.is_dir():
         raise BackupError(f"no such directory: {dest}")
     manifest = Manifest.load(dest, None)
     record = manifest.find(at)
-    files = chain(manifest, record["id"], disk)
-    for i, name in enumerate(files):
-        path = dest / name
-        if not path.exists():
-            raise BackupError(f"{name} is missing: {disk} at {record['id']} needs it")
-        expected = files[i + 1] if i + 1 < len(files) else None
-        try:
-            actual = qcow2.backing_file(path)
-        except ValueError as err:
-            raise BackupError(str(err)) from None
-        if actual != expected:
-            raise BackupError(f"{name} has backing file {actual}, the manifest says {expected}")
+    files = checked_chain(dest, manifest, record["id"], disk)
     return str(record["id"]), (dest / files[0]).resolve()
 
 
