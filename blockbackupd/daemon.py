@@ -55,11 +55,9 @@ async def run(config: Config) -> None:
             qmp_timeout=d.qmp_timeout, reconnect_max_delay=d.reconnect_max_delay))
         stack.push_async_callback(domains.close)
         offline = OfflineService(domains, store, OfflineSettings(
-            run_dir=d.run_dir, binary=d.storage_daemon, qmp_timeout=d.qmp_timeout,
-            scratch_dirs=d.scratch_dirs))
+            run_dir=d.run_dir, binary=d.storage_daemon, qmp_timeout=d.qmp_timeout))
         # Quit after the snapshot service removed what the storage processes served.
         stack.push_async_callback(offline.close)
-        await offline.start()
         quiesce = QuiesceService(domains, store, QuiesceSettings(timeout=d.quiesce_timeout))
         stack.push_async_callback(quiesce.close)
         snapshots = SnapshotService(domains, events, store, SnapshotSettings(
@@ -67,6 +65,7 @@ async def run(config: Config) -> None:
             probe_interval=d.snapshot_probe_interval, probe_timeout=d.qmp_timeout), quiesce)
         stack.push_async_callback(snapshots.close)
         offline.add_holder(snapshots.usage)
+        await offline.start(snapshots.remove_leftover_scratch)
         checkpoints = CheckpointService(
             domains, snapshots, events, store,
             bitmap_memory_warning=d.bitmap_memory_warning * 2**20 or None)

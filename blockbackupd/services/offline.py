@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,11 @@ from ..qemu.graph import query_disks
 from ..qemu.session import DomainSession
 from ..store import Store
 from .domains import Domain, DomainService
-from .scratch import remove as remove_scratch
 
 log = logging.getLogger("blockbackupd.offline")
 
 #: Kind of the store records that say a storage process runs.
 STORAGE_RECORD = "storage-process"
-#: The store record kind of scratch files (the snapshot service's).
-SCRATCH_RECORD = "scratch"
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,6 @@ class OfflineSettings:
     #: The storage daemon binary ("": the domain's own QEMU build's, else PATH's).
     binary: str
     qmp_timeout: float
-    scratch_dirs: list[Path]
 
 
 @dataclass
@@ -59,8 +55,6 @@ class _Running:
     leases: int = 0
     stopping: bool = False
     watcher: asyncio.Task[None] | None = None
-    #: Disks of the record that could not be opened: disk -> why.
-    skipped: dict[str, str] = field(default_factory=dict)
 
 
 class OfflineService:
@@ -166,7 +160,8 @@ class OfflineService:
                 await self._stop(domain, running)
 
     async def _start(self, domain: Domain) -> _Running:
-        images = self._images(domain.name).get("disks", {})
+        recorded = self._images(domain.name)
+        images = recorded.get("disks", {})
         if not images:
             raise DomainNotConnected(domain.name, "its QEMU is not running, and the daemon "
                                      "never saw its disks (name them in domain.define)")
@@ -176,7 +171,7 @@ class OfflineService:
             raise DomainNotConnected(domain.name, "its QEMU is not running, and none of its "
                                      "disks can be opened without it: " + "; ".join(
                                          f"{d}: {why}" for d, why in sorted(skipped.items())))
-        binary = storage.binary_for(self._images(domain.name).get("qemu"), self._settings.binary)
+        binary = storage.binary_for(recorded.get("qemu"), self._settings.binary)
         path = self._settings.run_dir / f"{domain.name}.storage.qmp"
         record = self._store.add_intent(domain.name, STORAGE_RECORD, {"socket": str(path)})
         try:
@@ -206,7 +201,7 @@ class OfflineService:
         session = storage.StorageSession(
             domain.name, str(path), devices, command_timeout=self._settings.qmp_timeout,
             reconnect_max_delay=1.0, on_connect=opened, on_state_change=changed)
-        running = _Running(process, session, record, skipped=skipped)
+        running = _Running(process, session, record)
         session.start()
         try:
             waiter = asyncio.ensure_future(process.wait())
@@ -274,12 +269,13 @@ class OfflineService:
 
     # -- daemon life ---------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, remove_scratch: Callable[[str, list[str]], list[str]]) -> None:
         """Stop the storage processes a killed daemon left, and remove the
-        scratch files their snapshots made (before any session starts)."""
+        scratch files their snapshots made with ``remove_scratch(domain, [])``
+        (the snapshot service's; before any session starts)."""
         for record in self._store.domains():
-            intents = self._store.intents(record.name)
-            leftovers = [i for i in intents if i.kind == STORAGE_RECORD]
+            leftovers = [i for i in self._store.intents(record.name)
+                         if i.kind == STORAGE_RECORD]
             for intent in leftovers:
                 if await asyncio.to_thread(storage.stop_leftover, intent.payload):
                     log.warning("domain %s: stopped storage process %s left by an earlier "
@@ -288,13 +284,7 @@ class OfflineService:
             # The images were held by it, so its VM was not running: every
             # scratch file recorded for the domain was its snapshots'.
             if leftovers:
-                for intent in intents:
-                    if intent.kind == SCRATCH_RECORD:
-                        path = Path(intent.payload["file"])
-                        if any(path.parent.resolve().is_relative_to(d.resolve())
-                               for d in self._settings.scratch_dirs):
-                            remove_scratch(path)
-                        self._store.drop_intent(intent.id)
+                remove_scratch(record.name, [])
 
     async def close(self) -> None:
         """Daemon stopping: quit every storage process (after the services

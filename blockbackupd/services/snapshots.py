@@ -936,21 +936,8 @@ class SnapshotService:
         for node in ours:
             if node.endswith("-scratch") and node in remaining:
                 await ops.delete_node(node)
-        # Scratch files the store knows of, even those no node used yet.
+        files = self.remove_leftover_scratch(domain.name, files)
         records = self._store.intents(domain.name)
-        state = self._state(domain.name)
-        live = {part.record for snap in state.snapshots.values() for part in snap.disks}
-        live |= {part.record for part in state.retired}
-        stale = [r for r in records if r.kind == SCRATCH_RECORD and r.id not in live]
-        files += [r.payload["file"] for r in stale
-                  if r.payload["file"] not in files and os.path.lexists(r.payload["file"])]
-        for f in files:
-            path = Path(f)
-            if any(path.parent.resolve().is_relative_to(d.resolve())
-                   for d in self._settings.scratch_dirs):
-                scratch.remove(path)
-        for record in stale:
-            self._store.drop_intent(record.id)
         for obj in await session.execute("qom-list", {"path": "/objects"}):
             if obj["name"].startswith(PREFIX):
                 await ops.delete_object(obj["name"])
@@ -965,6 +952,27 @@ class SnapshotService:
                     log.warning("domain %s: resumed the guest a cut-short snapshot %s had "
                                 "stopped", domain.name, record.payload.get("snapshot"))
                 self._store.drop_intent(record.id)
+
+    def remove_leftover_scratch(self, domain: str, files: list[str]) -> list[str]:
+        """Remove ``files`` and the scratch files the store records for the
+        domain that no live snapshot uses (an earlier daemon's, even those no
+        node used yet), each only inside a scratch directory, and drop those
+        records. Returns every file named."""
+        state = self._state(domain)
+        live = {part.record for snap in state.snapshots.values() for part in snap.disks}
+        live |= {part.record for part in state.retired}
+        stale = [r for r in self._store.intents(domain)
+                 if r.kind == SCRATCH_RECORD and r.id not in live]
+        files = files + [r.payload["file"] for r in stale
+                         if r.payload["file"] not in files and os.path.lexists(r.payload["file"])]
+        for f in files:
+            path = Path(f)
+            if any(path.parent.resolve().is_relative_to(d.resolve())
+                   for d in self._settings.scratch_dirs):
+                scratch.remove(path)
+        for record in stale:
+            self._store.drop_intent(record.id)
+        return files
 
     def _remove_scratch(self, part: SnapshotDisk) -> None:
         scratch.remove(part.scratch)
