@@ -20,6 +20,7 @@ from .services.events import EventBus
 from .services.exports import ExportService, ExportSettings
 from .services.offline import OfflineService, OfflineSettings
 from .services.quiesce import QuiesceService, QuiesceSettings
+from .services.recovery import RecoveryService
 from .services.snapshots import SnapshotService, SnapshotSettings
 from .store import Store
 
@@ -75,6 +76,8 @@ async def run(config: Config) -> None:
             allow_plain_tcp=config.nbd.allow_plain_tcp, timeout=d.qmp_timeout))
         late.append(exports)
         copies = CopyService(domains, snapshots, checkpoints, store)
+        recovery = RecoveryService(domains, events, store)
+        stack.push_async_callback(recovery.close)
         # Sessions start once every service has hooked in, so the first
         # connect is reconciled like every later one.
         domains.start((c.name, str(c.qmp_socket),
@@ -84,7 +87,7 @@ async def run(config: Config) -> None:
 
         server = RpcServer(d.socket,
                            build_methods(domains, snapshots, checkpoints, exports, copies, events,
-                                         offline),
+                                         offline, recovery),
                            AccessPolicy(d.allowed_uids, d.allowed_gids))
         await server.start(bind_unix_socket(d.socket, d.socket_mode_bits, d.socket_gid))
         stack.push_async_callback(server.close)

@@ -799,12 +799,28 @@ def restore(dest: Path, disk: str, at: str | None, output: Path, fmt: str) -> No
     manifest = Manifest.load(dest, None)
     record = manifest.find(at)
     files = checked_chain(dest, manifest, record["id"], disk)
+    import stat
     import subprocess
 
-    existed = output.exists()
+    target = str(output)
+    # A block device (an LV, a zvol) is written in place; an rbd: target is
+    # an RBD image qemu-img creates; both hold the disk raw.
+    device = target.startswith("/dev/") or (
+        output.exists() and stat.S_ISBLK(output.stat().st_mode))
+    remote = target.startswith("rbd:")
+    if (device or remote) and fmt != "raw":
+        raise BackupError(f"{target} holds the disk raw: restore it with --format raw")
+    existed = device or remote or output.exists()
+    args = ["qemu-img", "convert", "-q", "-f", "qcow2", "-O", fmt]
+    if fmt == "raw":
+        # Clusters written in any order, by several coroutines: a raw target
+        # then takes them at the copy speed of the disks (qcow2 would be laid
+        # out scattered).
+        args.append("-W")
+    if device:
+        args.append("-n")  # it exists: written, not created
     try:
-        subprocess.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", fmt,
-                        str(dest / files[0]), str(output)], check=True, capture_output=True)
+        subprocess.run([*args, str(dest / files[0]), target], check=True, capture_output=True)
     except BaseException:
         if not existed:
             output.unlink(missing_ok=True)

@@ -365,8 +365,71 @@ def _restore(c: Client | None, a: argparse.Namespace) -> Result:
 
     from .backup import restore
 
+    if a.instant:
+        from .recovery import instant_restore
+
+        if a.format != "qcow2":
+            raise BackupError("--instant makes a qcow2 backed by the backup: restore onto raw "
+                              "files, block devices and RBD images without it (a copy)")
+        with Client(a.socket) as client:
+            made = instant_restore(client, Path(a.dest), a.disk, a.at, Path(a.output), a.speed)
+        return made, (f"{made['output']} ready in {made['seconds']} s, backed by "
+                      f"{made['backing']}: start the VM on it; the daemon moves the backup "
+                      f"into it while the VM runs (bbctl recovery wait {made['output']})")
+    if a.speed is not None:
+        raise BackupError("--speed limits an instant restore's stream (with --instant)")
     restore(Path(a.dest), a.disk, a.at, Path(a.output), a.format)
     return {"output": a.output}, f"restored {a.disk} to {a.output}"
+
+
+def _recovery_list(c: Client, a: argparse.Namespace) -> Result:
+    items = c.call("recovery.list")
+    return items, _table([[r["file"], r["state"], _recovery_progress(r),
+                           f"{r.get('domain', '-')}/{r.get('disk', '-')}"] for r in items],
+                         ["IMAGE", "STATE", "PROGRESS", "DOMAIN/DISK"])
+
+
+def _recovery_progress(r: dict[str, Any]) -> str:
+    p = r.get("progress")
+    if not p or not p.get("total"):
+        return "-"
+    return f"{100 * p['done'] // p['total']}% of {_size(p['total'])}"
+
+
+def _recovery_info(c: Client, a: argparse.Namespace) -> Result:
+    info = c.call("recovery.lookup", file=_absolute(a.file))
+    return info, _fields(info)
+
+
+def _recovery_delete(c: Client, a: argparse.Namespace) -> Result:
+    c.call("recovery.delete", file=_absolute(a.file))
+    return {}, f"recovery into {a.file} forgotten (the image keeps its backing file)"
+
+
+def _recovery_wait(c: Client, a: argparse.Namespace) -> Result:
+    from pathlib import Path
+
+    from .recovery import wait
+
+    file = _absolute(a.file)
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar: Any = tqdm(unit="B", unit_scale=True, desc=f"recovery {Path(file).name}")
+    else:
+        bar = _Quiet()
+
+    def progress(done: int, total: int) -> None:
+        if total and hasattr(bar, "total"):  # tqdm's
+            bar.total = total
+            bar.update(max(0, done - bar.n))
+
+    with bar:
+        info = wait(c, file, progress)
+    return info, f"{file} stands alone: recovered from {info['backing'][0]}"
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path)
 
 
 def _prune(c: Client | None, a: argparse.Namespace) -> Result:
@@ -374,8 +437,18 @@ def _prune(c: Client | None, a: argparse.Namespace) -> Result:
 
     from .prune import prune
 
-    result = prune(Path(a.dest), a.keep,
-                   say=lambda text: print(f"bbctl: {text}", file=sys.stderr, flush=True))
+    def say(text: str) -> None:
+        print(f"bbctl: {text}", file=sys.stderr, flush=True)
+
+    try:  # the daemon knows which backups unfinished instant recoveries read
+        with Client(a.socket, timeout=30.0) as client:
+            recovering = {r["file"]: r["backing"] for r in client.call("recovery.list")
+                          if r["state"] != "done"}
+    except (ConnectionLost, OSError, ApplicationError) as err:
+        say(f"warning: cannot ask the daemon about instant recoveries ({_message(err)}); "
+            "pruning as if none read this directory")
+        recovering = {}
+    result = prune(Path(a.dest), a.keep, say=say, recovering=recovering)
     if not result["dropped"]:
         return result, f"nothing to prune: {len(result['kept'])} backup(s), --keep {a.keep}"
     return result, (f"pruned {len(result['dropped'])} backup(s), kept {len(result['kept'])}; "
@@ -606,12 +679,26 @@ def _list_command(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_list)
 
 
+def _recovery_area(area: argparse.ArgumentParser) -> None:
+    recovery = _verbs(area)
+    _verb(recovery, "list", _recovery_list, "instant recoveries and how far each is")
+    _verb(recovery, "info", _recovery_info, "one recovery", "file")
+    _verb(recovery, "wait", _recovery_wait, "wait until the image stands alone", "file")
+    _verb(recovery, "delete", _recovery_delete,
+          "forget a recovery (a running move is cancelled)", "file")
+
+
 def _restore_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("dest")
     p.add_argument("--disk", required=True)
     p.add_argument("--at", help="backup id (default: the latest)")
     p.add_argument("--output", required=True)
     p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    p.add_argument("--instant", action="store_true",
+                   help="make OUTPUT a qcow2 backed by the backup at once; a VM started on "
+                        "it runs while the daemon moves the backup into it")
+    p.add_argument("--speed", type=int, metavar="BYTES",
+                   help="with --instant: the most bytes per second the move may read")
     p.set_defaults(run=_restore)
 
 
@@ -675,6 +762,8 @@ _AREAS: list[tuple[str, str, str | None, Completer]] = [
     ("verify", "check every file against the manifest",
      "re-read every backup file (up to --at) and compare it with the manifest's checksum",
      _verify_command),
+    ("recovery", "instant recoveries the daemon is moving into their images", None,
+     _recovery_area),
     ("events", "print events as they happen",
      "print events as they happen (Ctrl-C to stop)", _events_command),
 ]

@@ -39,13 +39,17 @@ from .errors import BackupError
 _TMP = ".prune-tmp"
 
 
-def prune(dest: Path, keep: int, say: Callable[[str], None]) -> dict[str, Any]:
+def prune(dest: Path, keep: int, say: Callable[[str], None],
+          recovering: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Keep the ``keep`` newest backups of ``dest``; merge the older ones into
     a synthetic full per disk. Returns what was done.
 
     :raise BackupError: ``keep`` below 1; a backup into the directory is under
         way or was cut short; a disk's newest backup would be dropped; a file
         of a chain is missing or not what the manifest says.
+    ``recovering``: image -> backup files it still reads, of the daemon's
+    unfinished instant recoveries; prune refuses to delete any of them.
+
     :raise subprocess.CalledProcessError: qemu-img failed (nothing changed).
     """
     if keep < 1:
@@ -65,6 +69,15 @@ def prune(dest: Path, keep: int, say: Callable[[str], None]) -> dict[str, Any]:
             newest = [b["id"] for b in dropped if disk in b["disks"]][-1]
             raise BackupError(f"disk {disk}'s newest backup is {newest}, older than the {keep} "
                               "kept: back it up again first, or keep more")
+    kept_files = {e["file"] for b in kept for e in b["disks"].values()}
+    doomed = {str((dest / e["file"]).resolve()): b["id"] for b in dropped
+              for e in b["disks"].values() if e["file"] not in kept_files}
+    for image, files in sorted((recovering or {}).items()):
+        read = sorted({doomed[f] for f in files if f in doomed})
+        if read:
+            raise BackupError(f"backup(s) {', '.join(read)} are read by the unfinished instant "
+                              f"recovery into {image}: prune when it is done (bbctl recovery "
+                              "wait)")
     # Per disk, the oldest kept backup holding it: a full once its chain is merged.
     plan: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
     for disk in sorted({d for b in kept for d in b["disks"]}):

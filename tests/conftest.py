@@ -10,6 +10,7 @@ runs them in its first pass only (``-m "not libvirt"`` in the second).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -125,6 +126,9 @@ def workdir() -> Iterator[Path]:
     # Short paths: UNIX socket names are limited to 107 bytes.
     path = Path(tempfile.mkdtemp(prefix="bb-", dir="/tmp"))
     yield path
+    if os.environ.get("BB_KEEP_WORKDIR"):  # to read its logs and images after a failure
+        print(f"workdir kept: {path}")
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 

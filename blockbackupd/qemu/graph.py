@@ -34,9 +34,10 @@ from .session import DomainSession
 _PERIPHERAL = "/machine/peripheral/"
 
 #: Drivers that pass I/O through to their ``file`` child: a disk's images are
-#: found below them. copy-before-write is ours (a snapshot's filter).
+#: found below them. copy-before-write is ours (a snapshot's filter);
+#: copy-on-read is a stream job's, between the top image and its backing.
 FILTER_DRIVERS = frozenset({"copy-before-write", "throttle", "compress", "preallocate",
-                            "blkdebug", "blklogwrites"})
+                            "blkdebug", "blklogwrites", "copy-on-read"})
 
 
 def disk_name(qdev: str) -> str | None:
@@ -187,33 +188,48 @@ def named_bitmaps(node: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {b["name"]: b for b in node.get("dirty-bitmaps", []) if "name" in b}
 
 
-#: How long a graph read waits for the VM manager's image creation to end.
+#: How long a graph read waits for the VM manager's image creation to end,
+#: or for a concluded stream job to be dismissed.
 CREATE_WAIT = 10.0
 
 
+def _unsafe_jobs(jobs: list[dict[str, Any]]) -> list[str]:
+    """The jobs during which ``query-named-block-nodes`` would kill QEMU."""
+    out = []
+    for j in jobs:
+        if j.get("type") == "create" and j.get("status") not in ("concluded", "null"):
+            out.append(f"{j['id']} (creating an image)")
+        elif j.get("type") == "stream" and j.get("status") == "concluded":
+            out.append(f"{j['id']} (a concluded stream, not yet dismissed)")
+    return out
+
+
 async def named_nodes(session: DomainSession) -> list[dict[str, Any]]:
-    """``query-named-block-nodes``, never while QEMU creates an image.
+    """``query-named-block-nodes``, never while it would kill QEMU.
 
     QEMU 7.2 aborts (qcow2.c:5222 qcow2_get_specific_info: Assertion 'false')
     when the query meets a qcow2 image that a ``blockdev-create`` job is still
-    writing, as libvirt's external snapshots, copies and backups do: wait for
-    such jobs to end first (they take milliseconds for an overlay). A job that
-    starts between the two commands is a window this cannot close.
+    writing, as libvirt's external snapshots, copies and backups do. And
+    QEMU 7.2 and 10.0 crash (SIGSEGV in bdrv_refresh_filename) when it meets
+    the copy-on-read node a ``block-stream`` job keeps, without a child, from
+    the job's conclusion until it is dismissed (libvirt's block pulls are
+    dismissed by libvirt when it sees them end). Wait for such jobs to end
+    or go first (milliseconds, as the VM manager runs them). A job that
+    starts or concludes between the two commands is a window this cannot
+    close.
 
-    :raise Busy: an image is still being created after :data:`CREATE_WAIT` s.
+    :raise Busy: such a job is still there after :data:`CREATE_WAIT` s.
     :raise DomainNotConnected: :raise OperationFailed:
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CREATE_WAIT
     while True:
-        jobs = await session.execute("query-jobs")
-        creating = [j["id"] for j in jobs
-                    if j.get("type") == "create" and j.get("status") not in ("concluded", "null")]
-        if not creating:
+        unsafe = _unsafe_jobs(await session.execute("query-jobs"))
+        if not unsafe:
             break
         if loop.time() > deadline:
-            raise Busy(f"QEMU is creating an image (job {', '.join(creating)}); try again when "
-                       "it is done")
+            raise Busy(f"QEMU's node list cannot be read safely while job {', '.join(unsafe)} "
+                       "is there; try again when it is gone")
         await asyncio.sleep(0.02)
     nodes: list[dict[str, Any]] = await session.execute("query-named-block-nodes",
                                                         {"flat": True})

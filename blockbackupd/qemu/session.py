@@ -36,7 +36,7 @@ log = logging.getLogger("blockbackupd.qemu")
 StateCallback = Callable[["DomainSession", DomainState, DomainState], None]
 ConnectHook = Callable[["DomainSession"], Awaitable[None]]
 DeviceHook = Callable[["DomainSession", str], None]
-JobHook = Callable[["DomainSession", str, str, str], None]
+JobHook = Callable[["DomainSession", str, str, str, "str | None"], None]
 
 # QEMU run states in which guest vCPUs execute; every other status (prelaunch,
 # paused, inmigrate, suspended, ...) is reported as "paused" by the contract.
@@ -63,8 +63,8 @@ class _GraphWatch(EventListener):
     so a request that reads the graph afterwards already knows."""
 
     def __init__(self, session: DomainSession) -> None:
-        super().__init__(("BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE", "DEVICE_DELETED",
-                          "MIGRATION"))
+        super().__init__(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "JOB_STATUS_CHANGE",
+                          "DEVICE_DELETED", "MIGRATION"))
         self._session = session
 
     async def put(self, event: Message) -> None:
@@ -85,9 +85,14 @@ class _GraphWatch(EventListener):
         elif job is None:
             return
         elif event["event"] == "BLOCK_JOB_COMPLETED":
-            job(session, "completed", str(data.get("type", "")), str(data.get("device", "")))
+            # For a block job, "device" is the job's id.
+            job(session, "completed", str(data.get("type", "")), str(data.get("device", "")),
+                str(data["error"]) if data.get("error") else None)
+        elif event["event"] == "BLOCK_JOB_CANCELLED":
+            job(session, "completed", str(data.get("type", "")), str(data.get("device", "")),
+                "cancelled")
         elif data.get("status") == "created":
-            job(session, "created", "", str(data.get("id", "")))
+            job(session, "created", "", str(data.get("id", "")), None)
 
 
 class NoAnswer(OperationFailed):

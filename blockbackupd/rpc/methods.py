@@ -26,6 +26,7 @@ from ..services.domains import DomainService
 from ..services.events import EventBus, Subscription
 from ..services.exports import ExportService
 from ..services.offline import OfflineService
+from ..services.recovery import RecoveryService
 from ..services.snapshots import SnapshotService, lookup_result
 from ..xml.checkpoint import CheckpointDoc, parse_checkpoint, render_checkpoint
 from ..xml.export import parse_export
@@ -127,7 +128,8 @@ def _usage(usage: BitmapUsage | None) -> dict[str, Any]:
 def build_methods(domains: DomainService, snapshots: SnapshotService,
                   checkpoints: CheckpointService, exports: ExportService,
                   copies: CopyService, events: EventBus,
-                  offline: OfflineService | None = None) -> dict[str, Callable[..., Any]]:
+                  offline: OfflineService, recovery: RecoveryService
+                  ) -> dict[str, Callable[..., Any]]:
     """The jsonrpcserver method table for the daemon's services."""
 
     async def daemon_info(peer: Peer, _: p.NoParams) -> dict[str, Any]:
@@ -149,10 +151,8 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
 
     async def domain_define(peer: Peer, a: p.DomainDefine) -> dict[str, Any]:
         images = None if a.disks is None else disk_images(a.disks)
-        if images is not None and offline is None:
-            raise InvalidArgument("disks: this daemon serves no stopped domains")
         domain = await domains.define(a.name, a.qmp_socket, a.guest_agent_socket)
-        if images is not None and offline is not None:
+        if images is not None:
             offline.define_images(domain.name, images)
         return {"name": domain.name}
 
@@ -164,8 +164,8 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         return [{"name": d.name, "qmp_socket": d.qmp_socket, "state": d.state.value,
                  **({"guest_agent_socket": d.guest_agent_socket}
                     if d.guest_agent_socket is not None else {}),
-                 **({"storage_process": held} if offline is not None and
-                    (held := offline.describe(d.name)) is not None else {})}
+                 **({"storage_process": held}
+                    if (held := offline.describe(d.name)) is not None else {})}
                 for d in domains.all()]
 
     async def domain_get_xml(peer: Peer, a: p.DomainRef) -> str:
@@ -291,6 +291,19 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         )
         return {}
 
+    async def recovery_start(peer: Peer, a: p.RecoveryStart) -> dict[str, Any]:
+        return await recovery.start(a.file, a.speed)
+
+    async def recovery_lookup(peer: Peer, a: p.RecoveryRef) -> dict[str, Any]:
+        return await recovery.lookup(a.file)
+
+    async def recovery_list(peer: Peer, _: p.NoParams) -> list[dict[str, Any]]:
+        return await recovery.all()
+
+    async def recovery_delete(peer: Peer, a: p.RecoveryRef) -> dict[str, Any]:
+        await recovery.delete(a.file)
+        return {}
+
     table: dict[str, tuple[type[p.Params], Callable[[Peer, Any], Awaitable[Any]]]] = {
         "daemon.info": (p.NoParams, daemon_info),
         "domain.define": (p.DomainDefine, domain_define),
@@ -314,6 +327,10 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         "export.server": (p.DomainRef, export_server),
         "export.list": (p.DomainRef, export_list),
         "events.subscribe": (p.EventsSubscribe, events_subscribe),
+        "recovery.start": (p.RecoveryStart, recovery_start),
+        "recovery.lookup": (p.RecoveryRef, recovery_lookup),
+        "recovery.list": (p.NoParams, recovery_list),
+        "recovery.delete": (p.RecoveryRef, recovery_delete),
     }
     return {name: _wrap(name, model, handler, failed)
             for name, (model, handler) in table.items()}

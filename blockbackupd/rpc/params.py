@@ -80,3 +80,12 @@ class CheckpointChanges(Params):
 
 class EventsSubscribe(Params):
     domains: list[str] | None = None
+
+
+class RecoveryStart(Params):
+    file: str
+    speed: int | None = None
+
+
+class RecoveryRef(Params):
+    file: str

@@ -818,13 +818,15 @@ class CheckpointService:
                          bitmap, image.file)
             self._store.drop_intent(record.id)
 
-    def _job_completed(self, domain: str, job_type: str, job_id: str) -> None:
+    def _job_completed(self, domain: str, job_type: str, job_id: str,
+                       error: str | None) -> None:
         # A stream copies data from backing images into the top, a mirror
         # copies a disk into another image, and neither records the copy in
         # any bitmap; the images they drop may have held parts of change sets
         # that no check saw. Which disk a job ran on is gone with the job, so
-        # the next check treats every disk as touched.
-        if job_type in _MOVING_JOBS:
+        # the next check treats every disk as touched. A cancelled one
+        # dropped no image.
+        if job_type in _MOVING_JOBS and error != "cancelled":
             self._moved.setdefault(domain, []).append(f"{job_type} job {job_id!r}")
 
     def _settle(self, domain: Domain, intent: IntentRecord, disks: dict[str, Disk]) -> bool:

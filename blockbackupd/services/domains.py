@@ -112,7 +112,7 @@ class DomainService:
         self._usage_checks: list[Callable[[str], str | None]] = []
         self._connect_hooks: list[Callable[[Domain], Awaitable[None]]] = []
         self._removal_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
-        self._job_hooks: list[Callable[[str, str, str], None]] = []
+        self._job_hooks: list[Callable[[str, str, str, str | None], None]] = []
         self._job_start_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
         self._migration_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
         self._resume_hooks: list[Callable[[Domain, str], Awaitable[None]]] = []
@@ -182,9 +182,11 @@ class DomainService:
         the device of a disk was unplugged."""
         self._removal_hooks.append(hook)
 
-    def add_job_hook(self, hook: Callable[[str, str, str], None]) -> None:
-        """hook(domain, job type, job id) runs at once (no I/O allowed) when
-        QEMU reports that a block job ended, before later replies arrive."""
+    def add_job_hook(self, hook: Callable[[str, str, str, str | None], None]) -> None:
+        """hook(domain, job type, job id, error) runs at once (no I/O allowed)
+        when QEMU reports that a block job ended, before later replies arrive.
+        error is QEMU's message for a failed job, "cancelled" for a cancelled
+        one, else None."""
         self._job_hooks.append(hook)
 
     def add_job_start_hook(self, hook: Callable[[Domain, str], Awaitable[None]]) -> None:
@@ -203,12 +205,12 @@ class DomainService:
                         f"giving way to a migration ({status})")
 
     def _job_event(self, session: DomainSession, kind: str, job_type: str,
-                   job_id: str) -> None:
+                   job_id: str, error: str | None) -> None:
         if job_id.startswith(PREFIX):
             return  # our own probes
         if kind == "completed":
             for hook in self._job_hooks:
-                hook(session.domain, job_type, job_id)
+                hook(session.domain, job_type, job_id, error)
             return
         self._react(session, self._job_start_hooks, job_id, f"reacting to block job {job_id}")
 

@@ -79,6 +79,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE domain ADD COLUMN images TEXT;
     """,
+    # 6: instant recoveries: an image whose backing chain is a backup point,
+    # whose data the daemon moves into it in the QEMU that runs it.
+    """
+    CREATE TABLE recovery (
+        file     TEXT PRIMARY KEY,
+        payload  TEXT NOT NULL,
+        created  REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -313,6 +322,26 @@ class Store:
             db.execute("UPDATE checkpoint_disk SET span = ? WHERE domain = ? AND "
                        "checkpoint = ? AND disk = ?",
                        (json.dumps(list(span)), domain, checkpoint, disk))
+
+    # -- instant recoveries --------------------------------------------------------
+
+    def recoveries(self) -> list[tuple[str, dict[str, Any], float]]:
+        """(file, payload, created) of every recovery, oldest first."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT file, payload, created FROM recovery "
+                              "ORDER BY created, file").fetchall()
+        return [(r["file"], json.loads(r["payload"]), r["created"]) for r in rows]
+
+    def put_recovery(self, file: str, payload: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            old = db.execute("SELECT created FROM recovery WHERE file = ?", (file,)).fetchone()
+            db.execute("INSERT OR REPLACE INTO recovery (file, payload, created) "
+                       "VALUES (?, ?, ?)", (file, json.dumps(payload),
+                                            old["created"] if old is not None else time.time()))
+
+    def drop_recovery(self, file: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM recovery WHERE file = ?", (file,))
 
     # -- intents ----------------------------------------------------------------
 
