@@ -297,7 +297,11 @@ class Domain:
         return self.workdir / f"{self.name}-{target}.qcow2"
 
     def start(self) -> Domain:
+        """Defines and starts the domain, its images made first (empty) unless
+        they exist (an instant restore's image, say)."""
         for target, size in self.disks.items():
+            if self.image(target).exists():
+                continue
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.image(target)),
                             str(size)], check=True)
         xml = self.workdir / f"{self.name}.xml"

@@ -37,6 +37,9 @@ log = logging.getLogger("blockbackupd.recovery")
 
 WAITING, STREAMING, DONE, FAILED = "waiting", "streaming", "done", "failed"
 
+#: How libvirt (with -blockdev, since 5.10) names the nodes it opens.
+LIBVIRT_NODE = "libvirt-"
+
 
 def job_id(file: str) -> str:
     """The stream job's id in QEMU: one per image (not under the daemon's
@@ -78,6 +81,7 @@ class RecoveryService:
         self._failed: set[str] = set()
         domains.add_connect_hook(self._connected)
         domains.add_job_hook(self._job_ended)
+        domains.add_job_start_hook(self._job_started)
 
     # -- requests --------------------------------------------------------------------
 
@@ -159,7 +163,7 @@ class RecoveryService:
         out: dict[str, Any] = {"file": file, "state": payload["state"],
                                "backing": payload["backing"], "created": int(created),
                                "speed": payload.get("speed", 0)}
-        for key in ("domain", "disk", "error", "finished"):
+        for key in ("domain", "disk", "error", "finished", "waiting_for", "manager_job"):
             if payload.get(key) is not None:
                 out[key] = payload[key]
         domain = self._domain_of(payload)
@@ -169,7 +173,8 @@ class RecoveryService:
                 jobs = await domain.session.execute("query-jobs")
             except (OperationFailed, DomainNotConnected):
                 jobs = []
-            job = next((j for j in jobs if j.get("id") == payload["job"]), None)
+            running = payload.get("manager_job") or payload["job"]
+            job = next((j for j in jobs if j.get("id") == running), None)
             if job is not None:
                 out["progress"] = {"done": int(job.get("current-progress", 0)),
                                    "total": int(job.get("total-progress", 0))}
@@ -180,9 +185,11 @@ class RecoveryService:
 
     def _job_ended(self, domain_name: str, job_type: str, job: str,
                    error: str | None) -> None:
-        if not job.startswith("recovery-"):
+        if not job.startswith("recovery-") and not (
+                job_type == "stream" and any(p.get("manager_job") == job
+                                             for _, p, _ in self._store.recoveries())):
             return
-        if error is not None:
+        if error is not None and job.startswith("recovery-"):
             # The job is gone with its message (it dismisses itself): keep it
             # for the follow-up to read.
             self._errors[(domain_name, job)] = error
@@ -198,6 +205,11 @@ class RecoveryService:
         task = asyncio.create_task(run(), name=f"recovery: {job} ended")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _job_started(self, domain: Domain, job: str) -> None:
+        # The VM manager's own stream of a disk being recovered into.
+        if any(p["state"] != DONE for _, p, _ in self._store.recoveries()):
+            await self._follow(domain)
 
     async def _connected(self, domain: Domain) -> None:
         self._failed -= {f for f, p, _ in self._store.recoveries()
@@ -236,9 +248,25 @@ class RecoveryService:
             error = self._errors.pop((domain.name, payload["job"]), None)
             if disk is None:
                 continue
+            manager_job = next((j for j in graph.jobs_on(disk, "recovery-")
+                                if jobs.get(j, {}).get("type") == "stream"), None)
+            if manager_job is not None:
+                # The VM manager streams the disk itself (libvirt's block
+                # pull): followed, not doubled.
+                if payload.get("manager_job") != manager_job:
+                    self._save(file, payload, state=STREAMING, domain=domain.name,
+                               disk=disk.name, manager_job=manager_job, waiting_for=None)
+                    log.info("instant recovery into %s: the VM manager's stream job %s moves "
+                             "the backup into disk %s of domain %s", file, manager_job,
+                             disk.name, domain.name)
+                    self._events.publish(domain.name, "recovery-started", file=file,
+                                         disk=disk.name, job=manager_job)
+                continue
+            payload.pop("manager_job", None)
             if len(disk.chain) == 1:
                 self._save(file, payload, state=DONE, domain=domain.name, disk=disk.name,
-                           error=None, finished=int(time.time()), size=disk.size)
+                           error=None, finished=int(time.time()), size=disk.size,
+                           waiting_for=None)
                 log.info("instant recovery into %s done: disk %s of domain %s stands alone",
                          file, disk.name, domain.name)
                 self._events.publish(domain.name, "recovery-done", file=file, disk=disk.name)
@@ -256,6 +284,18 @@ class RecoveryService:
                 continue
             if file in self._failed:
                 continue  # failed on this connection: the next one retries
+            if disk.node.startswith(LIBVIRT_NODE):
+                # libvirt keeps its own record of each disk's backing chain and
+                # uses it in later jobs ("'libvirt-2-format' is not in this
+                # backing file chain" from its block-commit after a stream it
+                # did not run): it must run the stream itself.
+                waiting = (f"libvirt owns the backing chain of disk {disk.name}: pull it "
+                           "with `virsh blockpull DOMAIN TARGET` (the daemon follows it)")
+                if payload.get("waiting_for") != waiting:
+                    self._save(file, payload, state=WAITING, domain=domain.name,
+                               disk=disk.name, waiting_for=waiting)
+                    log.info("instant recovery into %s: %s", file, waiting)
+                continue
             args: dict[str, Any] = {"job-id": payload["job"], "device": disk.node}
             if payload.get("speed"):
                 args["speed"] = int(payload["speed"])
@@ -270,7 +310,7 @@ class RecoveryService:
                                      disk=disk.name, reason=err.message)
                 continue
             self._save(file, payload, state=STREAMING, domain=domain.name, disk=disk.name,
-                       error=None)
+                       error=None, waiting_for=None)
             log.info("instant recovery into %s: streaming the backup into disk %s of domain %s",
                      file, disk.name, domain.name)
             self._events.publish(domain.name, "recovery-started", file=file, disk=disk.name)
