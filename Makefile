@@ -90,6 +90,7 @@ bench: deps
 	$(PYTHON) -m bench.guest_writes
 	$(PYTHON) -m bench.backup_begin
 	$(PYTHON) -m bench.checkpoint_memory
+	$(PYTHON) -m bench.instant_recovery
 
 lint: deps
 	$(VENV)/bin/ruff check blockbackupd client tests tools bench

@@ -872,3 +872,17 @@ def verify(dest: Path, at: str | None) -> list[str]:
         if record["id"] == upto:
             break
     return bad
+
+
+def restorable(dest: Path, manifest: Any, record: dict[str, Any]) -> list[str]:
+    """How a backup point can be restored: ``["restore", "instant", "mount"]``
+    when every file of every disk's chain is in the directory (``bbctl
+    restore`` rebuilds a disk, ``--instant`` runs a VM on it at once, ``bbctl
+    mount`` shows its files), else ``[]``."""
+    try:
+        for disk in record["disks"]:
+            if not all((dest / name).exists() for name in chain(manifest, record["id"], disk)):
+                return []
+    except BackupError:
+        return []
+    return ["restore", "instant", "mount"]

@@ -338,8 +338,7 @@ def _backup(c: Client, a: argparse.Namespace) -> Result:
 def _list(c: Client | None, a: argparse.Namespace) -> Result:
     from pathlib import Path
 
-    from .backup import Manifest, disk_level, record_level
-    from .mount import restorable
+    from .backup import Manifest, disk_level, record_level, restorable
 
     manifest = Manifest.load(Path(a.dest), None)
     backups = manifest.backups

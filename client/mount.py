@@ -90,21 +90,6 @@ def _point(dest: Path, disk: str, at: str | None) -> tuple[str, Path]:
     return str(record["id"]), (dest / files[0]).resolve()
 
 
-def restorable(dest: Path, manifest: Any, record: dict[str, Any]) -> list[str]:
-    """How a backup point can be restored: ``["restore", "mount"]`` when every file
-    of every disk's chain is in the directory (``bbctl restore`` rebuilds a disk,
-    ``bbctl mount`` shows its files), else ``[]``."""
-    from .backup import chain
-
-    try:
-        for disk in record["disks"]:
-            if not all((dest / name).exists() for name in chain(manifest, record["id"], disk)):
-                return []
-    except BackupError:
-        return []
-    return ["restore", "mount"]
-
-
 def _unescape(field: str) -> str:
     """A /proc/self/mountinfo path field (space, tab, newline, backslash as octal)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -64,7 +64,7 @@ def test_full_then_incrementals_restore_every_point(defined: tuple[Daemon, Vm],
     listing = bbctl(daemon, "list", str(dest)).stdout.splitlines()
     assert listing[0].split() == ["ID", "LEVEL", "TIME", "QUIESCED", "DISKS", "BYTES",
                                   "RESTORE"]
-    assert [line.split()[-1] for line in listing[1:]] == ["restore,mount"] * 3
+    assert [line.split()[-1] for line in listing[1:]] == ["restore,instant,mount"] * 3
     # No guest agent is defined: --quiesce auto took crash-consistent backups.
     assert [line.split()[4] for line in listing[1:]] == ["no", "no", "no"]
     assert [line.split()[1] for line in listing[1:]] == ["full", "inc", "inc"]

@@ -472,4 +472,4 @@ def test_bad_inputs_are_one_line_errors(backups: Backups, mounts: Mounts) -> Non
     r = mounts.bbctl("list", dest)
     assert r.returncode == 0, r.stderr
     assert [line.split()[-1] for line in r.stdout.splitlines()] == [
-        "RESTORE", "restore,mount", "restore,mount"]
+        "RESTORE", "restore,instant,mount", "restore,instant,mount"]
