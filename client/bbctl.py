@@ -373,8 +373,10 @@ def _restore(c: Client | None, a: argparse.Namespace) -> Result:
         with Client(a.socket) as client:
             made = instant_restore(client, Path(a.dest), a.disk, a.at, Path(a.output), a.speed)
         return made, (f"{made['output']} ready in {made['seconds']} s, backed by "
-                      f"{made['backing']}: start the VM on it; the daemon moves the backup "
-                      f"into it while the VM runs (bbctl recovery wait {made['output']})")
+                      f"{made['backing']}: start the VM on it and define it in the daemon; "
+                      "the daemon moves the backup into it while the VM runs (under "
+                      "libvirt, run `virsh blockpull DOMAIN TARGET`: the daemon follows "
+                      f"it); `bbctl recovery wait {made['output']}` waits for the end")
     if a.speed is not None:
         raise BackupError("--speed limits an instant restore's stream (with --instant)")
     restore(Path(a.dest), a.disk, a.at, Path(a.output), a.format)

@@ -194,7 +194,9 @@ def test_a_64_gib_disk_is_ready_to_run_in_well_under_a_second(
     vm.stop()
     start = time.perf_counter()
     made = _instant(daemon, dest, point, workdir / "vm2-sda.qcow2")
-    assert time.perf_counter() - start < 1.0
+    took = time.perf_counter() - start
+    print(f"64 GiB: made in {made['seconds']} s, the command took {took:.3f} s")
+    assert took < 1.0
     assert made["seconds"] < 0.5, made
     vm2 = make_vm("vm2", disks={"sda": 64 * GiB})
     _reads(vm2, 63 * GiB, MiB, 0x21)
