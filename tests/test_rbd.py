@@ -270,3 +270,31 @@ def test_rbd_checkpoints_stay_in_memory_where_the_cluster_is_out_of_reach(
     assert "tracked in the memory of the QEMU process, and that process has ended" in reason
     assert_restore_equals_image(daemon, vm, dest, "sda", uri)
     assert vm.running
+
+
+def test_a_backup_restores_into_a_new_rbd_image(
+        defined: tuple[Daemon, Vm], ceph_cluster: Cluster, workdir: Path) -> None:
+    """bbctl restore --output rbd:POOL/IMAGE: qemu-img creates the RBD image
+    and writes the point into it, raw."""
+    daemon, vm = defined
+    dest = workdir / "backups"
+    vm.write("sda", 0, MiB, 0x61)
+    vm.write("sda", 40 * MiB, 192 * 1024, 0x62)
+    point = backup(daemon, dest)["id"]
+    name = "restored-sda"
+    uri = ceph_cluster.qemu_uri(name)
+    try:
+        r = bbctl(daemon, "restore", str(dest), "--disk", "sda", "--at", point,
+                  "--output", uri)
+        assert r.returncode == 1 and "--format raw" in r.stderr, r.stderr
+        assert name not in ceph_cluster.images()
+        r = bbctl(daemon, "restore", str(dest), "--disk", "sda", "--at", point,
+                  "--output", uri, "--format", "raw")
+        assert r.returncode == 0, r.stderr
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
+                              str(dest / f"{point}-sda.qcow2"), uri],
+                             capture_output=True, text=True)
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    finally:
+        if name in ceph_cluster.images():
+            ceph_cluster.remove_image(name)

@@ -329,6 +329,10 @@ cluster addr = 127.0.0.1
         """A new image of size bytes in pool rbd."""
         self.run("rbd", "create", "--size", f"{size}B", f"{POOL}/{name}")
 
+    def images(self) -> list[str]:
+        """The images of pool rbd."""
+        return list(json.loads(self.run("rbd", "ls", "--format", "json", POOL)))
+
     def remove_image(self, name: str) -> None:
         """Remove the image and its snapshots."""
         self.run("rbd", "snap", "purge", "--no-progress", f"{POOL}/{name}")
