@@ -244,3 +244,17 @@ def export_xml(disks: list[tuple[str, str]] | list[tuple[str, str, dict[str, str
         body.append(f'<disk name="{disk}" snapshot="{snapshot}"{attrs}/>')
     body.append("</domainblockexport>")
     return "".join(body)
+
+
+def restore_raw_onto(daemon: Daemon, dest: Path, point: str, target: str) -> None:
+    """``bbctl restore`` of sda at point onto a raw target (a block device, an
+    rbd: image): refused without ``--format raw``, then equal to the point."""
+    r = bbctl(daemon, "restore", str(dest), "--disk", "sda", "--at", point, "--output", target)
+    assert r.returncode == 1 and "--format raw" in r.stderr, r.stderr
+    r = bbctl(daemon, "restore", str(dest), "--disk", "sda", "--at", point, "--output", target,
+              "--format", "raw")
+    assert r.returncode == 0, r.stderr
+    compare = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
+                              str(dest / f"{point}-sda.qcow2"), target],
+                             capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout + compare.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from blockbackup_client import ConnectionLost
-from tests.conftest import bbctl, domain_state, snapshot_xml, wait_for
+from tests.conftest import bbctl, domain_state, restore_raw_onto, snapshot_xml, wait_for
 from tests.vm_manager.manager import backup, disk_level
 from tools.ceph import Cluster
 from tools.daemon import Daemon
@@ -284,17 +284,7 @@ def test_a_backup_restores_into_a_new_rbd_image(
     name = "restored-sda"
     uri = ceph_cluster.qemu_uri(name)
     try:
-        r = bbctl(daemon, "restore", str(dest), "--disk", "sda", "--at", point,
-                  "--output", uri)
-        assert r.returncode == 1 and "--format raw" in r.stderr, r.stderr
-        assert name not in ceph_cluster.images()
-        r = bbctl(daemon, "restore", str(dest), "--disk", "sda", "--at", point,
-                  "--output", uri, "--format", "raw")
-        assert r.returncode == 0, r.stderr
-        cmp = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
-                              str(dest / f"{point}-sda.qcow2"), uri],
-                             capture_output=True, text=True)
-        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+        restore_raw_onto(daemon, dest, point, uri)
     finally:
         if name in ceph_cluster.images():
             ceph_cluster.remove_image(name)
