@@ -11,9 +11,10 @@ end drops the backing chain, so the image stands alone.
 
 The record is in the store; what is done is read from QEMU (the job, and
 whether the image still has a backing file), so a daemon restarted
-mid-stream finds the job running or concluded, and a VM restarted
-mid-stream has the stream started again (clusters already copied are not
-copied twice).
+mid-stream finds the job running, or gone and the image standing alone,
+and a VM restarted mid-stream has the stream started again (clusters
+already copied are not copied twice). On a disk libvirt opened, libvirt
+must run the stream (``virsh blockpull``): the daemon follows that job.
 """
 
 from __future__ import annotations
