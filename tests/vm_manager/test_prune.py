@@ -82,7 +82,9 @@ def test_ctrl_c_while_merging_leaves_the_directory_as_it_was(defined: tuple[Daem
     records, refs = five_backups(daemon, vm, dest, workdir)
     saved = (dest / "manifest.json").read_bytes()
     files = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
-    said = interrupt_at(["prune", str(dest), "--keep", "2"], "prune-merged")
+    # Beside its daemon: prune asks it which backups instant recoveries read.
+    said = interrupt_at(["--socket", str(daemon.socket), "prune", str(dest), "--keep", "2"],
+                        "prune-merged")
     assert said == [f"bbctl: sda: {records[3]['id']}-sda.qcow2 is now a full "
                     "(3 older file(s) merged)"]
     assert (dest / "manifest.json").read_bytes() == saved
