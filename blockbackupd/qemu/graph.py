@@ -18,6 +18,13 @@ Three queries make one reading: ``query-block`` (devices and their root
 node), ``query-named-block-nodes`` (every node, its image and bitmaps) and
 ``x-debug-query-block-graph`` (the edges; the only query that names a node's
 children in QEMU 7.2).
+
+The first and the last alone make a lighter reading, :class:`Links`: who
+holds which node, no images or bitmaps. It is what the reactions to a VM
+manager's new block job read: of the three queries, only
+``query-named-block-nodes`` kills QEMU when a stream job concludes just
+before it (see :func:`named_nodes`), and a stream of a small disk concludes
+within milliseconds of its start.
 """
 
 from __future__ import annotations
@@ -74,14 +81,16 @@ class Parent:
     qdev: str | None = None
 
 
-class BlockGraph:
-    """One reading of the graph; cheap questions, no I/O."""
+class Links:
+    """Who holds which node (devices, nodes, block jobs), by name: one reading
+    of ``query-block`` and ``x-debug-query-block-graph``; no I/O."""
 
-    def __init__(self, devices: list[dict[str, Any]], nodes: list[dict[str, Any]],
-                 debug_graph: Mapping[str, Any]) -> None:
+    def __init__(self, devices: list[dict[str, Any]], debug_graph: Mapping[str, Any]) -> None:
         self.devices = devices
-        self.nodes: dict[str, dict[str, Any]] = {n["node-name"]: n for n in nodes}
         ids = {n["id"]: n for n in debug_graph.get("nodes", [])}
+        #: Every named block-driver node.
+        self.names = {n["name"] for n in ids.values()
+                      if n["type"] == "block-driver" and n.get("name")}
         #: (parent node, role, child node) between named block-driver nodes.
         self.edges: list[tuple[str, str, str]] = []
         #: Block jobs (by id) and the nodes each uses.
@@ -95,8 +104,6 @@ class BlockGraph:
             elif parent["type"] == "block-driver":
                 self.edges.append((parent["name"], e["name"], child["name"]))
 
-    # -- nodes ---------------------------------------------------------------
-
     def child(self, node: str, role: str) -> str | None:
         return next((c for p, r, c in self.edges if p == node and r == role), None)
 
@@ -106,6 +113,31 @@ class BlockGraph:
                if d.get("inserted", {}).get("node-name") == node]
         out += [Parent(r, node=p) for p, r, c in self.edges if c == node]
         return out
+
+    def below_device(self, disk: str) -> set[str]:
+        """Every node under the device of disk ``disk`` (its qdev id): its
+        root and whatever that holds, down to the bottom of its chain."""
+        root = next((d["inserted"]["node-name"] for d in self.devices
+                     if "inserted" in d and disk_name(d.get("qdev", "")) == disk), None)
+        out: set[str] = set()
+        todo = [root] if root is not None else []
+        while todo:
+            node = todo.pop()
+            if node not in out:
+                out.add(node)
+                todo += [c for p, _, c in self.edges if p == node]
+        return out
+
+
+class BlockGraph(Links):
+    """One reading of the graph; cheap questions, no I/O."""
+
+    def __init__(self, devices: list[dict[str, Any]], nodes: list[dict[str, Any]],
+                 debug_graph: Mapping[str, Any]) -> None:
+        super().__init__(devices, debug_graph)
+        self.nodes: dict[str, dict[str, Any]] = {n["node-name"]: n for n in nodes}
+
+    # -- nodes ---------------------------------------------------------------
 
     def bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
         return named_bitmaps(self.nodes.get(node, {}))
@@ -216,7 +248,9 @@ async def named_nodes(session: DomainSession) -> list[dict[str, Any]]:
     dismissed by libvirt when it sees them end). Wait for such jobs to end
     or go first (milliseconds, as the VM manager runs them). A job that
     starts or concludes between the two commands is a window this cannot
-    close.
+    close: what reacts to a new job reads :func:`read_links` instead, so
+    only a request that comes in the very milliseconds a stream concludes
+    meets it.
 
     :raise Busy: such a job is still there after :data:`CREATE_WAIT` s.
     :raise DomainNotConnected: :raise OperationFailed:
@@ -247,6 +281,17 @@ async def read_graph(session: DomainSession) -> BlockGraph:
     devices, debug = await asyncio.gather(session.execute("query-block"),
                                           session.execute("x-debug-query-block-graph"))
     return BlockGraph(devices, nodes, debug)
+
+
+async def read_links(session: DomainSession) -> Links:
+    """Who holds which node now, without ``query-named-block-nodes``: safe
+    whatever state a block job is in.
+
+    :raise DomainNotConnected: :raise OperationFailed:
+    """
+    devices, debug = await asyncio.gather(session.execute("query-block"),
+                                          session.execute("x-debug-query-block-graph"))
+    return Links(devices, debug)
 
 
 async def query_disks(session: DomainSession) -> list[Disk]:

@@ -27,9 +27,9 @@ import os
 import time
 from typing import Any
 
-from ..errors import DomainNotConnected, InvalidArgument, NoSuchDomain, OperationFailed
+from ..errors import Busy, DomainNotConnected, InvalidArgument, NoSuchDomain, OperationFailed
 from ..model import Disk, DomainState
-from ..qemu.graph import read_graph
+from ..qemu.graph import read_graph, read_links
 from ..store import Store
 from .domains import Domain, DomainService
 from .events import EventBus
@@ -42,10 +42,14 @@ WAITING, STREAMING, DONE, FAILED = "waiting", "streaming", "done", "failed"
 LIBVIRT_NODE = "libvirt-"
 
 
+#: The start of a recovery's stream job id.
+JOB_PREFIX = "recovery-"
+
+
 def job_id(file: str) -> str:
     """The stream job's id in QEMU: one per image (not under the daemon's
     prefix: to the other services it is a block job like the VM manager's)."""
-    return "recovery-" + hashlib.sha1(file.encode()).hexdigest()[:12]
+    return JOB_PREFIX + hashlib.sha1(file.encode()).hexdigest()[:12]
 
 
 async def backing_chain(file: str) -> list[str]:
@@ -106,11 +110,26 @@ class RecoveryService:
                                         "speed": speed or 0})
         log.info("instant recovery into %s registered (backing chain %s)", path,
                  " <- ".join(chain))
-        for domain in self._domains.all():
-            if domain.state is not DomainState.DISCONNECTED and not domain.offline:
+        await asyncio.gather(*(self._follow_if_on(domain, path) for domain in self._domains.all()
+                               if domain.state is not DomainState.DISCONNECTED
+                               and not domain.offline))
+        return await self.lookup(path)
+
+    async def _follow_if_on(self, domain: Domain, path: str) -> None:
+        """Follow the domain if a device of it runs on ``path`` now. One
+        query-block a domain (a host's thousand VMs are asked at once), the
+        full reading only where the image is; a domain that cannot answer
+        now is followed at its next connect."""
+        try:
+            devices = await domain.session.execute("query-block")
+            tops = {os.path.realpath(str(d["inserted"].get("image", {}).get("filename", "")))
+                    for d in devices if "inserted" in d}
+            if path in tops:
                 async with domain.lock:
                     await self._follow(domain)
-        return await self.lookup(path)
+        except (DomainNotConnected, OperationFailed, Busy) as err:
+            log.warning("instant recovery into %s: domain %s not followed now: %s",
+                        path, domain.name, err)
 
     async def lookup(self, file: str) -> dict[str, Any]:
         """:raise InvalidArgument: no recovery into that file."""
@@ -137,6 +156,7 @@ class RecoveryService:
             async with domain.lock:
                 try:
                     await domain.session.execute("job-cancel", {"id": payload["job"]})
+                    await self._gone(domain, payload["job"])
                 except (OperationFailed, DomainNotConnected):
                     pass  # it ended meanwhile, or its QEMU did
         self._store.drop_recovery(info["file"])
@@ -144,6 +164,21 @@ class RecoveryService:
         for key in [k for k in self._errors if k[1] == payload["job"]]:
             del self._errors[key]
         log.info("instant recovery into %s forgotten (%s)", info["file"], info["state"])
+
+    @staticmethod
+    async def _gone(domain: Domain, job: str, wait: float = 10.0) -> None:
+        """Until QEMU no longer lists the job. Its cancellation event comes
+        before the reply that shows it gone, so its message is recorded by
+        then, for the caller to forget: a recovery registered again into the
+        same image (same job id) must not read it as its own failure."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while any(j.get("id") == job for j in await domain.session.execute("query-jobs")):
+            if loop.time() > deadline:
+                log.warning("domain %s: job %s still listed %.0f s after its cancel",
+                            domain.name, job, wait)
+                return
+            await asyncio.sleep(0.02)
 
     def reads(self) -> dict[str, list[str]]:
         """Unfinished recoveries: image -> the backup files it still reads."""
@@ -186,11 +221,13 @@ class RecoveryService:
 
     def _job_ended(self, domain_name: str, job_type: str, job: str,
                    error: str | None) -> None:
-        if not job.startswith("recovery-") and not (
-                job_type == "stream" and any(p.get("manager_job") == job
+        # Any stream's end on a domain with a recovery to do: the VM
+        # manager's pull of a small disk may end before its start was seen.
+        if not job.startswith(JOB_PREFIX) and not (
+                job_type == "stream" and any(p["state"] != DONE and p.get("domain") == domain_name
                                              for _, p, _ in self._store.recoveries())):
             return
-        if error is not None and job.startswith("recovery-"):
+        if error is not None and job.startswith(JOB_PREFIX):
             # The job is gone with its message (it dismisses itself): keep it
             # for the follow-up to read.
             self._errors[(domain_name, job)] = error
@@ -208,9 +245,25 @@ class RecoveryService:
         task.add_done_callback(self._background.discard)
 
     async def _job_started(self, domain: Domain, job: str) -> None:
-        # The VM manager's own stream of a disk being recovered into.
-        if any(p["state"] != DONE for _, p, _ in self._store.recoveries()):
-            await self._follow(domain)
+        """The VM manager's own stream of a disk being recovered into (one
+        waiting for libvirt's pull). Read without the node list: a pull of a
+        small disk may conclude before the next command, and the node list
+        then kills QEMU. The disk is the one the last full reading (at
+        connect) found on the image."""
+        if domain.offline or job.startswith(JOB_PREFIX):
+            return  # (a recovery's own stream: already followed)
+        recoveries = [(f, p) for f, p, _ in self._store.recoveries()
+                      if p["state"] != DONE and p.get("domain") == domain.name
+                      and p.get("disk") and p.get("manager_job") != job]
+        if not recoveries:
+            return
+        jobs = {j["id"]: j for j in await domain.session.execute("query-jobs")}
+        if jobs.get(job, {}).get("type") != "stream" or jobs[job].get("status") == "concluded":
+            return  # a concluded one: its end event follows, and _follow with it
+        links = await read_links(domain.session)
+        for file, payload in recoveries:
+            if links.jobs.get(job, set()) & links.below_device(payload["disk"]):
+                self._adopt(file, payload, domain.name, payload["disk"], job)
 
     async def _connected(self, domain: Domain) -> None:
         self._failed -= {f for f, p, _ in self._store.recoveries()
@@ -249,19 +302,13 @@ class RecoveryService:
             error = self._errors.pop((domain.name, payload["job"]), None)
             if disk is None:
                 continue
-            manager_job = next((j for j in graph.jobs_on(disk, "recovery-")
+            manager_job = next((j for j in graph.jobs_on(disk, JOB_PREFIX)
                                 if jobs.get(j, {}).get("type") == "stream"), None)
             if manager_job is not None:
                 # The VM manager streams the disk itself (libvirt's block
                 # pull): followed, not doubled.
                 if payload.get("manager_job") != manager_job:
-                    self._save(file, payload, state=STREAMING, domain=domain.name,
-                               disk=disk.name, manager_job=manager_job, waiting_for=None)
-                    log.info("instant recovery into %s: the VM manager's stream job %s moves "
-                             "the backup into disk %s of domain %s", file, manager_job,
-                             disk.name, domain.name)
-                    self._events.publish(domain.name, "recovery-started", file=file,
-                                         disk=disk.name, job=manager_job)
+                    self._adopt(file, payload, domain.name, disk.name, manager_job)
                 continue
             payload.pop("manager_job", None)
             if len(disk.chain) == 1:
@@ -315,6 +362,15 @@ class RecoveryService:
             log.info("instant recovery into %s: streaming the backup into disk %s of domain %s",
                      file, disk.name, domain.name)
             self._events.publish(domain.name, "recovery-started", file=file, disk=disk.name)
+
+    def _adopt(self, file: str, payload: dict[str, Any], domain: str, disk: str,
+               job: str) -> None:
+        """Follow the VM manager's stream ``job`` of the image as the recovery's."""
+        self._save(file, payload, state=STREAMING, domain=domain, disk=disk, manager_job=job,
+                   waiting_for=None)
+        log.info("instant recovery into %s: the VM manager's stream job %s moves the backup "
+                 "into disk %s of domain %s", file, job, disk, domain)
+        self._events.publish(domain, "recovery-started", file=file, disk=disk, job=job)
 
     def _save(self, file: str, payload: dict[str, Any], **changes: Any) -> None:
         payload.update(changes)

@@ -45,7 +45,7 @@ from ..model import Disk, DomainState, SnapshotDiskView, SnapshotState, Snapshot
 from ..names import PREFIX, check_name, parse_checkpoint_bitmap
 from ..qemu import iothreads
 from ..qemu.blockops import Bitmaps, BlockOps
-from ..qemu.graph import BlockGraph, query_disks, read_graph, relink
+from ..qemu.graph import BlockGraph, query_disks, read_graph, read_links, relink
 from ..rbd import image_of as rbd_image_of
 from ..store.db import Store
 from . import scratch
@@ -778,17 +778,22 @@ class SnapshotService:
         the manager has since put an overlay under the filter, that image may
         be among those dropped, and QEMU 7.2 aborts when the manager then
         deletes it (bdrv_close: Assertion `QLIST_EMPTY(&bs->dirty_bitmaps)').
-        So the snapshot gives way on those disks, at the stream's start."""
+        So the snapshot gives way on those disks, at the stream's start.
+
+        Read without the node list: a stream of a small disk may conclude
+        before the next command, and the node list then kills QEMU."""
+        state = self._state(domain.name)
+        if not state.snapshots:
+            return
         # query-jobs lists every kind (query-block-jobs omits image creation).
         jobs = await domain.session.execute("query-jobs")
         job = next((j for j in jobs if j.get("id") == job_id), None)
         if job is not None and job.get("type") != "stream":
             return
-        state = self._state(domain.name)
-        graph = await read_graph(domain.session)
+        links = await read_links(domain.session)
         parts = [(s, p) for s in state.snapshots.values() for p in s.disks
-                 if p.filter_node in graph.nodes
-                 and graph.child(p.filter_node, "file") != p.source]
+                 if p.filter_node in links.names
+                 and links.child(p.filter_node, "file") != p.source]
         if not parts:
             return
         reason = (f"the VM manager started block job {job_id!r} (a stream) below an image it "

@@ -4,17 +4,20 @@ next backup of that disk is a full one. Never a short answer."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from blockbackup_client import CheckpointBroken
 from blockbackup_client.client import Client
+from tests.conftest import snapshot_xml, wait_for
 from tests.vm_manager.manager import (
     active_commit,
     assert_restore_equals_live,
     backup,
     disk_level,
+    image_node,
     mirror,
     overlay,
     runs,
@@ -24,6 +27,11 @@ from tests.vm_manager.manager import (
 )
 from tools.daemon import Daemon
 from tools.vm import Vm
+
+#: Pulls of a small disk in a row: the daemon's reaction to each new job
+#: met its conclusion often enough to kill QEMU within these, before the
+#: reaction read without the node list.
+PULLS = 25
 
 
 def changes(c: Client, name: str, disk: str = "sda") -> list[list[int]]:
@@ -261,3 +269,36 @@ def test_commit_of_an_image_below_the_top(defined: tuple[Daemon, Vm], workdir: P
     second = backup(daemon, dest, "--level", "auto")
     assert disk_level(second, "sda") == ("inc" if exact else "full")
     assert_restore_equals_live(daemon, vm, dest, "sda")
+
+
+def test_the_managers_pulls_of_a_small_disk_keep_qemu_alive_beside_a_snapshot(
+        defined: tuple[Daemon, Vm]) -> None:
+    """A pull with nothing to copy concludes within milliseconds of its
+    start, when the daemon reacts to the new job (a live snapshot makes it
+    look). While such a job is concluded, not yet dismissed, QEMU 7.2 and
+    10.0 die on query-named-block-nodes: the reaction reads without it.
+    Like libvirt, the test dismisses each pull once it sees it concluded."""
+    daemon, vm = defined
+    with daemon.client() as c:
+        c.snapshot_create("vm1", snapshot_xml("pit", {"sdb": None}))
+        for i in range(PULLS):
+            overlay(vm, "sda", f"o{i}", copy_bitmaps=False)
+            top = image_node(vm, "sda")
+            graph = vm.qmp("x-debug-query-block-graph")
+            names = {n["id"]: n["name"] for n in graph["nodes"]}
+            child = {(names[e["parent"]], e["name"]): names[e["child"]] for e in graph["edges"]}
+            below = [child[(top, "backing")]]  # the image the pull takes out of the chain
+            vm.qmp("block-stream", **{"job-id": f"pull{i}", "device": top,
+                                      "auto-dismiss": False})
+            wait_for(lambda: vm.qmp("query-jobs")[0]["status"] == "concluded",
+                     what=f"pull {i} concluded", interval=0.005)
+            vm.qmp("job-dismiss", id=f"pull{i}")
+            for node in below:  # as libvirt deletes them
+                vm.qmp("blockdev-del", **{"node-name": node})
+                vm.qmp("blockdev-del", **{"node-name": child[(node, "file")]})
+            assert vm.running, f"QEMU died at pull {i}: {vm.stdout_path.read_text()[-2000:]}"
+        time.sleep(0.3)  # the daemon's reaction to the last pull has run
+        assert vm.running
+        assert c.snapshot_lookup("vm1", "pit")["state"] == "active"
+        c.snapshot_delete("vm1", "pit")
+    assert vm.qmp("query-jobs") == []
