@@ -150,6 +150,33 @@ def make_vm(workdir: Path) -> Iterator[Callable[..., Vm]]:
 
 
 @pytest.fixture
+def make_loop_device(workdir: Path) -> Iterator[Callable[[int], Path]]:
+    """A factory: ``make_loop_device(size)`` is a block device of that many
+    bytes backed by a file of the test's (what LVM or ZFS would give);
+    each is detached after the test."""
+    made: list[str] = []
+
+    def make(size: int) -> Path:
+        backing = workdir / f"loop{len(made)}.img"
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        dev = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        made.append(dev)
+        return Path(dev)
+
+    yield make
+    for dev in made:
+        subprocess.run(["losetup", "--detach", dev], check=True)
+
+
+@pytest.fixture
+def loop_device(make_loop_device: Callable[[int], Path]) -> Path:
+    """A 32 MiB block device (see :func:`make_loop_device`)."""
+    return make_loop_device(32 * 1024 * 1024)
+
+
+@pytest.fixture
 def make_daemon(workdir: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 

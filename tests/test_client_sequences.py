@@ -21,7 +21,6 @@ import pytest
 
 from blockbackup_client import Unsupported
 from tests.conftest import NbdReader, domain_state, export_xml, snapshot_xml, wait_for
-from tests.test_raw_disks import loop_device  # noqa: F401 - a fixture
 from tools.ceph import Cluster
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm

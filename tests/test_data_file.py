@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import domain_state, wait_for
-from tests.test_raw_disks import loop_device  # noqa: F401 - the fixture
 from tests.vm_manager.manager import assert_restore_equals, backup, disk_level
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm

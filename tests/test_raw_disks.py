@@ -7,8 +7,7 @@ says why, never a short incremental.
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,6 @@ from tests.vm_manager.manager import assert_restore_equals_live, backup, disk_le
 from tools.daemon import Daemon
 from tools.vm import MiB, Vm
 from tools.vm_configs import ProxmoxVm
-
-
-@pytest.fixture
-def loop_device(workdir: Path) -> Iterator[Path]:
-    """A block device backed by a file of the test's (what LVM or ZFS would give)."""
-    backing = workdir / "loop.img"
-    with open(backing, "wb") as f:
-        f.truncate(32 * MiB)
-    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
-                         text=True, check=True).stdout.strip()
-    try:
-        yield Path(dev)
-    finally:
-        subprocess.run(["losetup", "--detach", dev], check=True)
 
 
 def connect(daemon: Daemon, vm: Vm) -> None:

@@ -252,21 +252,14 @@ def test_bad_instant_restores_change_nothing(defined: tuple[Daemon, Vm], workdir
         assert c.call("recovery.list") == []
 
 
-def test_restore_onto_a_block_device(defined: tuple[Daemon, Vm], workdir: Path) -> None:
+def test_restore_onto_a_block_device(defined: tuple[Daemon, Vm], workdir: Path,
+                                     make_loop_device: Callable[[int], Path]) -> None:
     daemon, vm = defined
     dest = workdir / "backups"
     vm.write("sda", 0, MiB, 0x31)
     vm.write("sda", 50 * MiB, 64 * KiB, 0x32)
     point = _backup(daemon, dest)
-    backing_file = workdir / "lo.img"
-    with open(backing_file, "wb") as f:
-        f.truncate(64 * MiB)
-    device = subprocess.run(["losetup", "--find", "--show", str(backing_file)], check=True,
-                            capture_output=True, text=True).stdout.strip()
-    try:
-        restore_raw_onto(daemon, dest, point, device)
-    finally:
-        subprocess.run(["losetup", "-d", device], check=True)
+    restore_raw_onto(daemon, dest, point, str(make_loop_device(64 * MiB)))
 
 
 def test_a_concluded_stream_of_the_vm_manager_is_waited_for(
