@@ -287,15 +287,15 @@ def test_the_managers_pulls_of_a_small_disk_keep_qemu_alive_beside_a_snapshot(
             graph = vm.qmp("x-debug-query-block-graph")
             names = {n["id"]: n["name"] for n in graph["nodes"]}
             child = {(names[e["parent"]], e["name"]): names[e["child"]] for e in graph["edges"]}
-            below = [child[(top, "backing")]]  # the image the pull takes out of the chain
+            backing = child[(top, "backing")]  # the image the pull takes out of the chain
             vm.qmp("block-stream", **{"job-id": f"pull{i}", "device": top,
                                       "auto-dismiss": False})
             wait_for(lambda: vm.qmp("query-jobs")[0]["status"] == "concluded",
                      what=f"pull {i} concluded", interval=0.005)
             vm.qmp("job-dismiss", id=f"pull{i}")
-            for node in below:  # as libvirt deletes them
-                vm.qmp("blockdev-del", **{"node-name": node})
-                vm.qmp("blockdev-del", **{"node-name": child[(node, "file")]})
+            # As libvirt deletes it:
+            vm.qmp("blockdev-del", **{"node-name": backing})
+            vm.qmp("blockdev-del", **{"node-name": child[(backing, "file")]})
             assert vm.running, f"QEMU died at pull {i}: {vm.stdout_path.read_text()[-2000:]}"
         time.sleep(0.3)  # the daemon's reaction to the last pull has run
         assert vm.running
