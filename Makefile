@@ -24,7 +24,11 @@ BASE_APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python
 # backup's guest filesystems in libguestfs's appliance VM; linux-image-amd64 is
 # the kernel supermin builds that appliance from (only a Recommends of supermin,
 # and a container has none in /boot); it is not booted on the host.
+# openssh-server (sshd) and openssh-client, for the tests only: tests/test_remote.py
+# runs an sshd of its own in each network namespace it makes (config, keys and
+# users of its own; the system's sshd is neither configured nor started).
 APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients e2fsprogs \
+                openssh-server openssh-client \
                 ceph-mon ceph-osd ceph-common qemu-block-extra python3-rbd python3-rados \
                 libguestfs-tools python3-guestfs linux-image-amd64
 VENV         := .venv
@@ -116,6 +120,7 @@ install: system-deps
 	$(PREFIX)/bin/python -m pip install -q --upgrade .
 	ln -sf $(PREFIX)/bin/blockbackupd /usr/local/bin/blockbackupd
 	ln -sf $(PREFIX)/bin/bbctl /usr/local/bin/bbctl
+	ln -sf $(PREFIX)/bin/blockbackupd-ssh-helper /usr/local/bin/blockbackupd-ssh-helper
 	install -D -m 0644 systemd/blockbackupd.service /etc/systemd/system/blockbackupd.service
 	[ -e /etc/blockbackupd/blockbackupd.toml ] || \
 	  install -D -m 0640 etc/blockbackupd.toml /etc/blockbackupd/blockbackupd.toml

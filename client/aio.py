@@ -55,7 +55,10 @@ class AsyncClient(_Methods):
     """
 
     def __init__(self, socket_path: str = DEFAULT_SOCKET) -> None:
+        """``socket_path``: the daemon's socket, or a connection string
+        (``ssh://host``, ``tls://host:port``; see :mod:`blockbackup_client.remote`)."""
         self.socket_path = socket_path
+        self._process: asyncio.subprocess.Process | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -63,15 +66,59 @@ class AsyncClient(_Methods):
         self._writer: asyncio.StreamWriter | None = None
 
     async def connect(self) -> AsyncClient:
-        """:raise ConnectionLost: the socket cannot be reached."""
+        """:raise ConnectionLost: the socket or host cannot be reached."""
+        from .remote import parse
+
         try:
-            sock = await _connect_unix(self.socket_path)
-            reader, self._writer = await asyncio.open_unix_connection(
-                sock=sock, limit=_LINE_LIMIT)
-        except OSError as err:
-            raise ConnectionLost(f"cannot connect to {self.socket_path}: {err}") from err
+            target = parse(self.socket_path)
+            if target.scheme == "unix":
+                sock = await _connect_unix(target.path)
+                reader, self._writer = await asyncio.open_unix_connection(
+                    sock=sock, limit=_LINE_LIMIT)
+            elif target.scheme == "tls":
+                reader, self._writer = await asyncio.wait_for(asyncio.open_connection(
+                    target.host, target.port, ssl=target.ssl_context(),
+                    server_hostname=target.host, limit=_LINE_LIMIT), 30.0)
+            else:
+                reader, self._writer = await self._open_ssh(target.ssh_argv())
+        except (TimeoutError, OSError, ValueError) as err:
+            raise ConnectionLost(f"cannot connect to {self.socket_path}: "
+                                 f"{err or 'no answer in 30 s'}") from err
         self._reader_task = asyncio.create_task(self._read_loop(reader))
         return self
+
+    async def _open_ssh(self, argv: list[str]) -> tuple[asyncio.StreamReader,
+                                                         asyncio.StreamWriter]:
+        """The OpenSSH client on one end of a socket pair, and streams on the other."""
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *argv, stdin=theirs.fileno(), stdout=theirs.fileno(),
+                stderr=asyncio.subprocess.PIPE)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return await asyncio.open_unix_connection(sock=ours, limit=_LINE_LIMIT)
+
+    @property
+    def _display(self) -> str:
+        return self.socket_path.split("?", 1)[0]
+
+    async def _why_closed(self, err: OSError | None = None) -> str:
+        from .remote import _last_words
+
+        process = self._process
+        if process is None:
+            return str(err) if err else "the daemon closed the connection"
+        try:
+            await asyncio.wait_for(process.wait(), 5)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        assert process.stderr is not None
+        return _last_words(await process.stderr.read(), process.returncode, err)
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
@@ -90,6 +137,14 @@ class AsyncClient(_Methods):
             except asyncio.CancelledError:
                 pass
             self._reader_task = None
+        if self._process is not None:
+            # The helper ends when the daemon closes; ssh with it.
+            try:
+                await asyncio.wait_for(self._process.wait(), 5)
+            except TimeoutError:
+                self._process.kill()
+                await self._process.wait()
+            self._process = None
 
     async def call(self, method: str, **params: Any) -> Any:
         """Call one method and return its result.
@@ -108,7 +163,7 @@ class AsyncClient(_Methods):
             await self._writer.drain()
             reply = await future
         except OSError as err:
-            raise ConnectionLost(f"{self.socket_path}: {err}") from err
+            raise ConnectionLost(f"{self._display}: {await self._why_closed(err)}") from err
         finally:
             self._pending.pop(request_id, None)
         return _result(reply)
@@ -122,7 +177,7 @@ class AsyncClient(_Methods):
             yield event
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        error: Exception = ConnectionLost(f"{self.socket_path}: the daemon closed the connection")
+        error: Exception = ConnectionLost(f"{self.socket_path}: the connection was closed")
         try:
             while line := await reader.readline():
                 try:
@@ -137,8 +192,12 @@ class AsyncClient(_Methods):
                 future = self._pending.get(reply.get("id"))  # type: ignore[arg-type]
                 if future is not None and not future.done():
                     future.set_result(reply)
-        except (OSError, ValueError) as err:
-            error = ConnectionLost(f"{self.socket_path}: {err}")
+            # The far end closed: over SSH, ssh or the helper may say why.
+            error = ConnectionLost(f"{self._display}: {await self._why_closed()}")
+        except OSError as err:
+            error = ConnectionLost(f"{self._display}: {await self._why_closed(err)}")
+        except ValueError as err:
+            error = ConnectionLost(f"{self._display}: {err}")
         finally:
             for future in self._pending.values():
                 if not future.done():

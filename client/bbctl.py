@@ -1,6 +1,6 @@
 """``bbctl``: the command line of blockbackupd, shaped like virsh.
 
-``bbctl [--socket PATH] [--json] AREA VERB ...`` covers every RPC method:
+``bbctl [--connect URI | --socket PATH] [--json] AREA VERB ...`` covers every RPC method:
 ``daemon info``, ``domain list|define|undefine|xml``,
 ``snapshot create|delete|list|info|xml``,
 ``checkpoint list|info|xml|delete|changes|redefine``,
@@ -772,8 +772,16 @@ _AREAS: list[tuple[str, str, str | None, Completer]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bbctl", description="Control blockbackupd.")
-    parser.add_argument("--socket", default=DEFAULT_SOCKET,
-                        help=f"daemon socket (default {DEFAULT_SOCKET}, or $BLOCKBACKUPD_SOCKET)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-c", "--connect", dest="socket", metavar="URI",
+                       default=os.environ.get("BLOCKBACKUPD_CONNECT") or DEFAULT_SOCKET,
+                       help="the daemon to control: a socket path, unix:///path, "
+                            "ssh://[user@]host[:port][/socket][?keyfile=..&known_hosts=.."
+                            "&no_verify=1&no_tty=1&helper=..] or tls://host:port[?pki=DIR] "
+                            "(default $BLOCKBACKUPD_CONNECT, else the local socket)")
+    where.add_argument("--socket", dest="socket", metavar="PATH",
+                       help=f"the local daemon socket (default {DEFAULT_SOCKET}, "
+                            "or $BLOCKBACKUPD_SOCKET)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     areas = parser.add_subparsers(dest="area", required=True, metavar="AREA")
     for name, help, description, complete in _AREAS:
@@ -793,8 +801,9 @@ def _message(err: BaseException) -> str:
     elif isinstance(err, TimeoutError):
         text = f"the daemon did not answer in time ({err})"
     elif isinstance(err, ConnectionLost):
-        text = f"{err} (is blockbackupd running?)" if "cannot connect" in str(err) \
-            else f"lost the daemon: {err}"
+        local = "://" not in str(err) or "unix://" in str(err)
+        text = (f"{err} (is blockbackupd running?)" if local else str(err)) \
+            if "cannot connect" in str(err) else f"lost the daemon: {err}"
     elif isinstance(err, (BackupError, BlockbackupError, OSError)):
         text = str(err)
     else:  # a bug or a library's own error: still one line, never a traceback

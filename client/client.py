@@ -15,7 +15,6 @@ import collections
 import itertools
 import json
 import os
-import socket
 
 from .errors import ConnectionLost, ProtocolError, error_from_response
 
@@ -132,20 +131,37 @@ class _Methods:
 
 
 class Client(_Methods):
-    """Blocking client; one request at a time. Use as a context manager."""
+    """Blocking client; one request at a time. Use as a context manager.
 
-    def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float | None = 300.0) -> None:
-        self.socket_path = socket_path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+    ``where`` is the daemon's socket path or a connection string
+    (``ssh://host``, ``tls://host:port``; see :mod:`blockbackup_client.remote`).
+    """
+
+    def __init__(self, where: str = DEFAULT_SOCKET, timeout: float | None = 300.0) -> None:
+        from .remote import Channel, parse
+
+        #: As given: a later connection to the same daemon opens with it.
+        self.socket_path = where
         try:
-            self._sock.connect(socket_path)
-        except OSError as err:
-            self._sock.close()
-            raise ConnectionLost(f"cannot connect to {socket_path}: {err}") from err
+            self._target = parse(where)
+            self._channel = Channel.open(self._target, timeout)
+        except (OSError, ValueError) as err:
+            raise ConnectionLost(f"cannot connect to {where}: {err}") from err
+        self._sock = self._channel.sock
         self._file = self._sock.makefile("rb")
         self._ids = itertools.count(1)
         self._events: collections.deque[dict[str, Any]] = collections.deque()
+        self._answered = False
+
+    @property
+    def remote(self) -> bool:
+        """Whether the daemon is on another host (ssh:// or tls://)."""
+        return self._target.remote
+
+    @property
+    def host(self) -> str | None:
+        """The other host's name or address as the connection string gives it."""
+        return self._target.host or None
 
     def __enter__(self) -> Client:
         return self
@@ -155,7 +171,7 @@ class Client(_Methods):
 
     def close(self) -> None:
         self._file.close()
-        self._sock.close()
+        self._channel.close()
 
     def call(self, method: str, **params: Any) -> Any:
         """Call one method and return its result.
@@ -168,7 +184,7 @@ class Client(_Methods):
         try:
             self._sock.sendall(_request(request_id, method, params))
         except OSError as err:
-            raise ConnectionLost(f"{self.socket_path}: {err}") from err
+            raise self._lost(err) from err
         while True:
             reply = self._read()
             if reply.get("id") == request_id:
@@ -196,15 +212,21 @@ class Client(_Methods):
         finally:
             self._sock.settimeout(old)
 
+    def _lost(self, err: OSError | None) -> ConnectionLost:
+        # Over SSH the first answer is the first sign that the far end is there.
+        lead = "" if self._answered else "cannot connect to "
+        return ConnectionLost(f"{lead}{self._target.display}: {self._channel.why_closed(err)}")
+
     def _read(self) -> dict[str, Any]:
         try:
             line = self._file.readline(_LINE_LIMIT)
         except TimeoutError:
             raise
         except OSError as err:
-            raise ConnectionLost(f"{self.socket_path}: {err}") from err
+            raise self._lost(err) from err
         if not line:
-            raise ConnectionLost(f"{self.socket_path}: the daemon closed the connection")
+            raise self._lost(None)
+        self._answered = True
         try:
             reply = json.loads(line)
         except ValueError as err:

@@ -43,6 +43,9 @@ class Daemon:
         self.config_extra: dict[str, Any] = {}
         #: Extra environment of the daemon process (e.g. BLOCKBACKUPD_FAIL_AT).
         self.env: dict[str, str] = {}
+        #: A command the daemon runs under, e.g. ``ip netns exec NS`` (which
+        #: execs it, so the PID is still the daemon's).
+        self.prefix: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,7 +62,8 @@ class Daemon:
         self.write_config()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "blockbackupd", "--config", str(self.config_path)],
+                [*self.prefix, sys.executable, "-m", "blockbackupd",
+                 "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ MAX_IN_FLIGHT = 64
 #: Answers and notifications queued for a client that does not read them.
 MAX_QUEUED = 1024
 _READ_CHUNK = 64 * 1024
+#: Seconds a TCP client has to finish the TLS handshake.
+TLS_HANDSHAKE = 10.0
 
 
 def _error_line(code: int, message: str) -> bytes:
@@ -49,13 +52,14 @@ class Connection:
     _counter = 0
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 methods: dict[str, Callable[..., Any]], policy: AccessPolicy) -> None:
+                 methods: dict[str, Callable[..., Any]], policy: AccessPolicy,
+                 credentials: Credentials | None = None) -> None:
         Connection._counter += 1
         self.name = f"client#{Connection._counter}"
         self._reader = reader
         self._writer = writer
-        #: The peer's credentials, from the kernel.
-        self.credentials = Credentials.of(writer.get_extra_info("socket"))
+        #: The peer's credentials: from the kernel, or (TLS) from its certificate.
+        self.credentials = credentials or Credentials.of(writer.get_extra_info("socket"))
         self.uid = self.credentials.uid
         self.allowed = policy.allows(self.credentials)
         self._methods = methods if self.allowed else {name: _denied for name in methods}
@@ -95,12 +99,17 @@ class Connection:
 
     async def serve(self) -> None:
         c = self.credentials
-        if self.allowed:
-            log.debug("%s connected (pid=%d uid=%d gid=%d)", self.name, c.pid, c.uid, c.gid)
+        if c.pid:
+            who = f"pid {c.pid} uid {c.uid} gid {c.gid}"
         else:
-            log.warning("%s: pid %d uid %d gid %d is not allowed to call methods "
-                        "(daemon.allowed_users, daemon.allowed_groups)",
-                        self.name, c.pid, c.uid, c.gid)
+            peer = self._writer.get_extra_info("peername")
+            who = f"{c.label} from {peer[0]}:{peer[1]}" if peer else c.label
+        if self.allowed:
+            log.debug("%s connected (%s)", self.name,
+                      f"pid={c.pid} uid={c.uid} gid={c.gid}" if c.pid else who)
+        else:
+            log.warning("%s: %s is not allowed to call methods "
+                        "(daemon.allowed_users, daemon.allowed_groups)", self.name, who)
         writer_task = asyncio.create_task(self._write_loop())
         try:
             try:
@@ -195,7 +204,7 @@ class Connection:
 
 
 async def _denied(peer: Connection, *args: Any, **kwargs: Any) -> Result:
-    err = PermissionDenied(f"uid {peer.credentials.uid} may not call methods of this daemon")
+    err = PermissionDenied(f"{peer.credentials.label} may not call methods of this daemon")
     return Error(err.code, err.message, {"kind": err.kind})
 
 
@@ -208,31 +217,49 @@ class RpcServer:
         self._methods = methods
         self._policy = policy
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound socket (see :mod:`blockbackupd.runtime`)."""
         self._server = await asyncio.start_unix_server(self._accept, sock=sock)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def listen_tls(self, host: str, port: int, context: ssl.SSLContext) -> None:
+        """Also serve on TCP, TLS only, with a verified client certificate.
+
+        :raise OSError: the address cannot be bound.
+        """
+        self._tls_server = await asyncio.start_server(
+            self._accept_tls, host, port, ssl=context, ssl_handshake_timeout=TLS_HANDSHAKE)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      credentials: Credentials | None = None) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         try:
-            await Connection(reader, writer, self._methods, self._policy).serve()
+            await Connection(reader, writer, self._methods, self._policy, credentials).serve()
         finally:
             self._connections.discard(task)
 
+    async def _accept_tls(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        # The handshake is done and the certificate verified (CERT_REQUIRED).
+        await self._accept(reader, writer,
+                           Credentials.of_certificate(writer.get_extra_info("peercert")))
+
     async def close(self) -> None:
         """Stop listening, drop every connection, and remove the socket file."""
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._connections):
-                task.cancel()
-            if self._connections:
-                await asyncio.wait(self._connections)
-            await self._server.wait_closed()
-            self._server = None
+        servers = [server for server in (self._server, self._tls_server) if server is not None]
+        for server in servers:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections)
+        for server in servers:
+            await server.wait_closed()
+        self._server = self._tls_server = None
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -1,0 +1,274 @@
+"""bbctl and the client library against a daemon on another host, over SSH.
+
+Two "hosts" are network namespaces joined by a veth pair (tools/hosts.py),
+each with an sshd of the test's own, its own daemon (inside its namespace)
+and its own VM. bbctl runs in host A and drives host B's daemon through
+``ssh://`` and OpenSSH, whose far end is ``blockbackupd-ssh-helper``. The
+remote daemon's own access rules decide: a user sshd lets in but whom the
+daemon does not allow is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools.daemon import Daemon
+from tools.hosts import Host, SshKeys, login_user, make_keys, network, privsep_dir, start_sshd
+from tools.vm import Vm
+
+MiB = 1024 * 1024
+BBCTL = str(Path(sys.executable).parent / "bbctl")
+#: The client package needs only the standard library; the far side's helper
+#: runs on the system's Python from a copy any user can read.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@dataclass
+class Site:
+    host: Host
+    vm: Vm
+    daemon: Daemon
+
+
+@dataclass
+class Hosts:
+    a: Site
+    b: Site
+    keys: SshKeys
+    helper: Path
+    user: str
+
+    def uri(self, site: Site, user: str = "root", query: str = "") -> str:
+        return (f"ssh://{user}@{site.host.address}{site.daemon.socket}?{self.keys.options()}"
+                f"&helper={self.helper}{'&' + query if query else ''}")
+
+    def bbctl(self, *args: str, to: Site | None = None, user: str = "root", query: str = "",
+              uri: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """bbctl in host A (B when ``to`` is A) against ``to``'s daemon, over SSH."""
+        to = to or self.b
+        here = self.b if to is self.a else self.a
+        target = uri or self.uri(to, user, query)
+        return here.host.run(BBCTL, "--connect", target, *args, timeout=timeout)
+
+    def local(self, site: Site, *args: str) -> subprocess.CompletedProcess[str]:
+        """bbctl on the daemon's own socket, for comparison."""
+        return subprocess.run([BBCTL, "--socket", str(site.daemon.socket), *args],
+                              capture_output=True, text=True, timeout=120)
+
+
+def _helper(directory: Path) -> Path:
+    """The helper as a host would have it installed, readable by every user."""
+    directory.mkdir(mode=0o755)
+    os.chmod(directory.parent, 0o755)
+    shutil.copytree(Path(__file__).parent.parent / "client", directory / "blockbackup_client",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    script = directory / "blockbackupd-ssh-helper"
+    script.write_text(f"#!/bin/sh\nPYTHONPATH={directory} exec {SYSTEM_PYTHON} "
+                      f"-m blockbackup_client.sshhelper \"$@\"\n")
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() or path == script else 0o644)
+    return script
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[Hosts]:
+    with ExitStack() as stack:
+        a_host, b_host = stack.enter_context(network())
+        stack.enter_context(privsep_dir())
+        shared = Path(tempfile.mkdtemp(prefix="bb-ssh-", dir="/tmp"))
+        stack.callback(shutil.rmtree, shared, ignore_errors=True)
+        keys = make_keys(shared)
+        helper = _helper(shared / "helper")
+        user = stack.enter_context(login_user(shared))
+        sites = []
+        for host in (a_host, b_host):
+            start_sshd(host, keys, ["root", user.pw_name])
+            # The far side's user must reach the socket to be refused by the daemon.
+            os.chmod(host.workdir, 0o711)
+            vm = Vm(host.workdir, f"vm-{host.netns[-1]}", disks={"vda": 64 * MiB})
+            stack.callback(vm.stop)
+            vm.start()
+            daemon = Daemon(host.workdir, socket_group=user.pw_gid)
+            daemon.prefix = host.argv()
+            stack.callback(lambda d=daemon: d.proc is not None and d.stop())
+            daemon.start()
+            with daemon.client() as c:
+                c.domain_define(vm.name, str(vm.daemon_qmp))
+            sites.append(Site(host, vm, daemon))
+        for site in sites:
+            _wait_running(site)
+        yield Hosts(sites[0], sites[1], keys, helper, user.pw_name)
+
+
+def _wait_running(site: Site, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    with site.daemon.client() as c:
+        while c.domain_list()[0]["state"] != "running":
+            assert time.monotonic() < deadline, "the daemon did not reach its VM"
+            time.sleep(0.05)
+
+
+def _json(r: subprocess.CompletedProcess[str]) -> Any:
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_every_command_runs_against_the_other_host(hosts: Hosts) -> None:
+    b, vm = hosts.b, hosts.b.vm.name
+    # Reading commands answer exactly as on the host itself.
+    for args in (["daemon", "info"], ["domain", "list"], ["domain", "xml", vm],
+                 ["snapshot", "list", vm], ["checkpoint", "list", vm], ["export", "list", vm]):
+        remote = hosts.bbctl("--json", *args)
+        assert _json(remote) == _json(hosts.local(b, "--json", *args)), args
+    # The names are B's, not A's: the command went to the other host.
+    assert [d["name"] for d in _json(hosts.bbctl("--json", "domain", "list"))] == [vm]
+    assert [d["name"] for d in _json(hosts.bbctl("--json", "domain", "list", to=hosts.a))] \
+        == [hosts.a.vm.name]
+
+    # Every changing command, over SSH; each seen from B's own socket.
+    made = _json(hosts.bbctl("--json", "snapshot", "create", vm, "--name", "s1",
+                             "--checkpoint"))
+    assert made["name"] == "s1"
+    assert _json(hosts.local(b, "--json", "snapshot", "list", vm)) == ["s1"]
+    assert _json(hosts.local(b, "--json", "checkpoint", "list", vm)) == ["s1"]
+    info = _json(hosts.bbctl("--json", "snapshot", "info", vm, "s1"))
+    assert info["disks"] == ["vda"] and info["state"] == "active"
+    snapshot_doc = _json(hosts.bbctl("--json", "snapshot", "xml", vm, "s1"))["xml"]
+    assert "<name>s1</name>" in snapshot_doc and "<state>active</state>" in snapshot_doc
+    assert _json(hosts.bbctl("--json", "checkpoint", "info", vm, "s1"))["state"] == "valid"
+    cp_xml = _json(hosts.bbctl("--json", "checkpoint", "xml", vm, "s1"))["xml"]
+    started = _json(hosts.bbctl("--json", "export", "start", vm, "--snapshot", "s1",
+                                "--disk", "vda"))
+    assert [e["name"] for e in started["exports"]] == ["vda-s1"]
+    assert _json(hosts.bbctl("--json", "export", "server", vm)) == \
+        _json(hosts.local(b, "--json", "export", "server", vm))
+    assert [e["name"] for e in _json(hosts.local(b, "--json", "export", "list", vm))] == ["vda-s1"]
+    assert _json(hosts.bbctl("--json", "export", "stop", vm, "--snapshot", "s1",
+                             "--disk", "vda")) == {}
+    assert _json(hosts.local(b, "--json", "export", "list", vm)) == []
+
+    # Writes land after the checkpoint: the change set read over SSH is B's own.
+    hosts.b.vm.write("vda", MiB, 128 * 1024, 0x5a)
+    changes = _json(hosts.bbctl("--json", "checkpoint", "changes", vm, "s1", "--disk", "vda"))
+    assert changes == _json(hosts.local(b, "--json", "checkpoint", "changes", vm, "s1",
+                                        "--disk", "vda"))
+    assert changes["extents"] == [[MiB, 128 * 1024]]
+
+    # redefine reads its document on the caller's host and sends it over:
+    # B's daemon reads the name in it, which B has.
+    doc = hosts.a.host.workdir / "cp.xml"
+    doc.write_text(cp_xml)
+    r = hosts.bbctl("checkpoint", "redefine", vm, "--xml", str(doc))
+    assert r.returncode == 1 and r.stderr.strip().endswith("[already-exists]"), r.stderr
+
+    assert hosts.bbctl("snapshot", "delete", vm, "s1").returncode == 0
+    assert _json(hosts.local(b, "--json", "snapshot", "list", vm)) == []
+    assert hosts.bbctl("checkpoint", "delete", vm, "s1").returncode == 0
+    assert _json(hosts.local(b, "--json", "checkpoint", "list", vm)) == []
+
+    # define and undefine: a domain whose QEMU is not there (yet), then gone.
+    assert hosts.bbctl("domain", "define", "other",
+                       str(hosts.b.host.workdir / "other.qmp")).returncode == 0
+    assert {d["name"]: d["state"] for d in _json(hosts.local(b, "--json", "domain", "list"))} \
+        == {vm: "running", "other": "disconnected"}
+    assert hosts.bbctl("domain", "undefine", "other").returncode == 0
+    assert [d["name"] for d in _json(hosts.local(b, "--json", "domain", "list"))] == [vm]
+
+    # events: a subscription over SSH sees B's events.
+    extra = Vm(hosts.b.host.workdir, "extra", disks={}, paused=True)
+    clients = b.daemon.log().count(" connected (pid=")
+    watcher = subprocess.Popen(hosts.a.host.argv(BBCTL, "--connect", hosts.uri(b), "--json",
+                                                 "events", "--count", "1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        extra.start()
+        # The watcher's connection reached B's daemon; its subscription follows at once.
+        deadline = time.monotonic() + 20
+        while b.daemon.log().count(" connected (pid=") == clients:
+            assert time.monotonic() < deadline, "the watcher never reached B's daemon"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert hosts.bbctl("domain", "define", "extra", str(extra.daemon_qmp)).returncode == 0
+        out, err = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+        hosts.bbctl("domain", "undefine", "extra")
+        extra.stop()
+    assert watcher.returncode == 0, err
+    event = json.loads(out)
+    assert event["domain"] == "extra" and event["type"] == "domain-connected", out
+
+
+def test_the_client_library_reaches_the_other_host(hosts: Hosts) -> None:
+    script = """
+import asyncio, json, sys
+from blockbackup_client import AsyncClient, Client
+with Client(sys.argv[1], timeout=30) as c:
+    sync = c.domain_list()
+async def main():
+    async with AsyncClient(sys.argv[1]) as c:
+        return await asyncio.gather(c.domain_list(), c.daemon_info(), c.snapshot_list(sys.argv[2]))
+print(json.dumps([sync, asyncio.run(main())]))
+"""
+    r = hosts.a.host.run(sys.executable, "-c", script, hosts.uri(hosts.b), hosts.b.vm.name)
+    assert r.returncode == 0, r.stderr
+    sync, (listed, info, snapshots) = json.loads(r.stdout)
+    with hosts.b.daemon.client() as c:
+        assert sync == listed == c.domain_list()
+        assert info == c.daemon_info()
+    assert snapshots == []
+
+
+def test_the_remote_daemons_access_rules_decide(hosts: Hosts) -> None:
+    """sshd lets the user in, the daemon (which sees the helper's uid) does not."""
+    r = hosts.bbctl("domain", "list", user=hosts.user)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("bbctl: error: uid ") and \
+        r.stderr.strip().endswith("may not call methods of this daemon [permission-denied]"), \
+        r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "is not allowed to call methods" in hosts.b.daemon.log()
+
+
+def test_failures_to_reach_the_other_host_are_one_line(hosts: Hosts) -> None:
+    b = hosts.b
+    cases = {
+        # No sshd on that port.
+        "refused": (hosts.bbctl("domain", "list", uri=hosts.uri(b).replace(
+            f"@{b.host.address}", f"@{b.host.address}:2222")), "Connection refused"),
+        # A host key that is not the one known.
+        "host key": (hosts.bbctl("domain", "list", uri=hosts.uri(b).replace(
+            hosts.keys.options(), f"keyfile={hosts.keys.key}&known_hosts=/dev/null&no_tty=1")),
+            "Host key verification failed."),
+        # The daemon's socket is not there.
+        "no daemon": (hosts.bbctl("domain", "list", uri=hosts.uri(b).replace(
+            str(b.daemon.socket), "/run/nothing-here.sock")),
+            "blockbackupd-ssh-helper: cannot connect to the daemon at /run/nothing-here.sock: "
+            "No such file or directory"),
+        # A key sshd does not know for that user.
+        "no login": (hosts.bbctl("domain", "list", user="nobody"), "Permission denied"),
+    }
+    for what, (r, words) in cases.items():
+        assert r.returncode == 1, what
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bbctl: error: cannot connect to ssh://"), \
+            (what, r.stderr)
+        assert words in lines[0], (what, r.stderr)
+    # A bad connection string: refused before anything runs.
+    r = hosts.bbctl("domain", "list", uri="ssh://host?keyfil=/x")
+    assert r.returncode == 1 and "unknown option 'keyfil'" in r.stderr, r.stderr
