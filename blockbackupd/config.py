@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .names import check_name
 
@@ -51,6 +58,18 @@ def _user_id(value: str | int) -> int:
         return pwd.getpwuid(value).pw_uid if isinstance(value, int) else pwd.getpwnam(value).pw_uid
     except (KeyError, OverflowError):
         raise ValueError(f"no user {value!r} on this host") from None
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6 address]:port`` as (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port (a port from 1 to 65535), e.g. 0.0.0.0:10810")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address goes in brackets: [::]:10810")
+    return host, int(port)
 
 
 class _Section(BaseModel):
@@ -95,6 +114,32 @@ class DaemonSection(_Section):
     # (empty: the one of the domain's own QEMU build, next to its binary, else
     # the one on PATH).
     storage_daemon: str = ""
+    # Added: a TCP address ("host:port", "[v6]:port") where the daemon also
+    # answers RPC, TLS only with a client certificate from tls_dir's CA, whose
+    # common name names the local user the caller acts as. Empty: UNIX socket
+    # only. Plain TCP is never offered.
+    listen: str = ""
+    # Added: ca-cert.pem, server-cert.pem, server-key.pem for that listener, the
+    # layout of nbd.tls_dir (empty: nbd.tls_dir's own).
+    tls_dir: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value:
+            listen_address(value)
+        return value
+
+    @field_validator("tls_dir")
+    @classmethod
+    def _tls_dir(cls, value: str) -> str:
+        if value and not Path(value).is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+    @property
+    def listen_host_port(self) -> tuple[str, int] | None:
+        return listen_address(self.listen) if self.listen else None
 
     @field_validator("socket", "state_dir", "scratch_dir", "run_dir")
     @classmethod
@@ -226,6 +271,18 @@ class Config(_Section):
             names.add(d.name)
             sockets.add(d.qmp_socket)
         return value
+
+    @model_validator(mode="after")
+    def _listener_has_certificates(self) -> Config:
+        if self.daemon.listen and not self.tls_dir:
+            raise ValueError("daemon.listen: the TLS listener needs certificates "
+                             "(daemon.tls_dir or nbd.tls_dir)")
+        return self
+
+    @property
+    def tls_dir(self) -> str:
+        """The RPC listener's certificate directory."""
+        return self.daemon.tls_dir or self.nbd.tls_dir
 
     def to_toml(self) -> str:
         """The effective configuration, as a TOML document that loads back to itself."""

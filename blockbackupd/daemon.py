@@ -6,13 +6,14 @@ import asyncio
 import logging
 import signal
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from . import __version__
 from .config import Config
 from .rpc.access import AccessPolicy
 from .rpc.methods import build_methods
 from .rpc.server import RpcServer
-from .runtime import Lock, bind_unix_socket, make_dirs, sd_notify
+from .runtime import Lock, StartupError, bind_unix_socket, make_dirs, sd_notify, server_tls_context
 from .services.checkpoints import CheckpointService
 from .services.copies import CopyService
 from .services.domains import DomainService, DomainSettings
@@ -91,8 +92,17 @@ async def run(config: Config) -> None:
                            AccessPolicy(d.allowed_uids, d.allowed_gids))
         await server.start(bind_unix_socket(d.socket, d.socket_mode_bits, d.socket_gid))
         stack.push_async_callback(server.close)
+        where = str(d.socket)
+        if d.listen_host_port is not None:
+            host, port = d.listen_host_port
+            try:
+                await server.listen_tls(host, port, server_tls_context(Path(config.tls_dir)))
+            except OSError as err:
+                raise StartupError(f"daemon.listen: cannot listen on {d.listen}: "
+                                   f"{err.strerror or err}") from None
+            where += f" and {d.listen} (TLS)"
 
-        log.info("blockbackupd %s listening on %s", __version__, d.socket)
+        log.info("blockbackupd %s listening on %s", __version__, where)
         sd_notify("READY=1")
         await stop.wait()
         log.info("stopping")

@@ -6,6 +6,7 @@ import fcntl
 import logging
 import os
 import socket
+import ssl
 import stat
 from pathlib import Path
 
@@ -115,3 +116,26 @@ def sd_notify(message: str) -> None:
             sock.sendto(message.encode(), address)
         except OSError as err:
             log.warning("sd_notify(%s) failed: %s", message, err)
+
+
+def server_tls_context(directory: Path) -> ssl.SSLContext:
+    """The RPC listener's TLS: this server's certificate, and a client
+    certificate from the directory's CA required of every caller.
+
+    :raise StartupError: a file is missing or does not load.
+    """
+    files = {name: directory / name for name in ("ca-cert.pem", "server-cert.pem",
+                                                 "server-key.pem")}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise StartupError(f"daemon.listen: no {', '.join(missing)} (the TLS listener needs "
+                           f"ca-cert.pem, server-cert.pem and server-key.pem in {directory})")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(files["ca-cert.pem"]))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(str(files["server-cert.pem"]), str(files["server-key.pem"]))
+    except (OSError, ssl.SSLError) as err:
+        raise StartupError(f"daemon.listen: cannot load the server certificate in "
+                           f"{directory}: {err}") from None
+    return ctx

@@ -82,7 +82,7 @@ class AsyncClient(_Methods):
             else:
                 reader, self._writer = await self._open_ssh(target.ssh_argv())
         except (TimeoutError, OSError, ValueError) as err:
-            raise ConnectionLost(f"cannot connect to {self.socket_path}: "
+            raise ConnectionLost(f"cannot connect to {self._display}: "
                                  f"{err or 'no answer in 30 s'}") from err
         self._reader_task = asyncio.create_task(self._read_loop(reader))
         return self

@@ -146,7 +146,7 @@ class Client(_Methods):
             self._target = parse(where)
             self._channel = Channel.open(self._target, timeout)
         except (OSError, ValueError) as err:
-            raise ConnectionLost(f"cannot connect to {where}: {err}") from err
+            raise ConnectionLost(f"cannot connect to {where.split('?', 1)[0]}: {err}") from err
         self._sock = self._channel.sock
         self._file = self._sock.makefile("rb")
         self._ids = itertools.count(1)
@@ -213,9 +213,15 @@ class Client(_Methods):
             self._sock.settimeout(old)
 
     def _lost(self, err: OSError | None) -> ConnectionLost:
-        # Over SSH the first answer is the first sign that the far end is there.
-        lead = "" if self._answered else "cannot connect to "
-        return ConnectionLost(f"{lead}{self._target.display}: {self._channel.why_closed(err)}")
+        # Over SSH the first answer is the first sign that the far end is there;
+        # over TLS 1.3 the daemon checks our certificate after we think we are in.
+        if self._answered:
+            return ConnectionLost(f"{self._target.display}: {self._channel.why_closed(err)}")
+        why = self._channel.why_closed(err)
+        if self._target.scheme == "tls" and err is None:
+            why = "the daemon ended the connection at once: it does not accept this " \
+                  "client's certificate (not from its CA?)"
+        return ConnectionLost(f"cannot connect to {self._target.display}: {why}")
 
     def _read(self) -> dict[str, Any]:
         try:

@@ -51,6 +51,15 @@ def test_defaults_are_the_contracts() -> None:
      "daemon.allowed_users: Value error, no user 'no-such-user' on this host"),
     ('[daemon]\nallowed_groups = [4000000]\n',
      "daemon.allowed_groups: Value error, no group 4000000 on this host"),
+    ('[daemon]\nlisten = "0.0.0.0:10810"\n',
+     "daemon.listen: the TLS listener needs certificates (daemon.tls_dir or nbd.tls_dir)"),
+    ('[daemon]\nlisten = "10810"\ntls_dir = "/etc/pki"\n',
+     "daemon.listen: Value error, must be host:port"),
+    ('[daemon]\nlisten = "::1:10810"\ntls_dir = "/etc/pki"\n',
+     "daemon.listen: Value error, an IPv6 address goes in brackets"),
+    ('[daemon]\nlisten = "h:99999"\ntls_dir = "/etc/pki"\n',
+     "daemon.listen: Value error, must be host:port (a port from 1 to 65535)"),
+    ('[daemon]\ntls_dir = "pki"\n', "daemon.tls_dir: Value error, must be an absolute path"),
 ])
 def test_bad_config_names_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -65,6 +74,18 @@ def test_bad_config_file_stops_the_daemon_with_the_key(tmp_path: Path) -> None:
     result = run_daemon("--config", str(cfg))
     assert result.returncode == 2
     assert f"{cfg}: daemon.socket_mod: unknown key" in result.stderr
+
+
+def test_a_listener_without_its_certificates_stops_the_daemon(tmp_path: Path) -> None:
+    cfg = tmp_path / "tls.toml"
+    cfg.write_text(f'[daemon]\nsocket = "{tmp_path}/bb.sock"\nstate_dir = "{tmp_path}/state"\n'
+                   f'run_dir = "{tmp_path}/run"\nlisten = "127.0.0.1:10811"\n'
+                   f'[nbd]\ntls_dir = "{tmp_path}"\n')
+    assert parse_config(cfg.read_text()).daemon.listen_host_port == ("127.0.0.1", 10811)
+    result = run_daemon("--config", str(cfg))
+    assert result.returncode == 1
+    assert f"cannot start: daemon.listen: no {tmp_path}/ca-cert.pem" in result.stderr
+    assert not (tmp_path / "bb.sock").exists()
 
 
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:

@@ -1,17 +1,21 @@
-"""bbctl and the client library against a daemon on another host, over SSH.
+"""bbctl and the client library against a daemon on another host, over SSH and TLS.
 
 Two "hosts" are network namespaces joined by a veth pair (tools/hosts.py),
-each with an sshd of the test's own, its own daemon (inside its namespace)
-and its own VM. bbctl runs in host A and drives host B's daemon through
-``ssh://`` and OpenSSH, whose far end is ``blockbackupd-ssh-helper``. The
-remote daemon's own access rules decide: a user sshd lets in but whom the
-daemon does not allow is refused.
+each with an sshd of the test's own, its own daemon (inside its namespace,
+with its TLS listener on the host's address) and its own VM. bbctl runs in
+host A and drives host B's daemon through ``ssh://`` (OpenSSH, whose far end
+is ``blockbackupd-ssh-helper``) and ``tls://`` (a client certificate whose
+common name is the local user it acts as). The remote daemon's own access
+rules decide: a user sshd lets in, or a certificate the CA signed, but whom
+the daemon does not allow, is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +31,7 @@ import pytest
 
 from tools.daemon import Daemon
 from tools.hosts import Host, SshKeys, login_user, make_keys, network, privsep_dir, start_sshd
+from tools.pki import Pki
 from tools.vm import Vm
 
 MiB = 1024 * 1024
@@ -34,6 +39,10 @@ BBCTL = str(Path(sys.executable).parent / "bbctl")
 #: The client package needs only the standard library; the far side's helper
 #: runs on the system's Python from a copy any user can read.
 SYSTEM_PYTHON = "/usr/bin/python3"
+TLS_PORT = 10810
+TRANSPORTS = ("ssh", "tls")
+#: The daemon's debug line for each client connection.
+CLIENT_CONNECTED = re.compile(r"client#\d+ connected \(")
 
 
 @dataclass
@@ -50,17 +59,22 @@ class Hosts:
     keys: SshKeys
     helper: Path
     user: str
+    #: Client certificate directories by common name ("root", the user, ...).
+    pki: dict[str, Path]
 
-    def uri(self, site: Site, user: str = "root", query: str = "") -> str:
+    def uri(self, site: Site, user: str = "root", transport: str = "ssh") -> str:
+        if transport == "tls":
+            return f"tls://{site.host.address}:{TLS_PORT}?pki={self.pki[user]}"
         return (f"ssh://{user}@{site.host.address}{site.daemon.socket}?{self.keys.options()}"
-                f"&helper={self.helper}{'&' + query if query else ''}")
+                f"&helper={self.helper}")
 
-    def bbctl(self, *args: str, to: Site | None = None, user: str = "root", query: str = "",
-              uri: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """bbctl in host A (B when ``to`` is A) against ``to``'s daemon, over SSH."""
+    def bbctl(self, *args: str, to: Site | None = None, user: str = "root",
+              transport: str = "ssh", uri: str | None = None, timeout: float = 120
+              ) -> subprocess.CompletedProcess[str]:
+        """bbctl in host A (B when ``to`` is A) against ``to``'s daemon."""
         to = to or self.b
         here = self.b if to is self.a else self.a
-        target = uri or self.uri(to, user, query)
+        target = uri or self.uri(to, user, transport)
         return here.host.run(BBCTL, "--connect", target, *args, timeout=timeout)
 
     def local(self, site: Site, *args: str) -> subprocess.CompletedProcess[str]:
@@ -93,15 +107,25 @@ def hosts() -> Iterator[Hosts]:
         keys = make_keys(shared)
         helper = _helper(shared / "helper")
         user = stack.enter_context(login_user(shared))
+        ca = Pki(shared / "ca")
+        pki = {cn: ca.client(shared / f"pki-{cn}", cn)
+               for cn in ("root", user.pw_name, "nosuchuser")}
+        # root's name, from another CA: as the daemon sees it (our CA trusted) and all of it.
+        pki["foreign"] = Pki(shared / "foreign-ca").client(shared / "pki-foreign", "root")
+        pki["foreign-client"] = shared / "pki-foreign-client"
+        shutil.copytree(pki["foreign"], pki["foreign-client"])
+        shutil.copy(ca.ca_cert, pki["foreign-client"] / "ca-cert.pem")
         sites = []
         for host in (a_host, b_host):
             start_sshd(host, keys, ["root", user.pw_name])
+            tls_dir = ca.server(host.workdir / "tls", addresses=(host.address,))
             # The far side's user must reach the socket to be refused by the daemon.
             os.chmod(host.workdir, 0o711)
             vm = Vm(host.workdir, f"vm-{host.netns[-1]}", disks={"vda": 64 * MiB})
             stack.callback(vm.stop)
             vm.start()
-            daemon = Daemon(host.workdir, socket_group=user.pw_gid)
+            daemon = Daemon(host.workdir, socket_group=user.pw_gid,
+                            listen=f"{host.address}:{TLS_PORT}", tls_dir=str(tls_dir))
             daemon.prefix = host.argv()
             stack.callback(lambda d=daemon: d.proc is not None and d.stop())
             daemon.start()
@@ -110,7 +134,7 @@ def hosts() -> Iterator[Hosts]:
             sites.append(Site(host, vm, daemon))
         for site in sites:
             _wait_running(site)
-        yield Hosts(sites[0], sites[1], keys, helper, user.pw_name)
+        yield Hosts(sites[0], sites[1], keys, helper, user.pw_name, pki)
 
 
 def _wait_running(site: Site, timeout: float = 20) -> None:
@@ -126,43 +150,48 @@ def _json(r: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(r.stdout)
 
 
-def test_every_command_runs_against_the_other_host(hosts: Hosts) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_every_command_runs_against_the_other_host(hosts: Hosts, transport: str) -> None:
     b, vm = hosts.b, hosts.b.vm.name
+
+    def run(*args: str, to: Site | None = None) -> subprocess.CompletedProcess[str]:
+        return hosts.bbctl(*args, to=to, transport=transport)
+
     # Reading commands answer exactly as on the host itself.
     for args in (["daemon", "info"], ["domain", "list"], ["domain", "xml", vm],
                  ["snapshot", "list", vm], ["checkpoint", "list", vm], ["export", "list", vm]):
-        remote = hosts.bbctl("--json", *args)
+        remote = run("--json", *args)
         assert _json(remote) == _json(hosts.local(b, "--json", *args)), args
     # The names are B's, not A's: the command went to the other host.
-    assert [d["name"] for d in _json(hosts.bbctl("--json", "domain", "list"))] == [vm]
-    assert [d["name"] for d in _json(hosts.bbctl("--json", "domain", "list", to=hosts.a))] \
+    assert [d["name"] for d in _json(run("--json", "domain", "list"))] == [vm]
+    assert [d["name"] for d in _json(run("--json", "domain", "list", to=hosts.a))] \
         == [hosts.a.vm.name]
 
-    # Every changing command, over SSH; each seen from B's own socket.
-    made = _json(hosts.bbctl("--json", "snapshot", "create", vm, "--name", "s1",
+    # Every changing command, from A; each seen from B's own socket.
+    made = _json(run("--json", "snapshot", "create", vm, "--name", "s1",
                              "--checkpoint"))
     assert made["name"] == "s1"
     assert _json(hosts.local(b, "--json", "snapshot", "list", vm)) == ["s1"]
     assert _json(hosts.local(b, "--json", "checkpoint", "list", vm)) == ["s1"]
-    info = _json(hosts.bbctl("--json", "snapshot", "info", vm, "s1"))
+    info = _json(run("--json", "snapshot", "info", vm, "s1"))
     assert info["disks"] == ["vda"] and info["state"] == "active"
-    snapshot_doc = _json(hosts.bbctl("--json", "snapshot", "xml", vm, "s1"))["xml"]
+    snapshot_doc = _json(run("--json", "snapshot", "xml", vm, "s1"))["xml"]
     assert "<name>s1</name>" in snapshot_doc and "<state>active</state>" in snapshot_doc
-    assert _json(hosts.bbctl("--json", "checkpoint", "info", vm, "s1"))["state"] == "valid"
-    cp_xml = _json(hosts.bbctl("--json", "checkpoint", "xml", vm, "s1"))["xml"]
-    started = _json(hosts.bbctl("--json", "export", "start", vm, "--snapshot", "s1",
+    assert _json(run("--json", "checkpoint", "info", vm, "s1"))["state"] == "valid"
+    cp_xml = _json(run("--json", "checkpoint", "xml", vm, "s1"))["xml"]
+    started = _json(run("--json", "export", "start", vm, "--snapshot", "s1",
                                 "--disk", "vda"))
     assert [e["name"] for e in started["exports"]] == ["vda-s1"]
-    assert _json(hosts.bbctl("--json", "export", "server", vm)) == \
+    assert _json(run("--json", "export", "server", vm)) == \
         _json(hosts.local(b, "--json", "export", "server", vm))
     assert [e["name"] for e in _json(hosts.local(b, "--json", "export", "list", vm))] == ["vda-s1"]
-    assert _json(hosts.bbctl("--json", "export", "stop", vm, "--snapshot", "s1",
+    assert _json(run("--json", "export", "stop", vm, "--snapshot", "s1",
                              "--disk", "vda")) == {}
     assert _json(hosts.local(b, "--json", "export", "list", vm)) == []
 
-    # Writes land after the checkpoint: the change set read over SSH is B's own.
+    # Writes land after the checkpoint: the change set read from A is B's own.
     hosts.b.vm.write("vda", MiB, 128 * 1024, 0x5a)
-    changes = _json(hosts.bbctl("--json", "checkpoint", "changes", vm, "s1", "--disk", "vda"))
+    changes = _json(run("--json", "checkpoint", "changes", vm, "s1", "--disk", "vda"))
     assert changes == _json(hosts.local(b, "--json", "checkpoint", "changes", vm, "s1",
                                         "--disk", "vda"))
     assert changes["extents"] == [[MiB, 128 * 1024]]
@@ -171,50 +200,52 @@ def test_every_command_runs_against_the_other_host(hosts: Hosts) -> None:
     # B's daemon reads the name in it, which B has.
     doc = hosts.a.host.workdir / "cp.xml"
     doc.write_text(cp_xml)
-    r = hosts.bbctl("checkpoint", "redefine", vm, "--xml", str(doc))
+    r = run("checkpoint", "redefine", vm, "--xml", str(doc))
     assert r.returncode == 1 and r.stderr.strip().endswith("[already-exists]"), r.stderr
 
-    assert hosts.bbctl("snapshot", "delete", vm, "s1").returncode == 0
+    assert run("snapshot", "delete", vm, "s1").returncode == 0
     assert _json(hosts.local(b, "--json", "snapshot", "list", vm)) == []
-    assert hosts.bbctl("checkpoint", "delete", vm, "s1").returncode == 0
+    assert run("checkpoint", "delete", vm, "s1").returncode == 0
     assert _json(hosts.local(b, "--json", "checkpoint", "list", vm)) == []
 
     # define and undefine: a domain whose QEMU is not there (yet), then gone.
-    assert hosts.bbctl("domain", "define", "other",
+    assert run("domain", "define", "other",
                        str(hosts.b.host.workdir / "other.qmp")).returncode == 0
     assert {d["name"]: d["state"] for d in _json(hosts.local(b, "--json", "domain", "list"))} \
         == {vm: "running", "other": "disconnected"}
-    assert hosts.bbctl("domain", "undefine", "other").returncode == 0
+    assert run("domain", "undefine", "other").returncode == 0
     assert [d["name"] for d in _json(hosts.local(b, "--json", "domain", "list"))] == [vm]
 
-    # events: a subscription over SSH sees B's events.
+    # events: a subscription from A sees B's events.
     extra = Vm(hosts.b.host.workdir, "extra", disks={}, paused=True)
-    clients = b.daemon.log().count(" connected (pid=")
-    watcher = subprocess.Popen(hosts.a.host.argv(BBCTL, "--connect", hosts.uri(b), "--json",
-                                                 "events", "--count", "1"),
+    clients = len(CLIENT_CONNECTED.findall(b.daemon.log()))
+    watcher = subprocess.Popen(hosts.a.host.argv(BBCTL, "--connect",
+                                                 hosts.uri(b, transport=transport),
+                                                 "--json", "events", "--count", "1"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         extra.start()
         # The watcher's connection reached B's daemon; its subscription follows at once.
         deadline = time.monotonic() + 20
-        while b.daemon.log().count(" connected (pid=") == clients:
+        while len(CLIENT_CONNECTED.findall(b.daemon.log())) == clients:
             assert time.monotonic() < deadline, "the watcher never reached B's daemon"
             time.sleep(0.05)
         time.sleep(0.5)
-        assert hosts.bbctl("domain", "define", "extra", str(extra.daemon_qmp)).returncode == 0
+        assert run("domain", "define", "extra", str(extra.daemon_qmp)).returncode == 0
         out, err = watcher.communicate(timeout=30)
     finally:
         if watcher.poll() is None:
             watcher.kill()
             watcher.wait()
-        hosts.bbctl("domain", "undefine", "extra")
+        run("domain", "undefine", "extra")
         extra.stop()
     assert watcher.returncode == 0, err
     event = json.loads(out)
     assert event["domain"] == "extra" and event["type"] == "domain-connected", out
 
 
-def test_the_client_library_reaches_the_other_host(hosts: Hosts) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_client_library_reaches_the_other_host(hosts: Hosts, transport: str) -> None:
     script = """
 import asyncio, json, sys
 from blockbackup_client import AsyncClient, Client
@@ -225,7 +256,8 @@ async def main():
         return await asyncio.gather(c.domain_list(), c.daemon_info(), c.snapshot_list(sys.argv[2]))
 print(json.dumps([sync, asyncio.run(main())]))
 """
-    r = hosts.a.host.run(sys.executable, "-c", script, hosts.uri(hosts.b), hosts.b.vm.name)
+    r = hosts.a.host.run(sys.executable, "-c", script, hosts.uri(hosts.b, transport=transport),
+                         hosts.b.vm.name)
     assert r.returncode == 0, r.stderr
     sync, (listed, info, snapshots) = json.loads(r.stdout)
     with hosts.b.daemon.client() as c:
@@ -235,14 +267,25 @@ print(json.dumps([sync, asyncio.run(main())]))
 
 
 def test_the_remote_daemons_access_rules_decide(hosts: Hosts) -> None:
-    """sshd lets the user in, the daemon (which sees the helper's uid) does not."""
-    r = hosts.bbctl("domain", "list", user=hosts.user)
-    assert r.returncode == 1
-    assert r.stderr.strip().startswith("bbctl: error: uid ") and \
-        r.stderr.strip().endswith("may not call methods of this daemon [permission-denied]"), \
-        r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert "is not allowed to call methods" in hosts.b.daemon.log()
+    """sshd lets the user in, and the CA signed the user's certificate; the
+    daemon (which sees the helper's uid, or the certificate's user) does not."""
+    uid = pwd.getpwnam(hosts.user).pw_uid
+    refusals = {
+        "ssh": (hosts.bbctl("domain", "list", user=hosts.user), f"uid {uid}"),
+        "tls user": (hosts.bbctl("domain", "list", user=hosts.user, transport="tls"),
+                     f"certificate CN={hosts.user} (uid {uid})"),
+        "tls stranger": (hosts.bbctl("domain", "list", user="nosuchuser", transport="tls"),
+                         "certificate CN='nosuchuser' (no user of this host)"),
+    }
+    for what, (r, who) in refusals.items():
+        assert r.returncode == 1, what
+        assert r.stderr == f"bbctl: error: {who} may not call methods of this daemon " \
+                           "[permission-denied]\n", (what, r.stderr)
+    log = hosts.b.daemon.log()
+    assert "pid " in log and f"uid {uid} gid " in log and "is not allowed to call methods" in log
+    assert f"certificate CN={hosts.user} (uid {uid}) from {hosts.a.host.address}:" in log
+    # root's certificate may: the same rules as root on the socket.
+    assert hosts.bbctl("domain", "list", transport="tls").returncode == 0
 
 
 def test_failures_to_reach_the_other_host_are_one_line(hosts: Hosts) -> None:
@@ -269,6 +312,28 @@ def test_failures_to_reach_the_other_host_are_one_line(hosts: Hosts) -> None:
         assert len(lines) == 1 and lines[0].startswith("bbctl: error: cannot connect to ssh://"), \
             (what, r.stderr)
         assert words in lines[0], (what, r.stderr)
+    tls = {
+        # No listener on that port.
+        "refused": (hosts.bbctl("domain", "list", uri=hosts.uri(b, transport="tls").replace(
+            f":{TLS_PORT}", ":2222")), "Connection refused"),
+        # A certificate from another CA: the daemon ends the handshake.
+        "foreign": (hosts.bbctl("domain", "list", user="foreign-client", transport="tls"),
+                    "it does not accept this client's certificate"),
+        # No client certificate at all: refused before connecting.
+        "none": (hosts.bbctl("domain", "list", uri=f"tls://{b.host.address}:{TLS_PORT}"
+                             f"?pki={hosts.a.host.workdir}"), "client-cert.pem"),
+        # The daemon's certificate is not from the CA this client trusts.
+        "untrusted": (hosts.bbctl("domain", "list", uri=hosts.uri(b, transport="tls").replace(
+            str(hosts.pki["root"]), str(hosts.pki["foreign"]))), "CERTIFICATE_VERIFY_FAILED"),
+    }
+    for what, (r, words) in tls.items():
+        assert r.returncode == 1, what
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bbctl: error: cannot connect to tls://"), \
+            (what, r.stderr)
+        assert words in lines[0], (what, r.stderr)
+    # The daemon is still there for everyone else.
+    assert hosts.bbctl("domain", "list", transport="tls").returncode == 0
     # A bad connection string: refused before anything runs.
     r = hosts.bbctl("domain", "list", uri="ssh://host?keyfil=/x")
     assert r.returncode == 1 and "unknown option 'keyfil'" in r.stderr, r.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,38 +12,8 @@ import pytest
 from blockbackup_client import InvalidArgument
 from tests.conftest import NbdReader, domain_state, export_xml, snapshot_xml, wait_for
 from tools.daemon import Daemon
+from tools.pki import make_pki
 from tools.vm import MiB, Vm
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def make_pki(root: Path) -> tuple[Path, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, laid
-    out as QEMU (server dir) and libnbd (client dir) expect them."""
-    server, client = root / "server", root / "client"
-    server.mkdir()
-    client.mkdir()
-    ca_key, ca_cert = root / "ca-key.pem", root / "ca-cert.pem"
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-            "/CN=blockbackupd test CA", "-keyout", str(ca_key), "-out", str(ca_cert))
-    for directory, role, ext in (
-        (server, "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                           "extendedKeyUsage=serverAuth\n"),
-        (client, "client", "extendedKeyUsage=clientAuth\n"),
-    ):
-        key, csr, cert = directory / f"{role}-key.pem", root / f"{role}.csr", \
-            directory / f"{role}-cert.pem"
-        extfile = root / f"{role}.ext"
-        extfile.write_text(ext)
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={role}",
-                "-keyout", str(key), "-out", str(csr))
-        openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-                "-CAcreateserial", "-days", "1", "-extfile", str(extfile), "-out", str(cert))
-        (directory / "ca-cert.pem").write_bytes(ca_cert.read_bytes())
-        key.chmod(0o600)
-    return server, client
 
 
 def free_port() -> int:

@@ -1,13 +1,15 @@
 """Who may call methods: the peer's credentials, as the kernel gives them.
 
 The socket's owner, group and mode decide who can connect; this decides who
-may then call anything. On the TLS listener (``daemon.listen``) the kernel
-knows no caller: there the client certificate's common name names the local
-user the caller acts as, and that user's uid and groups are checked the same
-way; a name that is no user of this host may call nothing. root and the daemon's own user always may; anyone
+may then call anything. root and the daemon's own user always may; anyone
 else must be listed in ``allowed_users``, or be in a group (primary or
 supplementary) listed in ``allowed_groups``. A peer that may not is answered
 ``permission-denied`` (1012) for every request, and nothing runs.
+
+On the TLS listener (``daemon.listen``) the kernel knows no caller: there the
+client certificate's common name names the local user the caller acts as,
+and that user's uid and groups are checked the same way. A name that is no
+user of this host may call nothing.
 """
 
 from __future__ import annotations
