@@ -71,6 +71,50 @@ def test_export_over_tls(make_vm: Callable[..., Vm], make_daemon: Callable[..., 
         assert not any(o.startswith("bb-") for o in objects)  # TLS credentials removed too
 
 
+def test_a_tls_export_without_a_port_gets_a_free_one(
+        make_vm: Callable[..., Vm], make_daemon: Callable[..., Daemon], workdir: Path) -> None:
+    """No port: the daemon binds a free one itself and hands it to QEMU, since
+    QEMU cannot say which port it took; export.server names it."""
+    server_dir, client_dir = make_pki(workdir)
+    vm = make_vm()
+    vm.write("sda", 0, 65536, 0x4E)
+    daemon = make_daemon()
+    daemon.stop()
+    daemon.config_extra = {"nbd": {"tls_dir": str(server_dir)}}
+    daemon.start()
+    with daemon.client() as c:
+        c.domain_define("vm1", str(vm.daemon_qmp))
+        wait_for(lambda: domain_state(daemon, "vm1") == "running")
+        c.call("snapshot.create", domain="vm1", xml=snapshot_xml("s1"))
+        started = c.call("export.start", domain="vm1", xml=export_xml(
+            [("sda", "s1")], '<address type="ip" host="127.0.0.1" tls="yes"/>'))
+        port = started["server"]["port"]
+        assert started["server"] == {"transport": "tcp", "host": "127.0.0.1", "port": port,
+                                     "tls": True} and 1024 <= port < 65536
+        assert c.call("export.server", domain="vm1") == started["server"]
+        with NbdReader("", "sda-s1", certificates=str(client_dir), host="127.0.0.1",
+                       port=port) as r:
+            assert r.h.get_tls_negotiated()
+            assert r.read(0, 65536) == b"\x4E" * 65536
+        # "Any port" again joins the server on the port it has.
+        more = c.call("export.start", domain="vm1", xml=export_xml(
+            [("sdb", "s1")], '<address type="ip" host="127.0.0.1" port="0" tls="yes"/>'))
+        assert more["server"] == started["server"]
+        # An address that is not this host's: refused, nothing made.
+        c.call("export.stop", domain="vm1", xml=export_xml([("sda", "s1"), ("sdb", "s1")]))
+        assert c.call("export.server", domain="vm1") is None
+        with pytest.raises(InvalidArgument, match="cannot listen for NBD on '192.0.2.1'"):
+            c.call("export.start", domain="vm1", xml=export_xml(
+                [("sda", "s1")], '<address type="ip" host="192.0.2.1" tls="yes"/>'))
+        assert c.call("export.server", domain="vm1") is None
+        assert c.call("export.list", domain="vm1") == []
+        c.call("snapshot.delete", domain="vm1", name="s1")
+        objects = {o["name"] for o in vm.qmp("qom-list", path="/objects")}
+        assert not any(o.startswith("bb-") for o in objects)
+        with socket.socket() as probe:  # the port is free again: nobody listens
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
 def test_plain_tcp_only_when_allowed(make_vm: Callable[..., Vm],
                                      make_daemon: Callable[..., Daemon]) -> None:
     vm = make_vm()

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import OperationFailed
 from ..model import NbdAddress
+from ..names import PREFIX
 from .graph import device_path, named_bitmaps, named_nodes
 from .session import DomainSession
 
@@ -176,6 +177,27 @@ class BlockOps:
         if tls_creds is not None:
             args["tls-creds"] = tls_creds
         await self.session.execute("nbd-server-start", args)
+
+    async def nbd_server_start_fd(self, fd: int, tls_creds: str | None) -> None:
+        """Start the NBD server on a socket we bound and listen on (QEMU cannot
+        say which port it chose itself): passed over QMP, named, then used.
+
+        :raise OperationFailed: QEMU refused; the named descriptor is closed.
+        """
+        name = f"{PREFIX}nbd-listener"
+        await self.session.send_fd(fd)
+        await self.session.execute("getfd", {"fdname": name})
+        args: dict[str, Any] = {"addr": {"type": "fd", "data": {"str": name}}}
+        if tls_creds is not None:
+            args["tls-creds"] = tls_creds
+        try:
+            await self.session.execute("nbd-server-start", args)
+        except OperationFailed:
+            try:  # still QEMU's while no server took it
+                await self.session.execute("closefd", {"fdname": name})
+            except OperationFailed:
+                pass
+            raise
 
     async def nbd_server_stop(self) -> None:
         await self.session.execute("nbd-server-stop")

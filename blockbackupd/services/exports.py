@@ -251,6 +251,10 @@ class ExportService:
             raise InvalidArgument(
                 "NBD over TCP without TLS is refused (set tls=\"yes\", or allow_plain_tcp "
                 "in the [nbd] configuration)")
+        if server is not None and wanted.transport == "tcp" and not wanted.port and \
+                server.address.transport == "tcp" and server.address.host == wanted.host and \
+                server.address.tls == wanted.tls:
+            return server.address  # "any port": the one it already has
         if server is not None and server.address != wanted:
             raise InvalidArgument(
                 f"the NBD server of domain {domain!r} already listens on "
@@ -296,7 +300,17 @@ class ExportService:
             tls_object = creds = f"{PREFIX}tls-{secrets.token_hex(4)}"
             await ops.add_tls_creds(creds, self._settings.tls_dir, self._settings.tls_verify_peer)
             undo.push(f"TLS credentials {creds}", lambda: ops.delete_object(creds))
-        record = await self._start_nbd(domain, ops, address, tls_object, undo)
+        listener = None
+        if address.transport == "tcp" and not address.port:
+            # port="0" (or none): any free port, which export.server then names.
+            listener = _listen_tcp(address.host or "")
+            address = NbdAddress("tcp", host=address.host, port=listener.getsockname()[1],
+                                 tls=address.tls)
+        try:
+            record = await self._start_nbd(domain, ops, address, tls_object, undo, listener)
+        finally:
+            if listener is not None:
+                listener.close()  # QEMU holds its own copy
         await faults.check("export:server-started")
         if address.socket is not None:
             try:
@@ -310,14 +324,19 @@ class ExportService:
         return _Server(address, tls_object, record)
 
     async def _start_nbd(self, domain: Domain, ops: BlockOps, address: NbdAddress,
-                         tls_object: str | None, undo: Undo) -> int:
-        """Start the domain's NBD server, recorded in the store first."""
+                         tls_object: str | None, undo: Undo,
+                         listener: socket.socket | None = None) -> int:
+        """Start the domain's NBD server (on ``listener`` when we bound its
+        socket), recorded in the store first."""
         record = self._store.add_intent(domain.name, SERVER_RECORD, {"socket": address.socket})
         undo.push_record("record of the NBD server", partial(self._store.drop_intent, record))
         if address.socket is not None:
             _remove_socket(address.socket)  # left by a QEMU that was killed
         try:
-            await ops.nbd_server_start(address, tls_object)
+            if listener is not None:
+                await ops.nbd_server_start_fd(listener.fileno(), tls_object)
+            else:
+                await ops.nbd_server_start(address, tls_object)
         except OperationFailed as err:
             if "already running" not in str(err):
                 raise
@@ -601,6 +620,19 @@ def _remove_socket(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _listen_tcp(host: str) -> socket.socket:
+    """A listening TCP socket on ``host`` and a free port.
+
+    :raise InvalidArgument: the host is not an address of this machine.
+    """
+    try:
+        family = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, 0), family=family, backlog=16)
+    except OSError as err:
+        raise InvalidArgument(f"cannot listen for NBD on {host!r}: "
+                              f"{err.strerror or err}") from None
 
 
 def _describe(address: NbdAddress) -> str:
