@@ -50,6 +50,7 @@ from .errors import (
     QuiesceFailed,
 )
 from .errors import BackupError as BackupError  # re-exported: it was defined here
+from .nbdio import NbdServer
 
 # For the type checker only: typing, dataclasses (with inspect), hashlib and
 # subprocess cost every backup's start ~15 ms; restore and verify import
@@ -325,7 +326,7 @@ def _os_message(err: OSError) -> str:
     return err.strerror or str(err)
 
 
-def _pull(socket_path: str, disk: str, export: str, changes: str | None, target: Path,
+def _pull(server: NbdServer, disk: str, export: str, changes: str | None, target: Path,
           size: int, backing: str | None, progress: Callable[[int], None]
           ) -> tuple[int, int, str]:
     """Copy an export's data (or only its changes) into a new qcow2 file, flushed;
@@ -335,7 +336,7 @@ def _pull(socket_path: str, disk: str, export: str, changes: str | None, target:
         (the file is then removed).
     """
     try:
-        runs = pull.plan(socket_path, export, changes)
+        runs = pull.plan(server, export, changes)
     except pull.PullError as err:
         raise _ReadFailed(f"reading disk {disk} over NBD: {err}") from None
     clusters = qcow2.cluster_runs([(r.offset, r.length, r.zero) for r in runs], size)
@@ -364,7 +365,7 @@ def _pull(socket_path: str, disk: str, export: str, changes: str | None, target:
         hasher.update(data)
 
     try:
-        read = pull.copy(socket_path, export, reads, sink, progress=report, ordered=seen)
+        read = pull.copy(server, export, reads, sink, progress=report, ordered=seen)
         pad = writer.file_size - writer.data_offset - read
         hasher.update(bytes(pad))
         writer.complete()
@@ -575,6 +576,15 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
     :raise ApplicationError: the daemon refused (QuiesceFailed with ``yes``).
     :raise BlockbackupError: the daemon cannot be reached.
     """
+    if client.remote:
+        # From another host the data comes over NBD with TLS: this client's
+        # certificates must be there before anything is made.
+        missing = [name for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+                   if not os.path.isfile(os.path.join(client.pki_dir, name))]
+        if missing:
+            raise BackupError(f"a backup from another host reads the disks over NBD with TLS, "
+                              f"and {client.pki_dir} has no {', '.join(missing)} (the "
+                              "connection's ?pki=DIR, or $BLOCKBACKUPD_PKI)")
     manifest = Manifest.load(dest, domain)
     _clear_pending(client, dest, manifest.backups, say)
     planner = _Planner(client, domain, dest, manifest.backups, level)
@@ -637,15 +647,24 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
                 say(f"{disk}: copied by QEMU, not read over NBD: it runs in an I/O thread, "
                     "and this QEMU build aborts the VM when an NBD client of such a disk "
                     "leaves")
+        if copy_only and client.remote:
+            raise BackupError(
+                f"{', '.join(sorted(copy_only))}: only QEMU can copy "
+                f"{'this disk' if len(copy_only) == 1 else 'these disks'} on this QEMU build, "
+                "into a file on the VM's own host: run bbctl backup there")
         exported = {d: p for d, p in plans.items() if d not in copy_only}
-        socket_path, exports = "", {}
+        server, exports = NbdServer(), {}
         if exported:
-            export_xml = '<domainblockexport type="nbd">' + "".join(
+            # From another host: NBD over TCP with TLS on the address this
+            # client reached the host by, on a port the daemon picks.
+            address = f'<address type="ip" host="{client.host}" tls="yes"/>' \
+                if client.remote else ""
+            export_xml = f'<domainblockexport type="nbd">{address}' + "".join(
                 f'<disk name="{d}" snapshot="{backup_id}"'
                 + (f' checkpoint="{p.checkpoint}"' if p.checkpoint else "") + "/>"
                 for d, p in exported.items()) + "</domainblockexport>"
             started = client.export_start(domain, export_xml)
-            socket_path = started["server"]["socket"]
+            server = NbdServer.of(started["server"], client.host, client.pki_dir)
             exports = {e["disk"]: e for e in started["exports"]}
         _pause("export")
         entries: dict[str, dict[str, Any]] = {}
@@ -663,7 +682,7 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
                     raise BackupError(f"the export of {disk} carries no changes since "
                                       f"{p.checkpoint}")
                 try:
-                    read, zeroed, digest = _pull(socket_path, disk, export["name"],
+                    read, zeroed, digest = _pull(server, disk, export["name"],
                                                  export.get("bitmap") if p.backing else None,
                                                  target, sizes[disk], p.backing, progress)
                 except _ReadFailed as err:

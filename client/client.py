@@ -163,6 +163,13 @@ class Client(_Methods):
         """The other host's name or address as the connection string gives it."""
         return self._target.host or None
 
+    @property
+    def pki_dir(self) -> str:
+        """This client's TLS certificates (for ``tls://`` and a remote backup's NBD)."""
+        from .remote import default_pki_dir
+
+        return self._target.options.get("pki") or default_pki_dir()
+
     def __enter__(self) -> Client:
         return self
 

@@ -22,9 +22,7 @@ from queue import SimpleQueue
 
 import nbd
 
-# The daemon's reader of NBD meta contexts (the same distribution).
-from blockbackupd.qemu.nbdread import connect, context_runs
-
+from .nbdio import NbdServer, connect, context_runs
 from .value import Value
 
 # Imported for the type checker only: typing, dataclasses (inspect) and
@@ -75,7 +73,7 @@ class Run(Value):
         self.offset, self.length, self.zero = offset, length, zero
 
 
-def plan(socket_path: str, export: str, changes: str | None = None) -> list[Run]:
+def plan(server: NbdServer | str, export: str, changes: str | None = None) -> list[Run]:
     """The runs to copy from an export: with ``changes`` (a dirty-bitmap meta
     context) only the changed blocks, zero ones as zero writes; without, every
     block that holds data (for a target that reads as zeros).
@@ -84,7 +82,7 @@ def plan(socket_path: str, export: str, changes: str | None = None) -> list[Run]
     """
     contexts = ("base:allocation",) + ((changes,) if changes else ())
     try:
-        h = connect(socket_path, export, contexts)
+        h = connect(server, export, contexts)
         try:
             if changes is None:
                 allocation = context_runs(h, "base:allocation")
@@ -167,7 +165,7 @@ class _Slots:
         self.ready: deque[_Piece] = deque()
 
 
-def copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
+def copy(server: NbdServer | str, export: str, runs: list[Run], sink: Sink,
          progress: Callable[[int], None] = lambda n: None,
          ordered: Callable[[memoryview], None] | None = None, *,
          connections: int = CONNECTIONS, depth: int = DEPTH, request: int | None = None) -> int:
@@ -181,7 +179,7 @@ def copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
     :raise PullError: a read or a write failed (the first error).
     """
     try:
-        return _copy(socket_path, export, runs, sink, progress, ordered, max(1, connections),
+        return _copy(server, export, runs, sink, progress, ordered, max(1, connections),
                      max(1, depth), request or request_size(sink))
     except nbd.Error as err:
         raise PullError(f"copying {export}: {err}") from err
@@ -228,7 +226,7 @@ class _Workers:
             t.join()
 
 
-def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
+def _copy(server: NbdServer | str, export: str, runs: list[Run], sink: Sink,
           progress: Callable[[int], None], ordered: Callable[[memoryview], None] | None,
           connections: int, depth: int, request: int) -> int:
     part = min(request, READ)
@@ -288,7 +286,7 @@ def _copy(socket_path: str, export: str, runs: list[Run], sink: Sink,
     issued = 0
     try:
         for _ in range(connections):
-            h = connect(socket_path, export)
+            h = connect(server, export)
             # The buffers are ours and reused; a failed read fails the copy anyway.
             h.set_pread_initialize(False)
             # Page-aligned buffers (mmap), so writes may bypass the page cache.

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import nbd
 
-#: Largest range asked in one NBD_CMD_BLOCK_STATUS: the protocol's limit
-#: (4 GiB - 1), rounded down to whole MiB. A clean 1 TiB bitmap then takes
-#: 256 requests, not 1,024 (1 GiB each: 142 -> 54 ms for an incremental's
-#: two contexts there).
+# The client's reader of NBD exports (the same distribution): one way to
+# read a meta context for the backup application and for the daemon.
+from blockbackup_client.nbdio import connect, context_runs
+
+#: Largest zero write: the protocol's limit (4 GiB - 1), rounded down to whole MiB.
 _CHUNK = (4 << 30) - (1 << 20)
 
 
@@ -38,61 +39,6 @@ def _dirty_extents(socket_path: str, export: str, context: str) -> list[list[int
                 if flags & 1]
     finally:
         h.shutdown()
-
-
-def connect(socket_path: str, export: str, contexts: tuple[str, ...] = ()) -> nbd.NBD:
-    """A libnbd handle on an export of a unix-socket server, with these meta
-    contexts negotiated.
-
-    :raise RuntimeError: the server does not offer one of the contexts.
-    :raise nbd.Error: the connection failed.
-    """
-    h = nbd.NBD()
-    h.set_export_name(export)
-    for context in contexts:
-        h.add_meta_context(context)
-    h.connect_unix(socket_path)
-    missing = [c for c in contexts if not h.can_meta_context(c)]
-    if missing:
-        h.shutdown()
-        raise RuntimeError(f"the NBD server does not offer {', '.join(missing)} on {export}")
-    return h
-
-
-def context_runs(h: nbd.NBD, context: str, start: int = 0,
-                 end: int | None = None) -> list[tuple[int, int, int]]:
-    """(offset, length, flags) of one meta context over the export (or over
-    [start, end) of it), neighbours with equal flags merged. The handle must
-    have negotiated it.
-
-    :raise RuntimeError: the server sent no status for part of the export.
-    :raise nbd.Error:
-    """
-    size = h.get_size() if end is None else min(end, h.get_size())
-    runs: list[tuple[int, int, int]] = []
-    offset = start
-    seen: list[tuple[int, int]] = []
-
-    def collect(name: str, start: int, entries: list[int], err: object) -> int:
-        if name == context:
-            seen.extend(zip(entries[0::2], entries[1::2], strict=True))
-        return 0
-
-    while offset < size:
-        seen.clear()
-        h.block_status(min(size - offset, _CHUNK), offset, collect)
-        if not seen:
-            raise RuntimeError(f"no block status for {context} at offset {offset}")
-        for length, flags in seen:
-            length = min(length, size - offset)
-            if runs and runs[-1][2] == flags and runs[-1][0] + runs[-1][1] == offset:
-                runs[-1] = (runs[-1][0], runs[-1][1] + length, flags)
-            else:
-                runs.append((offset, length, flags))
-            offset += length
-            if offset >= size:
-                break
-    return runs
 
 
 def mark_extents(socket_path: str, export: str, extents: list[list[int]]) -> None:
