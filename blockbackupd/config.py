@@ -60,6 +60,12 @@ def _user_id(value: str | int) -> int:
         raise ValueError(f"no user {value!r} on this host") from None
 
 
+def _absolute_or_empty(value: str) -> str:
+    if value and not Path(value).is_absolute():
+        raise ValueError("must be an absolute path")
+    return value
+
+
 def listen_address(value: str) -> tuple[str, int]:
     """``host:port`` or ``[v6 address]:port`` as (host, port)."""
     host, sep, port = value.rpartition(":")
@@ -133,9 +139,7 @@ class DaemonSection(_Section):
     @field_validator("tls_dir")
     @classmethod
     def _tls_dir(cls, value: str) -> str:
-        if value and not Path(value).is_absolute():
-            raise ValueError("must be an absolute path")
-        return value
+        return _absolute_or_empty(value)
 
     @property
     def listen_host_port(self) -> tuple[str, int] | None:
@@ -221,9 +225,7 @@ class NbdSection(_Section):
     @field_validator("tls_dir")
     @classmethod
     def _tls_dir(cls, value: str) -> str:
-        if value and not Path(value).is_absolute():
-            raise ValueError("must be an absolute path")
-        return value
+        return _absolute_or_empty(value)
 
     @property
     def socket_mode_bits(self) -> int:
