@@ -48,6 +48,16 @@ async def _connect_unix(path: str) -> socket.socket:
         delay = min(delay * 2, 0.05)
 
 
+async def _reap(process: asyncio.subprocess.Process) -> None:
+    """Wait for ssh to end (the helper ends when the daemon closes, ssh with
+    it); one that has not in 5 s is killed."""
+    try:
+        await asyncio.wait_for(process.wait(), 5)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
 class AsyncClient(_Methods):
     """asyncio client; many requests may be in flight at once.
 
@@ -112,11 +122,7 @@ class AsyncClient(_Methods):
         process = self._process
         if process is None:
             return str(err) if err else "the daemon closed the connection"
-        try:
-            await asyncio.wait_for(process.wait(), 5)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await _reap(process)
         assert process.stderr is not None
         return _last_words(await process.stderr.read(), process.returncode, err)
 
@@ -138,12 +144,7 @@ class AsyncClient(_Methods):
                 pass
             self._reader_task = None
         if self._process is not None:
-            # The helper ends when the daemon closes; ssh with it.
-            try:
-                await asyncio.wait_for(self._process.wait(), 5)
-            except TimeoutError:
-                self._process.kill()
-                await self._process.wait()
+            await _reap(self._process)
             self._process = None
 
     async def call(self, method: str, **params: Any) -> Any:

@@ -238,25 +238,26 @@ class Channel:
         side's own words when it has any."""
         if self._process is None:
             return str(err) if err else "the daemon closed the connection"
-        try:
-            self._process.wait(timeout=5)
-        except Exception:
-            self._process.kill()
-            self._process.wait()
+        self._reap()
         assert self._process.stderr is not None
         return _last_words(self._process.stderr.read(), self._process.returncode, err)
 
     def close(self) -> None:
         self.sock.close()
         if self._process is not None:
-            # The helper ends when the daemon closes; ssh with it.
-            try:
-                self._process.wait(timeout=5)
-            except Exception:
-                self._process.kill()
-                self._process.wait()
+            self._reap()
             if self._process.stderr is not None:
                 self._process.stderr.close()
+
+    def _reap(self) -> None:
+        """Wait for ssh to end (the helper ends when the daemon closes, ssh
+        with it); one that has not in 5 s is killed."""
+        assert self._process is not None
+        try:
+            self._process.wait(timeout=5)
+        except Exception:
+            self._process.kill()
+            self._process.wait()
 
 
 def _last_words(stderr: bytes, status: int | None, err: OSError | None = None) -> str:
