@@ -579,8 +579,9 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
     if client.remote:
         # From another host the data comes over NBD with TLS: this client's
         # certificates must be there before anything is made.
-        missing = [name for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem")
-                   if not os.path.isfile(os.path.join(client.pki_dir, name))]
+        from .remote import missing_certificates
+
+        missing = missing_certificates(client.pki_dir)
         if missing:
             raise BackupError(f"a backup from another host reads the disks over NBD with TLS, "
                               f"and {client.pki_dir} has no {', '.join(missing)} (the "

@@ -41,6 +41,16 @@ SSH_OPTIONS = frozenset({"keyfile", "known_hosts", "no_verify", "no_tty", "comma
 TLS_OPTIONS = frozenset({"pki"})
 
 
+#: What a TLS client's directory holds (QEMU's and libnbd's x509 layout).
+CLIENT_CERTIFICATES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
+def missing_certificates(directory: str) -> list[str]:
+    """The files of :data:`CLIENT_CERTIFICATES` that ``directory`` lacks."""
+    return [name for name in CLIENT_CERTIFICATES
+            if not os.path.isfile(os.path.join(directory, name))]
+
+
 def default_pki_dir() -> str:
     """Where a TLS client's certificates are looked for without ``?pki=``:
     ``$BLOCKBACKUPD_PKI``, else /etc/blockbackupd/pki for root and
@@ -115,9 +125,8 @@ class Target:
         import ssl
 
         pki = self.options.get("pki") or default_pki_dir()
-        files = {name: os.path.join(pki, name)
-                 for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem")}
-        missing = [path for path in files.values() if not os.path.isfile(path)]
+        files = {name: os.path.join(pki, name) for name in CLIENT_CERTIFICATES}
+        missing = [os.path.join(pki, name) for name in missing_certificates(pki)]
         if missing:
             raise ValueError(f"{self.text}: no {', '.join(missing)} (a TLS client needs "
                              f"ca-cert.pem, client-cert.pem and client-key.pem in {pki})")
