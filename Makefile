@@ -27,8 +27,10 @@ BASE_APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python
 # openssh-server (sshd) and openssh-client, for the tests only: tests/test_remote.py
 # runs an sshd of its own in each network namespace it makes (config, keys and
 # users of its own; the system's sshd is neither configured nor started).
+# iptables cuts the network between those namespaces mid-backup (a rule that
+# drops every packet, as a pulled cable does; only in the test's namespace).
 APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients e2fsprogs \
-                openssh-server openssh-client \
+                openssh-server openssh-client iptables \
                 ceph-mon ceph-osd ceph-common qemu-block-extra python3-rbd python3-rados \
                 libguestfs-tools python3-guestfs linux-image-amd64
 VENV         := .venv

@@ -216,6 +216,11 @@ class NbdSection(_Section):
     tls_verify_peer: bool = True
     # TCP exports without TLS: refused unless this is true.
     allow_plain_tcp: bool = False
+    # Seconds a TCP client may leave QEMU without a word (no acknowledgement,
+    # no answer to a keepalive) before QEMU's socket to it fails: a client
+    # whose network is cut holds its request, and every drain of the node it
+    # reads (block jobs, the VM manager's snapshots), that long at most.
+    silence: float = Field(default=30.0, ge=2, le=3600)
 
     @field_validator("socket_mode")
     @classmethod

@@ -74,7 +74,8 @@ async def run(config: Config) -> None:
         exports = ExportService(domains, snapshots, checkpoints, events, store, ExportSettings(
             run_dir=d.run_dir, socket_mode=config.nbd.socket_mode_bits, socket_gid=d.socket_gid,
             tls_dir=config.nbd.tls_dir, tls_verify_peer=config.nbd.tls_verify_peer,
-            allow_plain_tcp=config.nbd.allow_plain_tcp, timeout=d.qmp_timeout))
+            allow_plain_tcp=config.nbd.allow_plain_tcp, timeout=d.qmp_timeout,
+            silence=config.nbd.silence))
         late.append(exports)
         copies = CopyService(domains, snapshots, checkpoints, store)
         recovery = RecoveryService(domains, events, store)

@@ -77,7 +77,7 @@ class AsyncClient(_Methods):
 
     async def connect(self) -> AsyncClient:
         """:raise ConnectionLost: the socket or host cannot be reached."""
-        from .remote import parse
+        from .remote import bound_silence, parse
 
         try:
             target = parse(self.socket_path)
@@ -86,9 +86,11 @@ class AsyncClient(_Methods):
                 reader, self._writer = await asyncio.open_unix_connection(
                     sock=sock, limit=_LINE_LIMIT)
             elif target.scheme == "tls":
-                reader, self._writer = await asyncio.wait_for(asyncio.open_connection(
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     target.host, target.port, ssl=target.ssl_context(),
                     server_hostname=target.host, limit=_LINE_LIMIT), 30.0)
+                bound_silence(writer.get_extra_info("socket"), target.silence)
+                self._writer = writer
             else:
                 reader, self._writer = await self._open_ssh(target.ssh_argv())
         except (TimeoutError, OSError, ValueError) as err:

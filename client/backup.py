@@ -20,6 +20,14 @@ backups that no next backup needs are deleted (per disk, the newest backup
 holding it keeps its checkpoint), so the images do not gather one persistent
 bitmap per backup.
 
+The snapshot lives on a lease (``--lease``, 60 s by default) that a thread
+renews every quarter of it from a connection of its own: a backup cut off
+from the VM's host (its network gone, bbctl killed) leaves no snapshot
+behind there once the lease ends, and every connection of the backup (the
+daemon's, the renewals', NBD over TCP) counts as cut after that long
+without a word from the far end, so the backup fails in one line instead of
+hanging.
+
 ``pending.json`` names the backup under way from before its snapshot is
 created until its manifest is saved or its snapshot and checkpoint are
 deleted; a backup that could not clean up after itself (the daemon or QEMU
@@ -532,6 +540,46 @@ def _undo(client: Client, domain: str, dest: Path, backup_id: str, made: list[Pa
     return left
 
 
+class _Renewer:
+    """Renews a snapshot's lease every quarter of it, from a connection of its
+    own (the backup's is busy with long calls; one lost renewal costs
+    nothing). ``lost`` says why the snapshot is gone, once it is."""
+
+    def __init__(self, where: str, domain: str, name: str, lease: float) -> None:
+        self._where, self._domain, self._name, self._lease = where, domain, name, lease
+        self._stopped = threading.Event()
+        self.lost: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"renew-{name}", daemon=True)
+
+    def __enter__(self) -> _Renewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopped.set()
+        self._thread.join(1.0)  # a renewal stuck on a cut network ends with the process
+
+    def _run(self) -> None:
+        client: Client | None = None
+        try:
+            while not self._stopped.wait(self._lease / 4):
+                try:
+                    if client is None:
+                        client = Client(self._where, timeout=self._lease, silence=self._lease)
+                    client.snapshot_renew(self._domain, self._name)
+                except NoSuchSnapshot:
+                    self.lost = (f"snapshot {self._name} is gone: its lease of "
+                                 f"{self._lease:g} s ended before a renewal reached the daemon")
+                    return
+                except (BlockbackupError, OSError):
+                    if client is not None:
+                        client.close()
+                    client = None  # tried again on a new connection, while the lease lasts
+        finally:
+            if client is not None:
+                client.close()
+
+
 def _saved(dest: Path, backup_id: str) -> bool:
     """Whether the manifest on disk names this backup (its save got that far)."""
     try:
@@ -562,9 +610,10 @@ def _definition(client: Client, domain: str) -> dict[str, Any]:
 
 def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str],
            say: Callable[[str], None], progress: Callable[[int], None],
-           quiesce: str = "auto") -> dict[str, Any]:
+           quiesce: str = "auto", lease: int = 60) -> dict[str, Any]:
     """Take one backup; whatever happens, its snapshot and exports go, and if
     it fails, its files and checkpoint too (now, or by the next backup).
+    ``lease``: seconds the snapshot outlives the last renewal of it.
 
     ``quiesce``: ``yes`` freezes the guest's filesystems around the instant
     (the backup fails if that cannot be done), ``no`` does not, and ``auto``
@@ -609,25 +658,29 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
     undo: tuple[str, ...] = ()  # what of the daemon's to delete if this fails
     new_directory = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
+    renewals = contextlib.ExitStack()
+    renewer: _Renewer | None = None
     try:
         _write_durably(dest / PENDING, {"id": backup_id, "domain": domain,
                                         "time": int(time.time())})
         undo = ("snapshot", "checkpoint")
         try:
             try:
-                client.snapshot_create(domain, xml, checkpoint=True, quiesce=freeze or None)
+                client.snapshot_create(domain, xml, checkpoint=True, quiesce=freeze or None,
+                                       lease=lease)
             except QuiesceFailed as err:
                 if quiesce != "auto":
                     raise
                 quiesce_error = err.message  # nothing was created: take it unfrozen
                 say(f"warning: cannot quiesce ({err.message}); this backup is "
                     "crash-consistent")
-                client.snapshot_create(domain, xml, checkpoint=True)
+                client.snapshot_create(domain, xml, checkpoint=True, lease=lease)
         except ApplicationError:
             # A refusal creates nothing; and after already-exists, the name is
             # someone else's snapshot or checkpoint: not ours to delete.
             undo = ()
             raise
+        renewer = renewals.enter_context(_Renewer(client.socket_path, domain, backup_id, lease))
         _pause("snapshot")
         info = client.snapshot_lookup(domain, backup_id)
         sizes = {s["disk"]: int(s["size"]) for s in info["scratch"]}
@@ -665,7 +718,7 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
                 + (f' checkpoint="{p.checkpoint}"' if p.checkpoint else "") + "/>"
                 for d, p in exported.items()) + "</domainblockexport>"
             started = client.export_start(domain, export_xml)
-            server = NbdServer.of(started["server"], client.host, client.pki_dir)
+            server = NbdServer.of(started["server"], client.host, client.pki_dir, lease)
             exports = {e["disk"]: e for e in started["exports"]}
         _pause("export")
         entries: dict[str, dict[str, Any]] = {}
@@ -687,6 +740,8 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
                                                  export.get("bitmap") if p.backing else None,
                                                  target, sizes[disk], p.backing, progress)
                 except _ReadFailed as err:
+                    if renewer.lost is not None:
+                        raise BackupError(f"{err}: {renewer.lost}") from None
                     raise BackupError(f"{err}{_domain_note(client, domain)}") from None
             entries[disk] = {
                 "level": p.level, "reason": p.reason,
@@ -715,6 +770,7 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
                 b["checkpoint_deleted"] = True
         manifest.save()
     except BaseException as err:
+        renewals.close()
         with _uninterrupted():
             if _saved(dest, backup_id):  # saved; only the directory's fsync failed
                 made, undo = [], ("snapshot",)
@@ -725,6 +781,7 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
         if left and not isinstance(err, KeyboardInterrupt):
             err.add_note("; ".join(left))
         raise
+    renewals.close()
     with _uninterrupted():
         _, problem = _delete(client, domain, "snapshot", backup_id)
         if problem is None:

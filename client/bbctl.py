@@ -2,7 +2,7 @@
 
 ``bbctl [--connect URI | --socket PATH] [--json] AREA VERB ...`` covers every RPC method:
 ``daemon info``, ``domain list|define|undefine|xml``,
-``snapshot create|delete|list|info|xml``,
+``snapshot create|renew|delete|list|info|xml``,
 ``checkpoint list|info|xml|delete|changes|redefine``,
 ``export start|stop|list|server`` and ``events``. Human output by default,
 ``--json`` for scripts; errors go to stderr with the contract's kind and a
@@ -168,13 +168,19 @@ def _snapshot_create(c: Client, a: argparse.Namespace) -> Result:
         if a.xml is None and not a.disk:
             a.disk = disks  # the snapshot takes exactly the disks exported
     result = c.snapshot_create(a.domain, _snapshot_document(a), checkpoint=a.checkpoint or None,
-                               quiesce=a.quiesce or None, export=export)
+                               quiesce=a.quiesce or None, export=export, lease=a.lease)
     what = "snapshot and checkpoint" if a.checkpoint else "snapshot"
     text = f"{what} {result['name']} created" + (" (quiesced)" if a.quiesce else "")
     if "export" in result:
         text += (f"\n{_describe_server(result['export']['server'])}\n"
                  f"{_export_rows(result['export']['exports'])}")
     return result, text
+
+
+def _snapshot_renew(c: Client, a: argparse.Namespace) -> Result:
+    result = c.snapshot_renew(a.domain, a.name)
+    return result, (f"snapshot {a.name} renewed for {result['lease']:g} s, until "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(result['expires']))}")
 
 
 def _snapshot_delete(c: Client, a: argparse.Namespace) -> Result:
@@ -328,7 +334,7 @@ def _backup(c: Client, a: argparse.Namespace) -> Result:
     with bar:
         record = backup(c, a.domain, Path(a.dest), a.level, a.disk,
                         say=lambda text: bar.write(f"bbctl: {text}", file=sys.stderr),
-                        progress=bar.update, quiesce=a.quiesce)
+                        progress=bar.update, quiesce=a.quiesce, lease=a.lease)
     read = sum(d["bytes_read"] for d in record["disks"].values())
     consistency = "quiesced" if record["quiesced"] else "crash-consistent"
     return record, (f"backup {record['id']} ({record['level']}, {consistency}): "
@@ -624,6 +630,10 @@ def _snapshot_area(area: argparse.ArgumentParser) -> None:
     p.add_argument("--export-xml", metavar="XML",
                    help="export as this <domainblockexport> says (file or -); its disks "
                         "may omit snapshot")
+    p.add_argument("--lease", type=int, metavar="SECONDS",
+                   help="delete it when this long passes without a 'snapshot renew'")
+    _verb(snapshot, "renew", _snapshot_renew, "start a snapshot's lease again",
+          "domain", "name")
     _verb(snapshot, "delete", _snapshot_delete, "delete a snapshot and its exports",
           "domain", "name")
     _verb(snapshot, "list", _snapshot_list, "list snapshots, oldest first", "domain")
@@ -672,7 +682,19 @@ def _backup_command(p: argparse.ArgumentParser) -> None:
                         "--quiesce (or =yes) fails the backup if that cannot be done; auto "
                         "(the default) quiesces when the domain has a guest agent and falls "
                         "back to crash-consistent with a warning; no never does")
+    p.add_argument("--lease", type=_lease, default=60, metavar="SECONDS",
+                   help="the VM's host deletes the backup's snapshot when this long passes "
+                        "without word from this bbctl (renewed every quarter of it), and "
+                        "the backup fails when its connections are silent this long "
+                        "(default: 60)")
     p.set_defaults(run=_backup)
+
+
+def _lease(text: str) -> int:
+    seconds = int(text)
+    if not 1 <= seconds <= 86_400:
+        raise argparse.ArgumentTypeError("a lease is 1 to 86400 seconds")
+    return seconds
 
 
 def _list_command(p: argparse.ArgumentParser) -> None:
@@ -828,7 +850,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.area in _OFFLINE:
             data, text = args.run(None, args)
         else:
-            with Client(args.socket, timeout=None if args.area == "events" else 300.0) as client:
+            # A backup's connection counts as cut after its lease's length of silence.
+            with Client(args.socket, timeout=None if args.area == "events" else 300.0,
+                        silence=getattr(args, "lease", None)) as client:
                 data, text = args.run(client, args)
     except KeyboardInterrupt:
         return 130

@@ -96,11 +96,15 @@ class _Methods:
 
     def snapshot_create(self, domain: str, xml: str | None = None,
                         checkpoint: bool | None = None, quiesce: bool | None = None,
-                        export: str | None = None) -> Any:
-        """``export``: a <domainblockexport> started in the same request."""
+                        export: str | None = None, lease: int | None = None) -> Any:
+        """``export``: a <domainblockexport> started in the same request;
+        ``lease``: seconds it lives without a :meth:`snapshot_renew`."""
         return self.call("snapshot.create", **_params(domain=domain, xml=xml,
                                                       checkpoint=checkpoint, quiesce=quiesce,
-                                                      export=export))
+                                                      export=export, lease=lease))
+
+    def snapshot_renew(self, domain: str, name: str) -> Any:
+        return self.call("snapshot.renew", domain=domain, name=name)
 
     def snapshot_delete(self, domain: str, name: str) -> Any:
         return self.call("snapshot.delete", domain=domain, name=name)
@@ -137,13 +141,18 @@ class Client(_Methods):
     (``ssh://host``, ``tls://host:port``; see :mod:`blockbackup_client.remote`).
     """
 
-    def __init__(self, where: str = DEFAULT_SOCKET, timeout: float | None = 300.0) -> None:
+    def __init__(self, where: str = DEFAULT_SOCKET, timeout: float | None = 300.0,
+                 silence: float | None = None) -> None:
+        """``silence``: seconds without a word from another host after which
+        the connection counts as cut (default :data:`remote.SILENCE`)."""
         from .remote import Channel, parse
 
         #: As given: a later connection to the same daemon opens with it.
         self.socket_path = where
         try:
             self._target = parse(where)
+            if silence is not None:
+                self._target.silence = silence
             self._channel = Channel.open(self._target, timeout)
         except (OSError, ValueError) as err:
             raise ConnectionLost(f"cannot connect to {where.split('?', 1)[0]}: {err}") from err
@@ -162,6 +171,11 @@ class Client(_Methods):
     def host(self) -> str | None:
         """The other host's name or address as the connection string gives it."""
         return self._target.host or None
+
+    @property
+    def silence(self) -> float:
+        """Seconds of silence after which this connection counts as cut."""
+        return self._target.silence
 
     @property
     def pki_dir(self) -> str:

@@ -9,8 +9,12 @@ Blocking: call them in a thread.
 
 from __future__ import annotations
 
+import os
+import socket
+
 import nbd
 
+from .remote import SILENCE, bound_silence
 from .value import Value
 
 #: Largest range asked in one NBD_CMD_BLOCK_STATUS: the protocol's limit
@@ -22,24 +26,27 @@ _CHUNK = (4 << 30) - (1 << 20)
 
 class NbdServer(Value):
     """A TCP server with TLS (``host``, ``port``, ``certificates``), or a UNIX
-    socket (``socket``)."""
+    socket (``socket``); over TCP, a request fails after ``silence`` seconds
+    without a word from the server."""
 
-    __slots__ = ("socket", "host", "port", "certificates")
+    __slots__ = ("socket", "host", "port", "certificates", "silence")
 
     def __init__(self, socket: str | None = None, host: str | None = None,
-                 port: int | None = None, certificates: str | None = None) -> None:
+                 port: int | None = None, certificates: str | None = None,
+                 silence: float = SILENCE) -> None:
         self.socket, self.host, self.port, self.certificates = socket, host, port, certificates
+        self.silence = silence
 
     @classmethod
     def of(cls, server: dict[str, object], host: str | None = None,
-           certificates: str | None = None) -> NbdServer:
+           certificates: str | None = None, silence: float = SILENCE) -> NbdServer:
         """From ``export.server``'s answer; ``host``: how this client reaches
         that server's host (the connection's), over its own address when the
         server listens on every address."""
         if server.get("transport") == "unix":
             return cls(socket=str(server["socket"]))
         return cls(host=host or str(server["host"]), port=int(str(server["port"])),
-                   certificates=certificates if server.get("tls") else None)
+                   certificates=certificates if server.get("tls") else None, silence=silence)
 
     def __str__(self) -> str:
         if self.socket is not None:
@@ -67,6 +74,10 @@ def connect(server: NbdServer | str, export: str, contexts: tuple[str, ...] = ()
             h.set_tls(nbd.TLS_REQUIRE)
             h.set_tls_certificates(server.certificates)
         h.connect_tcp(str(server.host), str(server.port))
+        # A cut network must fail a read, not hang it: the silence bound on
+        # libnbd's own socket (a duplicate of it shares its options).
+        with socket.socket(fileno=os.dup(h.aio_get_fd())) as sock:
+            bound_silence(sock, server.silence)
     missing = [c for c in contexts if not h.can_meta_context(c)]
     if missing:
         h.shutdown()

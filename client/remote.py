@@ -41,6 +41,27 @@ SSH_OPTIONS = frozenset({"keyfile", "known_hosts", "no_verify", "no_tty", "comma
 TLS_OPTIONS = frozenset({"pki"})
 
 
+#: Seconds a connection to another host may go without a word from the far
+#: end (no acknowledgement, no answer to a keepalive) before it counts as
+#: cut: a cable pulled or a host gone sends no reset, and a read would
+#: otherwise wait for the kernel's retransmissions (15 minutes and more).
+SILENCE = 30.0
+
+
+def bound_silence(sock: socket.socket, seconds: float = SILENCE) -> None:
+    """Make a TCP socket fail (ETIMEDOUT) after ``seconds`` of silence: keepalive
+    probes while nothing is outstanding, TCP_USER_TIMEOUT while sent data waits
+    for its acknowledgement."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    probe = max(1, int(seconds / 3))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, probe)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+
+
 #: What a TLS client's directory holds (QEMU's and libnbd's x509 layout).
 CLIENT_CERTIFICATES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
 
@@ -70,7 +91,7 @@ class Target:
     (A plain class: dataclasses would cost every bbctl start its import.)
     """
 
-    __slots__ = ("scheme", "text", "path", "host", "port", "user", "options")
+    __slots__ = ("scheme", "text", "path", "host", "port", "user", "options", "silence")
 
     def __init__(self, scheme: str, text: str, path: str = "", host: str = "",
                  port: int | None = None, user: str | None = None,
@@ -83,6 +104,8 @@ class Target:
         self.port = port
         self.user = user
         self.options = options or {}
+        #: Seconds of silence after which a remote connection counts as cut.
+        self.silence = SILENCE
 
     def __repr__(self) -> str:
         return f"Target({self.text!r})"
@@ -99,7 +122,10 @@ class Target:
     def ssh_argv(self) -> list[str]:
         """The OpenSSH client's command line that runs the helper on the host."""
         o = self.options
-        argv = [o.get("command", "ssh"), "-T", "-e", "none", "-o", "ClearAllForwardings=yes"]
+        argv = [o.get("command", "ssh"), "-T", "-e", "none", "-o", "ClearAllForwardings=yes",
+                # A cut network ends ssh (and so the connection) after the silence bound.
+                "-o", f"ServerAliveInterval={max(1, int(self.silence / 3))}",
+                "-o", "ServerAliveCountMax=3"]
         if self.port is not None:
             argv += ["-p", str(self.port)]
         if self.user:
@@ -221,6 +247,7 @@ class Channel:
             raw = socket.create_connection((target.host, target.port or 0),
                                            timeout=min(timeout or 30.0, 30.0))
             try:
+                bound_silence(raw, target.silence)
                 sock = ctx.wrap_socket(raw, server_hostname=target.host)
             except BaseException:
                 raw.close()

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import wait_for
 from tools.daemon import Daemon
 from tools.hosts import Host, SshKeys, login_user, make_keys, network, privsep_dir, start_sshd
 from tools.pki import Pki
@@ -40,6 +41,8 @@ BBCTL = str(Path(sys.executable).parent / "bbctl")
 #: runs on the system's Python from a copy any user can read.
 SYSTEM_PYTHON = "/usr/bin/python3"
 TLS_PORT = 10810
+#: The daemons' nbd.silence (30 s by default), short for the network-cut test.
+NBD_SILENCE = 6
 TRANSPORTS = ("ssh", "tls")
 #: The daemon's debug line for each client connection.
 CLIENT_CONNECTED = re.compile(r"client#\d+ connected \(")
@@ -129,7 +132,8 @@ def hosts() -> Iterator[Hosts]:
             daemon = Daemon(host.workdir, socket_group=user.pw_gid,
                             listen=f"{host.address}:{TLS_PORT}", tls_dir=str(tls_dir))
             # The same directory serves the NBD exports of backups pulled from elsewhere.
-            daemon.config_extra = {"nbd": {"tls_dir": str(tls_dir)}}
+            # QEMU drops an NBD client cut off mid-reply after NBD_SILENCE.
+            daemon.config_extra = {"nbd": {"tls_dir": str(tls_dir), "silence": NBD_SILENCE}}
             daemon.prefix = host.argv()
             stack.callback(lambda d=daemon: d.proc is not None and d.stop())
             daemon.start()
@@ -395,3 +399,76 @@ def test_failures_to_reach_the_other_host_are_one_line(hosts: Hosts) -> None:
     # A bad connection string: refused before anything runs.
     r = hosts.bbctl("domain", "list", uri="ssh://host?keyfil=/x")
     assert r.returncode == 1 and "unknown option 'keyfil'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_backup_whose_network_is_cut_fails_in_one_line_and_leaves_nothing(
+        hosts: Hosts, transport: str, tmp_path: Path) -> None:
+    """Mid-pull, every packet between the hosts is dropped (no reset, no
+    error: a pulled cable). The backup ends in one line of error after its
+    lease's length of silence, with no file of it left; B deletes the
+    snapshot when the lease ends unrenewed. Mended, the next backup works
+    and clears the checkpoint the cut one left."""
+    b, vm = hosts.b, hosts.b.vm.name
+    dest = tmp_path / "backups"
+    b.vm.write("vda", 0, 8 * MiB, 0x44)
+    b.vm.write("vda", 32 * MiB, 8 * MiB, 0x55)
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {**os.environ, "BLOCKBACKUPD_PKI": str(hosts.pki["root"]),
+           "BBCTL_PAUSE_AT": "pull", "BBCTL_PAUSE_WHILE": str(hold)}
+    lease = 6
+    # 2 MB/s from B: the reads are still under way when the cable goes.
+    b.host.limit_rate("16mbit")
+    proc = hosts.a.host.popen(BBCTL, "--connect", hosts.uri(b, transport=transport), "backup",
+                              vm, "--dest", str(dest), "--level", "full", "--lease", str(lease),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cut = False
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line.decode())
+            if b"paused at pull" in line:
+                break
+        assert seen and "paused at pull" in seen[-1], seen
+        hosts.a.host.cut()
+        cut = True
+        began = time.monotonic()
+        hold.unlink()  # the backup reads on, into silence
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - began
+        errors = [line for line in err.decode().splitlines() if line.startswith("bbctl: error")]
+        assert proc.returncode == 1 and len(errors) == 1, err.decode()
+        # The read that met the silence is named; and what could not be
+        # deleted over the cut network is said, in the same line.
+        assert "reading disk vda over NBD" in errors[0], errors
+        assert "the next backup into" in errors[0], errors
+        # The silence bound, not the kernel's retransmissions (15 min), ended it.
+        assert took < 4 * lease + 10, took
+        # No file of the cut backup (its pending record stays for the next one).
+        assert sorted(p.name for p in dest.iterdir()) == ["pending.json"]
+        # B: the lease ended unrenewed, and the snapshot with it.
+        wait_for(lambda: _json(hosts.local(b, "--json", "snapshot", "list", vm)) == [],
+                 timeout=lease + NBD_SILENCE + 15, what="B's snapshot deleted when its lease ended")
+        assert _json(hosts.local(b, "--json", "export", "server", vm)) is None
+        assert f"its lease was not renewed for {lease} s: deleting it" in b.daemon.log()
+        # QEMU answers and its guest runs.
+        assert b.vm.running and b.vm.status() == "running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if cut:
+            hosts.a.host.mend()
+        b.host.limit_rate(None)
+    again = hosts.bbctl("--json", "backup", vm, "--dest", str(dest), "--level", "full",
+                        transport=transport)
+    assert again.returncode == 0, again.stderr
+    assert "deleted checkpoint" in again.stderr and "of an earlier failed backup" in again.stderr
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert len(manifest["backups"]) == 1
+    assert _json(hosts.local(b, "--json", "checkpoint", "list", vm)) == \
+        [manifest["backups"][0]["checkpoint"]]
+    for name in _json(hosts.local(b, "--json", "checkpoint", "list", vm)):
+        hosts.local(b, "checkpoint", "delete", vm, name)

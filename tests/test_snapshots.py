@@ -25,7 +25,7 @@ from blockbackup_client import (
     OperationFailed,
     Unsupported,
 )
-from blockbackup_client.errors import ApplicationError
+from blockbackup_client.errors import ApplicationError, ProtocolError
 from blockbackupd.qemu.nbdread import dirty_extents
 from tests.conftest import (
     NbdReader,
@@ -254,6 +254,47 @@ def test_delete_restores_graph_and_scratch_dir(defined: tuple[Daemon, Vm]) -> No
     assert "Pattern verification failed" not in vm.qemu_io("sda", "read -P 0x5a 0 64k")
 
 
+def test_a_snapshot_whose_lease_ends_is_deleted(defined: tuple[Daemon, Vm]) -> None:
+    daemon, vm = defined
+    before = graph(vm)
+    files_before = sorted(scratch_dir(daemon).iterdir())
+    with daemon.client() as c:
+        for lease in (0, 86_401, 1.5, "2"):
+            with pytest.raises(ProtocolError) as err:
+                c.call("snapshot.create", domain="vm1", lease=lease)
+            assert err.value.code == -32602 and "lease" in err.value.message
+        assert c.call("snapshot.list", domain="vm1") == []
+        made = time.time()
+        c.call("snapshot.create", domain="vm1", xml=snapshot_xml("s1"), lease=2)
+        info = c.call("snapshot.lookup", domain="vm1", name="s1")
+        assert info["lease"] == 2 and made + 2 <= info["expires"] <= time.time() + 2
+        c.call("export.start", domain="vm1", xml=export_xml([("sda", "s1")]))
+        # Renewed past its first end, it lives on.
+        for _ in range(4):
+            time.sleep(1)
+            renewed = c.call("snapshot.renew", domain="vm1", name="s1")
+            assert renewed["lease"] == 2 and renewed["expires"] >= time.time() + 1.9
+        assert c.call("snapshot.list", domain="vm1") == ["s1"]
+        stopped = time.monotonic()
+        wait_for(lambda: c.call("snapshot.list", domain="vm1") == [], timeout=10,
+                 what="the snapshot deleted when its lease ended")
+        assert 1.9 <= time.monotonic() - stopped <= 4
+        with pytest.raises(NoSuchSnapshot):
+            c.call("snapshot.renew", domain="vm1", name="s1")
+        assert c.call("export.list", domain="vm1") == []
+        # A snapshot without a lease lives on.
+        c.call("snapshot.create", domain="vm1", xml=snapshot_xml("s2"))
+        time.sleep(2.5)
+        assert c.call("snapshot.list", domain="vm1") == ["s2"]
+        assert "lease" not in c.call("snapshot.lookup", domain="vm1", name="s2")
+        c.call("snapshot.delete", domain="vm1", name="s2")
+    assert graph(vm) == before
+    assert sorted(scratch_dir(daemon).iterdir()) == files_before
+    assert "snapshot vm1/s1: its lease was not renewed for 2 s: deleting it" in daemon.log()
+    assert "snapshot vm1/s1 deleted: its lease ended" in daemon.log()
+    assert vm.status() == "running"
+
+
 def test_export_stop_and_server_lifecycle(defined: tuple[Daemon, Vm]) -> None:
     daemon, vm = defined
     sock = str(run_dir(daemon) / "vm1.nbd")
@@ -341,6 +382,9 @@ def _case_params(workdir: Path) -> list[tuple[str, dict[str, object], type[Appli
         ("snapshot.lookup", {"domain": "vm1", "name": "s9"}, NoSuchSnapshot, "no snapshot 's9'"),
         ("snapshot.delete", {"domain": "vm1", "name": "s9"}, NoSuchSnapshot, "no snapshot"),
         ("snapshot.get_xml", {"domain": "vm1", "name": "s9"}, NoSuchSnapshot, "no snapshot"),
+        ("snapshot.renew", {"domain": "vm1", "name": "s9"}, NoSuchSnapshot, "no snapshot"),
+        ("snapshot.renew", {"domain": "vm1", "name": "s1"}, InvalidArgument,
+         "has no lease to renew"),
         ("export.start", {"domain": "vm1", "xml": export_xml([("sda", "s9")])},
          NoSuchSnapshot, "no snapshot 's9'"),
         ("export.start", {"domain": "vm1",

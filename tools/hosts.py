@@ -57,11 +57,25 @@ class Host:
         return proc  # type: ignore[no-any-return]
 
     def cut(self) -> None:
-        """Take this host's link down: the network between the hosts is gone."""
-        _run("ip", "-n", self.netns, "link", "set", "dev", "veth0", "down")
+        """Drop every packet on this host's link, both ways, without a word:
+        as a pulled cable, no reset and no error reaches either end (a link
+        set down would fail new sends at once)."""
+        for chain, side in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            _run(*self.argv("iptables", "-w", "-I", chain, side, "veth0", "-j", "DROP"))
+
+    def limit_rate(self, rate: str | None) -> None:
+        """Send at most ``rate`` (tc's units: ``16mbit``) out of this host's
+        link, so that a transfer is still under way when the test acts
+        (None: as fast as it goes)."""
+        if rate is None:
+            _run(*self.argv("tc", "qdisc", "del", "dev", "veth0", "root"))
+        else:
+            _run(*self.argv("tc", "qdisc", "replace", "dev", "veth0", "root", "tbf",
+                            "rate", rate, "burst", "32kbit", "latency", "400ms"))
 
     def mend(self) -> None:
-        _run("ip", "-n", self.netns, "link", "set", "dev", "veth0", "up")
+        for chain, side in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            _run(*self.argv("iptables", "-w", "-D", chain, side, "veth0", "-j", "DROP"))
 
 
 @contextmanager

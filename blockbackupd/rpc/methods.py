@@ -189,7 +189,8 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
                         "snapshot.create it may only name the snapshot being created")
         snapshot = await snapshots.create(a.domain, spec.name if spec else None, disks,
                                           a.checkpoint,
-                                          a.quiesce or (spec is not None and spec.quiesce))
+                                          a.quiesce or (spec is not None and spec.quiesce),
+                                          a.lease)
         if snapshot.offline:
             # A stopped domain's images stay held only as long as the backup
             # application that asked: its VM manager may want to start it.
@@ -220,6 +221,11 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
     async def snapshot_delete(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:
         await snapshots.delete(a.domain, a.name)
         return {}
+
+    async def snapshot_renew(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:
+        lease = snapshots.renew(a.domain, a.name).lease
+        assert lease is not None
+        return {"lease": lease.seconds, "expires": round(lease.expires, 3)}
 
     async def snapshot_list(peer: Peer, a: p.DomainRef) -> list[str]:
         return snapshots.names(a.domain)
@@ -312,6 +318,7 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         "domain.get_xml": (p.DomainRef, domain_get_xml),
         "snapshot.create": (p.SnapshotCreate, snapshot_create),
         "snapshot.delete": (p.SnapshotRef, snapshot_delete),
+        "snapshot.renew": (p.SnapshotRef, snapshot_renew),
         "snapshot.list": (p.DomainRef, snapshot_list),
         "snapshot.lookup": (p.SnapshotRef, snapshot_lookup),
         "snapshot.get_xml": (p.SnapshotRef, snapshot_get_xml),

@@ -6,7 +6,9 @@ Unknown params are refused, so a misspelt optional param never goes unnoticed.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..services.leases import MAX_LEASE, MIN_LEASE
 
 
 class Params(BaseModel):
@@ -49,6 +51,8 @@ class SnapshotCreate(Params):
     quiesce: bool = False
     #: A <domainblockexport> started with the snapshot, in the same request.
     export: str | None = None
+    #: Seconds the snapshot lives without a snapshot.renew (None: until deleted).
+    lease: int | None = Field(default=None, ge=MIN_LEASE, le=MAX_LEASE)
 
 
 class SnapshotRef(Params):

@@ -25,6 +25,8 @@ from typing import Any
 
 from jsonrpcserver import Error, Result, async_dispatch
 
+from blockbackup_client.remote import bound_silence
+
 from ..errors import PermissionDenied
 from ..services.events import Subscription
 from .access import AccessPolicy, Credentials
@@ -245,6 +247,9 @@ class RpcServer:
     async def _accept_tls(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         # The handshake is done and the certificate verified (CERT_REQUIRED).
+        # A client whose network is cut sends no reset: its connection ends
+        # after the silence bound, not when the kernel gives up.
+        bound_silence(writer.get_extra_info("socket"))
         await self._accept(reader, writer,
                            Credentials.of_certificate(writer.get_extra_info("peercert")))
 

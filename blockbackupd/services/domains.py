@@ -82,7 +82,7 @@ class DomainSettings:
 class Storage(Protocol):
     """Serves a stopped domain's images (the offline service)."""
 
-    def lease(self, domain: Domain) -> AbstractAsyncContextManager[None]:
+    def hold(self, domain: Domain) -> AbstractAsyncContextManager[None]:
         """Hold the domain's images in a storage process for the block.
 
         :raise DomainNotConnected: the daemon knows no images of the domain.
@@ -344,7 +344,7 @@ class DomainService:
         if domain.state is not DomainState.DISCONNECTED or self.storage is None:
             yield self.connected(name)
             return
-        async with self.storage.lease(domain):
+        async with self.storage.hold(domain):
             yield domain
 
     def __len__(self) -> int:

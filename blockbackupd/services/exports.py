@@ -10,6 +10,7 @@ read with several connections at once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from blockbackup_client.remote import bound_silence
 
 from .. import faults
 from ..errors import (
@@ -55,6 +58,8 @@ class ExportSettings:
     tls_verify_peer: bool
     allow_plain_tcp: bool
     timeout: float
+    #: Seconds a TCP client may leave QEMU without a word before it is dropped.
+    silence: float = 30.0
 
 
 @dataclass
@@ -301,9 +306,16 @@ class ExportService:
             await ops.add_tls_creds(creds, self._settings.tls_dir, self._settings.tls_verify_peer)
             undo.push(f"TLS credentials {creds}", lambda: ops.delete_object(creds))
         listener = None
-        if address.transport == "tcp" and not address.port:
-            # port="0" (or none): any free port, which export.server then names.
-            listener = _listen_tcp(address.host or "")
+        if address.transport == "tcp":
+            # The daemon binds TCP listeners itself (port="0" or none: any free
+            # port, which export.server then names), with the silence bound
+            # that QEMU's accepted client sockets inherit. A client cut off
+            # mid-reply otherwise holds its request in QEMU for the kernel's
+            # retransmissions (15 minutes), and with it every drain of the
+            # exported node: block jobs starting, the VM manager's snapshots,
+            # the snapshot's own deletion.
+            listener = _listen_tcp(address.host or "", address.port or 0)
+            bound_silence(listener, self._settings.silence)
             address = NbdAddress("tcp", host=address.host, port=listener.getsockname()[1],
                                  tls=address.tls)
         try:
@@ -622,15 +634,19 @@ def _remove_socket(path: str) -> None:
         pass
 
 
-def _listen_tcp(host: str) -> socket.socket:
-    """A listening TCP socket on ``host`` and a free port.
+def _listen_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host`` and ``port`` (0: a free one).
 
     :raise InvalidArgument: the host is not an address of this machine.
+    :raise OperationFailed: the port is taken.
     """
     try:
-        family = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, 0), family=family, backlog=16)
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=16)
     except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise OperationFailed(f"cannot listen for NBD on {host or '*'}:{port}: "
+                                  f"{err.strerror}") from None
         raise InvalidArgument(f"cannot listen for NBD on {host!r}: "
                               f"{err.strerror or err}") from None
 

@@ -2,10 +2,10 @@
 
 At every connect the daemon records the images each disk of the domain has
 open (top first, with their formats). When the domain's QEMU is not running,
-a snapshot, a checkpoint change or an export of it leases the images: the
-first lease starts a ``qemu-storage-daemon`` that opens them (see
+a snapshot, a checkpoint change or an export of it holds the images: the
+first hold starts a ``qemu-storage-daemon`` that opens them (see
 :mod:`..qemu.storage`), and the domain is served through it like a running
-one, by the same services, until nothing holds it any more (no lease, no
+one, by the same services, until nothing holds it any more (no hold, no
 snapshot, no export); then it is quit and the images are free for the VM
 manager again.
 
@@ -52,7 +52,7 @@ class _Running:
     process: asyncio.subprocess.Process
     session: storage.StorageSession
     record: int
-    leases: int = 0
+    holds: int = 0
     stopping: bool = False
     watcher: asyncio.Task[None] | None = None
 
@@ -125,13 +125,13 @@ class OfflineService:
             return None
         return {"pid": running.process.pid, "disks": sorted(running.session.devices)}
 
-    # -- leases --------------------------------------------------------------------
+    # -- holds ---------------------------------------------------------------------
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
     @asynccontextmanager
-    async def lease(self, domain: Domain) -> AsyncIterator[None]:
+    async def hold(self, domain: Domain) -> AsyncIterator[None]:
         """Hold the domain's images in a storage process for the block.
 
         :raise DomainNotConnected: the daemon knows no images of the domain.
@@ -142,18 +142,18 @@ class OfflineService:
             running = self._running.get(domain.name)
             if running is None or running.stopping:
                 running = await self._start(domain)
-            running.leases += 1
+            running.holds += 1
         try:
             yield
         finally:
-            running.leases -= 1
+            running.holds -= 1
             await self.settle(domain)
 
     async def settle(self, domain: Domain) -> None:
         """Quit the domain's storage process if nothing holds it any more."""
         async with self._lock(domain.name):
             running = self._running.get(domain.name)
-            if running is None or running.leases or any(
+            if running is None or running.holds or any(
                     check(domain.name) for check in self._holders):
                 return
             async with domain.lock:

@@ -51,6 +51,7 @@ from ..store.db import Store
 from . import scratch
 from .domains import MIGRATION_STARTING, Domain, DomainService
 from .events import EventBus
+from .leases import Lease
 from .quiesce import Frozen, QuiesceService, agent_socket
 from .undo import Undo, every
 
@@ -123,6 +124,8 @@ class Snapshot:
     #: Taken of a stopped domain's images, in the daemon's storage process:
     #: it lives as long as the connection that made it (see the offline service).
     offline: bool = False
+    #: Deleted unless renewed in time (see the lease module); None: lives until deleted.
+    lease: Lease | None = None
 
     @property
     def quiesced(self) -> bool:
@@ -278,10 +281,12 @@ class SnapshotService:
 
     async def create(self, domain_name: str, name: str | None,
                      disks: list[tuple[str, str | None]] | None,
-                     checkpoint: bool = False, quiesce: bool = False) -> Snapshot:
+                     checkpoint: bool = False, quiesce: bool = False,
+                     lease: float | None = None) -> Snapshot:
         """Take one point-in-time view of the listed disks (None: every writable disk);
         with ``checkpoint``, a checkpoint of the same name at the same instant;
-        with ``quiesce``, the guest's filesystems frozen around the instant.
+        with ``quiesce``, the guest's filesystems frozen around the instant;
+        with ``lease``, deleted when that many seconds pass without a renewal.
 
         :raise NoSuchDomain: :raise DomainNotConnected:
         :raise AlreadyExists: the name is taken.
@@ -331,6 +336,8 @@ class SnapshotService:
             snapshot = await self._build(domain, ops, name, chosen, checkpoint,
                                          list(present.values()), quiesce)
             snapshot.offline = domain.offline
+            if lease is not None:
+                snapshot.lease = Lease(lease, partial(self._lease_ended, snapshot))
             state.snapshots[name] = snapshot
             self._ensure_prober(domain)
         log.info("snapshot %s/%s created: disks %s, held-I/O window %.3f ms%s", domain_name, name,
@@ -623,23 +630,50 @@ class SnapshotService:
         undo.adopt(made)
         return window
 
+    # -- leases ---------------------------------------------------------------
+
+    def renew(self, domain_name: str, name: str) -> Snapshot:
+        """Start a snapshot's lease again.
+
+        :raise NoSuchDomain: :raise NoSuchSnapshot: (a lease that ended took it).
+        :raise InvalidArgument: the snapshot was made without a lease.
+        """
+        snapshot = self.get(domain_name, name)
+        if snapshot.lease is None:
+            raise InvalidArgument(f"snapshot {name!r} of domain {domain_name!r} has no lease "
+                                  "to renew: it lives until deleted")
+        snapshot.lease.renew()
+        return snapshot
+
+    def _lease_ended(self, snapshot: Snapshot) -> None:
+        if self._state(snapshot.domain).snapshots.get(snapshot.name) is not snapshot:
+            return  # deleted meanwhile
+        assert snapshot.lease is not None
+        log.warning("snapshot %s/%s: its lease was not renewed for %g s: deleting it (its "
+                    "backup application is gone or cut off)", snapshot.domain, snapshot.name,
+                    snapshot.lease.seconds)
+        self.delete_soon(snapshot.domain, snapshot.name, "its lease ended")
+
     # -- delete ---------------------------------------------------------------
 
-    def delete_soon(self, domain_name: str, name: str) -> None:
-        """Delete a snapshot in the background (its creator went away); one
-        already deleted is no error."""
+    def delete_soon(self, domain_name: str, name: str,
+                    why: str = "the connection that made it closed") -> None:
+        """Delete a snapshot in the background (its creator went away: ``why``);
+        one already deleted is no error."""
         async def run() -> None:
             if name not in self._state(domain_name).snapshots:
                 return  # deleted already (and its domain may be gone with it)
             try:
                 await self.delete(domain_name, name)
-                log.info("snapshot %s/%s deleted: the connection that made it closed",
-                         domain_name, name)
+                log.info("snapshot %s/%s deleted: %s", domain_name, name, why)
             except (NoSuchSnapshot, NoSuchDomain):
                 pass
             except Exception as err:
-                log.error("snapshot %s/%s: deleting it after its creator left failed: %s",
-                          domain_name, name, err)
+                log.error("snapshot %s/%s: deleting it (%s) failed: %s",
+                          domain_name, name, why, err)
+                left = self._state(domain_name).snapshots.get(name)
+                if left is not None and left.lease is not None:
+                    left.lease.renew()  # tried again when it ends again
 
         task = asyncio.create_task(run(), name=f"delete {domain_name}/{name}")
         self._background.add(task)
@@ -661,6 +695,8 @@ class SnapshotService:
             ops = BlockOps(domain.session)
             await self._retire(domain, snapshot.disks)
             del self._state(domain_name).snapshots[name]
+            if snapshot.lease is not None:
+                snapshot.lease.cancel()
             await self._unstack(domain, ops)
         log.info("snapshot %s/%s deleted", domain_name, name)
         if domain.offline:
@@ -1001,6 +1037,8 @@ class SnapshotService:
         for part in state.retired:
             self._remove_scratch(part)
         for snapshot in state.snapshots.values():
+            if snapshot.lease is not None:
+                snapshot.lease.cancel()
             for part in snapshot.disks:
                 self._remove_scratch(part)
             log.warning("snapshot %s/%s dropped: its QEMU went away", domain, snapshot.name)
@@ -1056,5 +1094,8 @@ def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
         result["reason"] = snapshot.broken_reason
     if snapshot.removed:
         result["removed_disks"] = dict(snapshot.removed)
+    if snapshot.lease is not None:
+        result["lease"] = snapshot.lease.seconds
+        result["expires"] = round(snapshot.lease.expires, 3)
     return result
 
