@@ -29,8 +29,10 @@ BASE_APT_PACKAGES := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin python
 # users of its own; the system's sshd is neither configured nor started).
 # iptables cuts the network between those namespaces mid-backup (a rule that
 # drops every packet, as a pulled cable does; only in the test's namespace).
+# socat and jq: tests/shell/bbrpc, the client in shell that proves the API
+# document (rpc.discover) is all another program needs.
 APT_PACKAGES := $(BASE_APT_PACKAGES) libvirt-daemon-system libvirt-clients e2fsprogs \
-                openssh-server openssh-client iptables \
+                openssh-server openssh-client iptables socat jq \
                 ceph-mon ceph-osd ceph-common qemu-block-extra python3-rbd python3-rados \
                 libguestfs-tools python3-guestfs linux-image-amd64
 VENV         := .venv

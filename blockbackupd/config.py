@@ -128,6 +128,10 @@ class DaemonSection(_Section):
     # Added: ca-cert.pem, server-cert.pem, server-key.pem for that listener, the
     # layout of nbd.tls_dir (empty: nbd.tls_dir's own).
     tls_dir: str = ""
+    # Added: a file to which every request, its answer and every notification
+    # are appended, one JSON line each (to debug a client, or to check a
+    # client against the API document; it holds every param). Empty: off.
+    rpc_record: str = ""
 
     @field_validator("listen")
     @classmethod
@@ -136,9 +140,9 @@ class DaemonSection(_Section):
             listen_address(value)
         return value
 
-    @field_validator("tls_dir")
+    @field_validator("tls_dir", "rpc_record")
     @classmethod
-    def _tls_dir(cls, value: str) -> str:
+    def _absolute_text(cls, value: str) -> str:
         return _absolute_or_empty(value)
 
     @property

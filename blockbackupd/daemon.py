@@ -87,10 +87,15 @@ async def run(config: Config) -> None:
                       for c in config.domain)
         quiesce.start()
 
-        server = RpcServer(d.socket,
-                           build_methods(domains, snapshots, checkpoints, exports, copies, events,
-                                         offline, recovery),
-                           AccessPolicy(d.allowed_uids, d.allowed_gids))
+        try:
+            server = RpcServer(d.socket,
+                               build_methods(domains, snapshots, checkpoints, exports, copies,
+                                             events, offline, recovery),
+                               AccessPolicy(d.allowed_uids, d.allowed_gids),
+                               Path(d.rpc_record) if d.rpc_record else None)
+        except OSError as err:
+            raise StartupError(f"daemon.rpc_record: cannot open {d.rpc_record}: "
+                               f"{err.strerror}") from None
         await server.start(bind_unix_socket(d.socket, d.socket_mode_bits, d.socket_gid))
         stack.push_async_callback(server.close)
         where = str(d.socket)

@@ -27,8 +27,16 @@ from tools.daemon import Daemon
 from tools.qemu_build import selected
 from tools.vm import Vm
 
+#: Where the daemons of this run record every RPC exchange (tools/daemon.py),
+#: checked against the API document when the run ends.
+_RECORDS: dict[str, Any] = {}
+
 
 def pytest_configure(config: pytest.Config) -> None:
+    if "BB_RPC_RECORD_DIR" not in os.environ:
+        directory = tempfile.mkdtemp(prefix="bb-rpc-record-", dir="/tmp")
+        os.chmod(directory, 0o1777)  # daemons of other users record too
+        os.environ["BB_RPC_RECORD_DIR"] = _RECORDS["dir"] = directory
     config.addinivalue_line(
         "markers", "libvirt: runs a private libvirtd with the system's QEMU, whatever "
                    "BB_QEMU selects (deselect with -m 'not libvirt' on another build)")
@@ -45,8 +53,33 @@ def pytest_report_header(config: pytest.Config) -> str:
     return _qemu_line()
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every request and answer of the run's daemons, against the API document."""
+    directory = _RECORDS.get("dir")
+    if directory is None:
+        return
+    from tools.api_check import check_directory
+
+    try:
+        checker, findings, count = check_directory(Path(directory))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    _RECORDS.update(findings=findings, count=count, methods=len(checker.answered))
+    if findings:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_line(_qemu_line())
+    if "count" in _RECORDS:
+        findings = _RECORDS["findings"]
+        terminalreporter.write_line(
+            f"api: {_RECORDS['count']} recorded RPC exchanges checked against the API "
+            f"document ({_RECORDS['methods']} methods answered): "
+            + ("all as documented" if not findings else f"{len(findings)} FINDINGS"),
+            red=bool(findings))
+        for finding in findings:
+            terminalreporter.write_line(f"api: {finding}", red=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ import tomli_w
 
 from blockbackup_client import Client
 from tools.vm import Vm
+
+_records = itertools.count(1)
 
 
 class Daemon:
@@ -38,6 +41,12 @@ class Daemon:
             "reconnect_max_delay": 0.5,
             **daemon_keys,
         }
+        # A test run records every RPC exchange, checked at its end against
+        # the API document (tests/conftest.py).
+        record_dir = os.environ.get("BB_RPC_RECORD_DIR")
+        if record_dir and "rpc_record" not in self.daemon_keys:
+            self.daemon_keys["rpc_record"] = str(
+                Path(record_dir) / f"{os.getpid()}-{next(_records)}.jsonl")
         self.domains = domains or []
         #: Other sections of the config file, e.g. {"nbd": {"tls_dir": ...}}.
         self.config_extra: dict[str, Any] = {}

@@ -31,6 +31,7 @@ from ..services.snapshots import SnapshotService, lookup_result
 from ..xml.checkpoint import CheckpointDoc, parse_checkpoint, render_checkpoint
 from ..xml.export import parse_export
 from ..xml.snapshot import parse_snapshot, render_snapshot
+from . import api
 from . import params as p
 
 log = logging.getLogger("blockbackupd.rpc")
@@ -310,34 +311,39 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         await recovery.delete(a.file)
         return {}
 
-    table: dict[str, tuple[type[p.Params], Callable[[Peer, Any], Awaitable[Any]]]] = {
-        "daemon.info": (p.NoParams, daemon_info),
-        "domain.define": (p.DomainDefine, domain_define),
-        "domain.undefine": (p.DomainUndefine, domain_undefine),
-        "domain.list": (p.NoParams, domain_list),
-        "domain.get_xml": (p.DomainRef, domain_get_xml),
-        "snapshot.create": (p.SnapshotCreate, snapshot_create),
-        "snapshot.delete": (p.SnapshotRef, snapshot_delete),
-        "snapshot.renew": (p.SnapshotRef, snapshot_renew),
-        "snapshot.list": (p.DomainRef, snapshot_list),
-        "snapshot.lookup": (p.SnapshotRef, snapshot_lookup),
-        "snapshot.get_xml": (p.SnapshotRef, snapshot_get_xml),
-        "checkpoint.list": (p.DomainRef, checkpoint_list),
-        "checkpoint.lookup": (p.SnapshotRef, checkpoint_lookup),
-        "checkpoint.get_xml": (p.SnapshotRef, checkpoint_get_xml),
-        "checkpoint.delete": (p.SnapshotRef, checkpoint_delete),
-        "checkpoint.changes": (p.CheckpointChanges, checkpoint_changes),
-        "checkpoint.redefine": (p.DomainXml, checkpoint_redefine),
-        "snapshot.copy": (p.SnapshotCopy, snapshot_copy),
-        "export.start": (p.DomainXml, export_start),
-        "export.stop": (p.DomainXml, export_stop),
-        "export.server": (p.DomainRef, export_server),
-        "export.list": (p.DomainRef, export_list),
-        "events.subscribe": (p.EventsSubscribe, events_subscribe),
-        "recovery.start": (p.RecoveryStart, recovery_start),
-        "recovery.lookup": (p.RecoveryRef, recovery_lookup),
-        "recovery.list": (p.NoParams, recovery_list),
-        "recovery.delete": (p.RecoveryRef, recovery_delete),
+    async def rpc_discover(peer: Peer, _: p.NoParams) -> dict[str, Any]:
+        return api.document()
+
+    table: dict[str, Callable[[Peer, Any], Awaitable[Any]]] = {
+        "daemon.info": daemon_info,
+        "domain.define": domain_define,
+        "domain.undefine": domain_undefine,
+        "domain.list": domain_list,
+        "domain.get_xml": domain_get_xml,
+        "snapshot.create": snapshot_create,
+        "snapshot.delete": snapshot_delete,
+        "snapshot.renew": snapshot_renew,
+        "snapshot.list": snapshot_list,
+        "snapshot.lookup": snapshot_lookup,
+        "snapshot.get_xml": snapshot_get_xml,
+        "checkpoint.list": checkpoint_list,
+        "checkpoint.lookup": checkpoint_lookup,
+        "checkpoint.get_xml": checkpoint_get_xml,
+        "checkpoint.delete": checkpoint_delete,
+        "checkpoint.changes": checkpoint_changes,
+        "checkpoint.redefine": checkpoint_redefine,
+        "snapshot.copy": snapshot_copy,
+        "export.start": export_start,
+        "export.stop": export_stop,
+        "export.server": export_server,
+        "export.list": export_list,
+        "events.subscribe": events_subscribe,
+        "recovery.start": recovery_start,
+        "recovery.lookup": recovery_lookup,
+        "recovery.list": recovery_list,
+        "recovery.delete": recovery_delete,
+        "rpc.discover": rpc_discover,
     }
-    return {name: _wrap(name, model, handler, failed)
-            for name, (model, handler) in table.items()}
+    assert table.keys() == p.METHODS.keys(), "every method has its params model"
+    return {name: _wrap(name, p.METHODS[name], handler, failed)
+            for name, handler in table.items()}

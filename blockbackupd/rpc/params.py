@@ -93,3 +93,38 @@ class RecoveryStart(Params):
 
 class RecoveryRef(Params):
     file: str
+
+
+#: Every method and the model of its params (the method table and the API
+#: document are both made from it).
+METHODS: dict[str, type[Params]] = {
+    "daemon.info": NoParams,
+    "domain.define": DomainDefine,
+    "domain.undefine": DomainUndefine,
+    "domain.list": NoParams,
+    "domain.get_xml": DomainRef,
+    "snapshot.create": SnapshotCreate,
+    "snapshot.delete": SnapshotRef,
+    "snapshot.renew": SnapshotRef,
+    "snapshot.list": DomainRef,
+    "snapshot.lookup": SnapshotRef,
+    "snapshot.get_xml": SnapshotRef,
+    "checkpoint.list": DomainRef,
+    "checkpoint.lookup": SnapshotRef,
+    "checkpoint.get_xml": SnapshotRef,
+    "checkpoint.delete": SnapshotRef,
+    "checkpoint.changes": CheckpointChanges,
+    "checkpoint.redefine": DomainXml,
+    "snapshot.copy": SnapshotCopy,
+    "export.start": DomainXml,
+    "export.stop": DomainXml,
+    "export.server": DomainRef,
+    "export.list": DomainRef,
+    "events.subscribe": EventsSubscribe,
+    "recovery.start": RecoveryStart,
+    "recovery.lookup": RecoveryRef,
+    "recovery.list": NoParams,
+    "recovery.delete": RecoveryRef,
+    # OpenRPC's service discovery: the API document itself.
+    "rpc.discover": NoParams,
+}

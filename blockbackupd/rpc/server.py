@@ -43,6 +43,40 @@ _READ_CHUNK = 64 * 1024
 TLS_HANDSHAKE = 10.0
 
 
+class Record:
+    """``daemon.rpc_record``: every request with its answer, and every
+    notification, appended to a file as one JSON line each, as the wire
+    carried them (a text that is not JSON is kept as a string)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def exchange(self, connection: str, request: str, answer: str | None) -> None:
+        self._write(lambda: {"connection": connection, "request": _parsed(request),
+                             "reply": None if answer is None else _parsed(answer)})
+
+    def notification(self, connection: str, line: str) -> None:
+        self._write(lambda: {"connection": connection, "notification": _parsed(line)})
+
+    def _write(self, entry: Callable[[], dict[str, Any]]) -> None:
+        try:
+            self._file.write(json.dumps(entry()) + "\n")
+        except (OSError, ValueError, RecursionError) as err:
+            # A debugging aid, never a reason to fail a request (a text nested
+            # deeper than json can read, a full disk).
+            log.warning("daemon.rpc_record: %s", err)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _parsed(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
 def _error_line(code: int, message: str) -> bytes:
     return (json.dumps({"jsonrpc": "2.0", "error": {"code": code, "message": message},
                         "id": None}) + "\n").encode()
@@ -55,8 +89,9 @@ class Connection:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  methods: dict[str, Callable[..., Any]], policy: AccessPolicy,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, record: Record | None = None) -> None:
         Connection._counter += 1
+        self._record = record
         self.name = f"client#{Connection._counter}"
         self._reader = reader
         self._writer = writer
@@ -82,6 +117,8 @@ class Connection:
 
     def notify(self, method: str, params: dict[str, Any]) -> None:
         line = json.dumps({"jsonrpc": "2.0", "method": method, "params": params})
+        if self._record is not None:
+            self._record.notification(self.name, line)
         self._send(line.encode() + b"\n")
 
     # -- machinery --------------------------------------------------------------
@@ -184,6 +221,8 @@ class Connection:
             answer = await async_dispatch(text, methods=self._methods, context=self)
             if answer:
                 self._send(answer.encode() + b"\n")
+            if self._record is not None:
+                self._record.exchange(self.name, text, answer or None)
         except Exception:
             log.exception("%s: dispatch failed", self.name)
             self._send(_error_line(-32603, "internal error"))
@@ -214,8 +253,13 @@ class RpcServer:
     """Listens on the UNIX socket and serves every connection concurrently."""
 
     def __init__(self, path: Path, methods: dict[str, Callable[..., Any]],
-                 policy: AccessPolicy) -> None:
+                 policy: AccessPolicy, record: Path | None = None) -> None:
+        """``record``: where every exchange is appended (``daemon.rpc_record``).
+
+        :raise OSError: that file cannot be opened.
+        """
         self.path = path
+        self._record = None if record is None else Record(record)
         self._methods = methods
         self._policy = policy
         self._server: asyncio.Server | None = None
@@ -240,7 +284,8 @@ class RpcServer:
         assert task is not None
         self._connections.add(task)
         try:
-            await Connection(reader, writer, self._methods, self._policy, credentials).serve()
+            await Connection(reader, writer, self._methods, self._policy, credentials,
+                             self._record).serve()
         finally:
             self._connections.discard(task)
 
@@ -265,6 +310,8 @@ class RpcServer:
         for server in servers:
             await server.wait_closed()
         self._server = self._tls_server = None
+        if self._record is not None:
+            self._record.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
