@@ -22,7 +22,8 @@ from .services.exports import ExportService, ExportSettings
 from .services.offline import OfflineService, OfflineSettings
 from .services.quiesce import QuiesceService, QuiesceSettings
 from .services.recovery import RecoveryService
-from .services.snapshots import SnapshotService, SnapshotSettings
+from .services.snapshot_types import SnapshotSettings
+from .services.snapshots import SnapshotService
 from .store import Store
 
 log = logging.getLogger("blockbackupd")

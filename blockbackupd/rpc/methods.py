@@ -27,7 +27,8 @@ from ..services.events import EventBus, Subscription
 from ..services.exports import ExportService
 from ..services.offline import OfflineService
 from ..services.recovery import RecoveryService
-from ..services.snapshots import SnapshotService, lookup_result
+from ..services.snapshot_types import lookup_result
+from ..services.snapshots import SnapshotService
 from ..xml.checkpoint import CheckpointDoc, parse_checkpoint, render_checkpoint
 from ..xml.export import parse_export
 from ..xml.snapshot import parse_snapshot, render_snapshot

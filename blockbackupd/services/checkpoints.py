@@ -55,7 +55,8 @@ from .cluster import image as rbd_image
 from .domains import MIGRATED_RUN_STATES, Domain, DomainService
 from .events import EventBus
 from .segments import PERSISTENT_FORMATS, Placement, bitmap_problem, in_memory, place, span
-from .snapshots import Instant, Snapshot, SnapshotDisk, SnapshotService
+from .snapshot_types import Instant, Snapshot, SnapshotDisk
+from .snapshots import SnapshotService
 from .undo import every
 
 log = logging.getLogger("blockbackupd.checkpoints")

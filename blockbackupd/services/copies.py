@@ -43,7 +43,8 @@ from ..qemu.blockops import Bitmaps, BlockOps
 from ..store.db import Store
 from .checkpoints import CheckpointService
 from .domains import Domain, DomainService
-from .snapshots import Snapshot, SnapshotService
+from .snapshot_types import Snapshot
+from .snapshots import SnapshotService
 from .undo import Undo
 
 log = logging.getLogger("blockbackupd.copies")

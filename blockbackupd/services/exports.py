@@ -43,7 +43,8 @@ from ..store.db import Store
 from .checkpoints import CheckpointService, Verified
 from .domains import Domain, DomainService
 from .events import EventBus
-from .snapshots import Snapshot, SnapshotService
+from .snapshot_types import Snapshot
+from .snapshots import SnapshotService
 from .undo import Undo
 
 log = logging.getLogger("blockbackupd.exports")

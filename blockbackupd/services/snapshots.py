@@ -8,24 +8,19 @@ the VM's vCPUs are stopped, so no guest write lands in one view and not in
 another. Everything that can be made before (scratch images and nodes,
 filters) is made before the window; the views after it.
 
-QEMU 7.2 reports no event when a view breaks (scratch full or failing, copy
-timed out), so a prober reads a small window of each view through a short
-block job every ``snapshot_probe_interval`` seconds: a read of a broken view
-fails wherever it lands.
+The records live in :mod:`.snapshot_types`; finding out that a view broke,
+in :mod:`.probes`; what a daemon that died left, in :mod:`.leftovers`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,18 +36,32 @@ from ..errors import (
     QuiesceFailed,
     Unsupported,
 )
-from ..model import Disk, DomainState, SnapshotDiskView, SnapshotState, SnapshotView
-from ..names import PREFIX, check_name, parse_checkpoint_bitmap
+from ..model import Disk, DomainState, SnapshotState
+from ..names import PREFIX, check_name
 from ..qemu import iothreads
 from ..qemu.blockops import Bitmaps, BlockOps
 from ..qemu.graph import BlockGraph, query_disks, read_graph, read_links, relink
 from ..rbd import image_of as rbd_image_of
 from ..store.db import Store
-from . import scratch
+from . import leftovers, scratch
 from .domains import MIGRATION_STARTING, Domain, DomainService
 from .events import EventBus
 from .leases import Lease
+from .probes import Prober
 from .quiesce import Frozen, QuiesceService, agent_socket
+from .snapshot_types import (
+    HELD_IO_RECORD,
+    SCRATCH_RECORD,
+    BeforeDelete,
+    BeforePartDelete,
+    DomainSnapshots,
+    Instant,
+    InstantHook,
+    Layer,
+    Snapshot,
+    SnapshotDisk,
+    SnapshotSettings,
+)
 from .undo import Undo, every
 
 log = logging.getLogger("blockbackupd.snapshots")
@@ -62,148 +71,6 @@ log = logging.getLogger("blockbackupd.snapshots")
 _MIGRATING = frozenset({"inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"})
 
 
-@dataclass(frozen=True)
-class SnapshotSettings:
-    scratch_dirs: list[Path]
-    cbw_timeout: int
-    probe_interval: float
-    probe_timeout: float
-
-
-@dataclass
-class SnapshotDisk:
-    """One disk of a snapshot and the QEMU nodes made for it."""
-
-    disk: Disk
-    #: The node the filter sits on: the disk's node, or the filter of an
-    #: older snapshot of the same disk (filters stack, newest on top).
-    source: str
-    scratch: Path
-    scratch_node: str
-    filter_node: str
-    view_node: str
-    probe_window: str
-    probe_sink: str
-    #: The checkpoint whose segment was recording on this disk at the instant
-    #: (the snapshot's own, with checkpoint=true), and the bitmap on the disk
-    #: node holding what that segment had recorded up to the instant (None:
-    #: nothing). Changes from checkpoint X to this snapshot are the segments
-    #: from X up to ``boundary`` (excluded) plus ``tail``.
-    boundary: str | None = None
-    tail: str | None = None
-    #: The store's record of the scratch file, kept while the file exists, so
-    #: that a daemon killed at any moment removes it on the next connect.
-    record: int | None = None
-    #: For an encrypted disk: the QEMU secret object holding the scratch's
-    #: random LUKS key (the key lives only there and in the daemon's memory).
-    secret: str | None = None
-
-    def nodes(self) -> list[str]:
-        """Our nodes, in the order they can be deleted."""
-        return [self.probe_sink, self.probe_window, self.view_node, self.filter_node,
-                self.scratch_node]
-
-
-@dataclass
-class Snapshot:
-    domain: str
-    name: str
-    created: float
-    held_io_window: float
-    disks: list[SnapshotDisk]
-    state: SnapshotState = SnapshotState.ACTIVE
-    broken_reason: str | None = None
-    #: Disks whose device the VM manager unplugged while the snapshot lived:
-    #: disk -> why its view is gone.
-    removed: dict[str, str] = field(default_factory=dict)
-    #: Seconds the guest's filesystems stayed frozen for the instant (None:
-    #: not quiesced).
-    frozen_window: float | None = None
-    #: How many filesystems the guest agent froze for it.
-    frozen_filesystems: int = 0
-    #: Taken of a stopped domain's images, in the daemon's storage process:
-    #: it lives as long as the connection that made it (see the offline service).
-    offline: bool = False
-    #: Deleted unless renewed in time (see the lease module); None: lives until deleted.
-    lease: Lease | None = None
-
-    @property
-    def quiesced(self) -> bool:
-        return self.frozen_window is not None
-
-    def disk(self, name: str) -> SnapshotDisk:
-        for d in self.disks:
-            if d.disk.name == name:
-                return d
-        if name in self.removed:
-            raise NoSuchDisk(f"snapshot {self.name!r} no longer has disk {name!r}: "
-                             f"{self.removed[name]}")
-        raise NoSuchDisk(f"snapshot {self.name!r} has no disk {name!r}")
-
-    def view(self) -> SnapshotView:
-        return SnapshotView(
-            name=self.name, created=int(self.created), state=self.state,
-            held_io_window=self.held_io_window, frozen_window=self.frozen_window,
-            disks=tuple(SnapshotDiskView(d.disk.name, str(d.scratch)) for d in self.disks))
-
-
-@dataclass
-class _DomainSnapshots:
-    snapshots: dict[str, Snapshot] = field(default_factory=dict)
-    #: Deleted snapshots whose filter still sits under a newer snapshot's
-    #: filter: a filter cannot leave the middle of a stack (QEMU cannot
-    #: reopen copy-before-write onto another child), so it goes, with its
-    #: scratch image, as soon as nothing newer sits on it.
-    retired: list[SnapshotDisk] = field(default_factory=list)
-    prober: asyncio.Task[None] | None = None
-
-
-BeforeDelete = Callable[[Domain, Snapshot], Awaitable[None]]
-BeforePartDelete = Callable[[Domain, Snapshot, str], Awaitable[None]]
-
-
-@dataclass
-class Instant:
-    """What happens to bitmaps at a snapshot's instant (see the checkpoint service).
-
-    ``actions`` and ``after`` run in one ``transaction`` inside the held-I/O
-    window. A switch that holds no I/O (one disk: see
-    :meth:`SnapshotService._switch`) runs ``actions`` (bitmaps that start
-    recording) before the move and ``after`` (segments that stop recording,
-    frozen copies) after it: a write between them is counted on both sides
-    of the instant, never on neither. ``bounds`` gives each disk's
-    (boundary, tail); ``undo`` reverts the actions judging by what QEMU
-    shows (safe whether or not they ran); ``commit`` records the result once
-    the snapshot is complete; ``abort`` forgets it; ``keep`` marks it for
-    the next connect to revert, when ``undo`` could not.
-    """
-
-    actions: list[dict[str, Any]]
-    bounds: dict[str, tuple[str | None, str | None]]
-    undo: Callable[[], Awaitable[None]]
-    commit: Callable[[], Awaitable[None]]
-    abort: Callable[[], None]
-    keep: Callable[[], None]
-    #: Removes what the hook made outside QEMU (RBD snapshots) if the snapshot fails.
-    release: Callable[[], Awaitable[None]] | None = None
-    after: list[dict[str, Any]] = field(default_factory=list)
-
-    def everything(self) -> list[dict[str, Any]]:
-        """The actions of one held transaction."""
-        return self.actions + self.after
-
-
-#: Adds one layer of a snapshot's nodes, pushing each node's removal onto the Undo.
-Layer = Callable[[Undo], Awaitable[None]]
-
-#: (domain, snapshot name, its parts, checkpoint?, every disk as read for this snapshot)
-InstantHook = Callable[[Domain, str, list[SnapshotDisk], bool, list[Disk]], Awaitable[Instant]]
-
-
-#: Kind of the store records that say a scratch file exists.
-SCRATCH_RECORD = "scratch"
-#: Kind of the store records that say the daemon stopped the guest's vCPUs.
-HELD_IO_RECORD = "held-io"
 
 
 class SnapshotService:
@@ -214,10 +81,11 @@ class SnapshotService:
         self._events = events
         self._store = store
         self._settings = settings
-        self._by_domain: dict[str, _DomainSnapshots] = {}
+        self._by_domain: dict[str, DomainSnapshots] = {}
         self._before_delete: list[BeforeDelete] = []
         self._before_part_delete: list[BeforePartDelete] = []
-        self._job_ids = itertools.count(1)
+        self._prober = Prober(events, settings.probe_interval, settings.probe_timeout,
+                              self.snapshots)
         self._background: set[asyncio.Task[None]] = set()
         #: Set by the checkpoint service: the bitmap actions of each instant.
         self.instant_hook: InstantHook | None = None
@@ -241,8 +109,7 @@ class SnapshotService:
         """Daemon stopping: delete every snapshot, so no filter, node or scratch
         file outlives the daemon that knows about it."""
         for domain, state in list(self._by_domain.items()):
-            if state.prober is not None:
-                state.prober.cancel()
+            self._prober.cancel(domain)
             for name in reversed(list(state.snapshots)):  # newest first: no retired filters
                 try:
                     await self.delete(domain, name)
@@ -253,8 +120,8 @@ class SnapshotService:
 
     # -- queries --------------------------------------------------------------
 
-    def _state(self, domain: str) -> _DomainSnapshots:
-        return self._by_domain.setdefault(domain, _DomainSnapshots())
+    def _state(self, domain: str) -> DomainSnapshots:
+        return self._by_domain.setdefault(domain, DomainSnapshots())
 
     def names(self, domain: str) -> list[str]:
         """Names, oldest first. :raise NoSuchDomain:"""
@@ -339,7 +206,7 @@ class SnapshotService:
             if lease is not None:
                 snapshot.lease = Lease(lease, partial(self._lease_ended, snapshot))
             state.snapshots[name] = snapshot
-            self._ensure_prober(domain)
+            self._prober.ensure(domain)
         log.info("snapshot %s/%s created: disks %s, held-I/O window %.3f ms%s", domain_name, name,
                  ",".join(d.disk.name for d in snapshot.disks), snapshot.held_io_window * 1e3,
                  "" if snapshot.frozen_window is None
@@ -895,125 +762,20 @@ class SnapshotService:
             if part not in state.retired:
                 state.retired.append(part)
 
-    # -- breaks -----------------------------------------------------------------
-
-    def _ensure_prober(self, domain: Domain) -> None:
-        state = self._state(domain.name)
-        if state.prober is None or state.prober.done():
-            state.prober = asyncio.create_task(self._probe_loop(domain),
-                                               name=f"probe-{domain.name}")
-
-    async def _probe_loop(self, domain: Domain) -> None:
-        state = self._state(domain.name)
-        while state.snapshots:
-            await asyncio.sleep(self._settings.probe_interval)
-            try:
-                await self.probe(domain)
-            except Exception as err:  # a failed round is retried, never fatal
-                log.warning("domain %s: probing snapshots failed: %s", domain.name, err)
-
-    async def probe(self, domain: Domain) -> None:
-        """Read through every active view once; mark the broken ones."""
-        async with domain.lock:
-            ops = BlockOps(domain.session)
-            for snapshot in list(self._state(domain.name).snapshots.values()):
-                if snapshot.state is not SnapshotState.ACTIVE:
-                    continue
-                for part in snapshot.disks:
-                    job = f"{PREFIX}probe-{next(self._job_ids)}"
-                    error = await ops.probe(job, part.probe_window, part.probe_sink,
-                                            self._settings.probe_timeout)
-                    if error is not None:
-                        self._mark_broken(snapshot, part.disk.name, error)
-                        break
-
-    def _mark_broken(self, snapshot: Snapshot, disk: str, error: str) -> None:
-        snapshot.state = SnapshotState.BROKEN
-        snapshot.broken_reason = f"the view of disk {disk} can no longer be read ({error})"
-        log.error("snapshot %s/%s broken: %s", snapshot.domain, snapshot.name,
-                  snapshot.broken_reason)
-        self._events.publish(snapshot.domain, "snapshot-broken", snapshot=snapshot.name,
-                             disk=disk, reason=snapshot.broken_reason)
+    # -- leftovers ---------------------------------------------------------------
 
     async def clean_leftovers(self, domain: Domain) -> None:
-        """Remove what a daemon that died left in this QEMU: snapshot filters
-        (the disk's I/O path restored), their nodes, scratch files and
-        non-persistent bitmaps, all named with our prefix, and the scratch
-        files the store says were made, even those no node used yet.
-        (The export service removed its exports just before.)"""
-        session = domain.session
-        ops = BlockOps(session)
-        graph = await read_graph(session)
-        ours = [n for n in graph.nodes if n.startswith(PREFIX)]
-        files = [graph.image(n).file for n in ours if n.endswith("-scratch")]
-        # Views, probes and sinks first: while a view reads through a filter,
-        # the filter will not share write access with the device below it.
-        for node in ours:
-            if not node.endswith(("-filter", "-scratch")):
-                await ops.delete_node(node)
-        for node_name, named in (await Bitmaps(session).on_nodes()).items():
-            for b in named.values():  # tails and other non-persistent bitmaps of ours
-                # (not the checkpoints of raw disks: theirs live in QEMU's memory)
-                if b["name"].startswith(PREFIX) and not b.get("persistent") \
-                        and parse_checkpoint_bitmap(b["name"]) is None:
-                    await Bitmaps(session).remove(node_name, b["name"])
-        # Filters, newest first (one on another cannot go before it), each
-        # taken out of whatever surrounds it now.
-        while True:
-            graph = await read_graph(session)
-            filters = [n for n, info in graph.nodes.items()
-                       if n.startswith(PREFIX) and info["drv"] == "copy-before-write"]
-            free = [f for f in filters if not any(u.node in filters
-                                                  for u in graph.parents(f))]
-            if not free:
-                break
-            node = free[0]
-            child = graph.child(node, "file")
-            if child is not None and await relink(session, graph, node, child):
-                log.warning("domain %s: restored an I/O path an earlier daemon left through "
-                            "%s", domain.name, node)
-            await ops.delete_node(node)
-        remaining = await ops.node_names()
-        for node in ours:
-            if node.endswith("-scratch") and node in remaining:
-                await ops.delete_node(node)
-        files = self.remove_leftover_scratch(domain.name, files)
-        records = self._store.intents(domain.name)
-        for obj in await session.execute("qom-list", {"path": "/objects"}):
-            if obj["name"].startswith(PREFIX):
-                await ops.delete_object(obj["name"])
-        if ours or files:
-            log.warning("domain %s: removed %d node(s) and %d scratch file(s) left by an "
-                        "earlier daemon", domain.name, len(ours), len(files))
-        for record in records:
-            if record.kind == HELD_IO_RECORD:
-                # Last: the I/O paths are whole again before the guest runs.
-                if await ops.run_status() == "paused":
-                    await ops.cont()
-                    log.warning("domain %s: resumed the guest a cut-short snapshot %s had "
-                                "stopped", domain.name, record.payload.get("snapshot"))
-                self._store.drop_intent(record.id)
+        """Remove what a daemon that died left in this QEMU (see :mod:`.leftovers`)."""
+        await leftovers.clean(domain, self._store, self.remove_leftover_scratch)
 
     def remove_leftover_scratch(self, domain: str, files: list[str]) -> list[str]:
-        """Remove ``files`` and the scratch files the store records for the
-        domain that no live snapshot uses (an earlier daemon's, even those no
-        node used yet), each only inside a scratch directory, and drop those
-        records. Returns every file named."""
+        """Remove ``files`` and the recorded scratch files of the domain no live
+        snapshot uses; returns every file named."""
         state = self._state(domain)
         live = {part.record for snap in state.snapshots.values() for part in snap.disks}
         live |= {part.record for part in state.retired}
-        stale = [r for r in self._store.intents(domain)
-                 if r.kind == SCRATCH_RECORD and r.id not in live]
-        files = files + [r.payload["file"] for r in stale
-                         if r.payload["file"] not in files and os.path.lexists(r.payload["file"])]
-        for f in files:
-            path = Path(f)
-            if any(path.parent.resolve().is_relative_to(d.resolve())
-                   for d in self._settings.scratch_dirs):
-                scratch.remove(path)
-        for record in stale:
-            self._store.drop_intent(record.id)
-        return files
+        return leftovers.remove_scratch_files(self._store, domain, files, live,
+                                              self._settings.scratch_dirs)
 
     def _remove_scratch(self, part: SnapshotDisk) -> None:
         scratch.remove(part.scratch)
@@ -1032,8 +794,7 @@ class SnapshotService:
         state = self._by_domain.pop(domain, None)
         if state is None:
             return
-        if state.prober is not None:
-            state.prober.cancel()
+        self._prober.cancel(domain)
         for part in state.retired:
             self._remove_scratch(part)
         for snapshot in state.snapshots.values():
@@ -1072,30 +833,3 @@ async def _refuse_throttled_io_threads(domain: Domain, graph: BlockGraph,
                       f"the VM: {verdict.detail}; throttle the disk on its device instead "
                       "(block_set_io_throttle, libvirt's <iotune>), or run the VM on a QEMU "
                       "that survives this (10.0 does)")
-
-
-def lookup_result(snapshot: Snapshot) -> dict[str, Any]:
-    """The answer of snapshot.lookup."""
-    result: dict[str, Any] = {
-        "name": snapshot.name,
-        "created": int(snapshot.created),
-        "disks": [d.disk.name for d in snapshot.disks],
-        "state": snapshot.state.value,
-        "held_io_window": round(snapshot.held_io_window, 6),
-        "quiesced": snapshot.quiesced,
-        "scratch": [{"disk": d.disk.name, "file": str(d.scratch), "size": d.disk.size,
-                     "allocated": scratch.allocated_bytes(d.scratch),
-                     "encrypted": d.secret is not None} for d in snapshot.disks],
-    }
-    if snapshot.frozen_window is not None:
-        result["frozen_window"] = round(snapshot.frozen_window, 6)
-        result["frozen_filesystems"] = snapshot.frozen_filesystems
-    if snapshot.broken_reason is not None:
-        result["reason"] = snapshot.broken_reason
-    if snapshot.removed:
-        result["removed_disks"] = dict(snapshot.removed)
-    if snapshot.lease is not None:
-        result["lease"] = snapshot.lease.seconds
-        result["expires"] = round(snapshot.lease.expires, 3)
-    return result
-
