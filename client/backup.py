@@ -28,6 +28,10 @@ daemon's, the renewals', NBD over TCP) counts as cut after that long
 without a word from the far end, so the backup fails in one line instead of
 hanging.
 
+A backup holds the directory's ``lock.json`` while it runs, so that two
+backups of one domain into one directory, from one host or two, never
+interleave (see :mod:`.dirlock`).
+
 ``pending.json`` names the backup under way from before its snapshot is
 created until its manifest is saved or its snapshot and checkpoint are
 deleted; a backup that could not clean up after itself (the daemon or QEMU
@@ -50,6 +54,7 @@ import nbd
 
 from . import pull, qcow2
 from .client import Client, writable_disks
+from .dirlock import DirectoryLock
 from .errors import (
     ApplicationError,
     BlockbackupError,
@@ -635,6 +640,21 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
             raise BackupError(f"a backup from another host reads the disks over NBD with TLS, "
                               f"and {client.pki_dir} has no {', '.join(missing)} (the "
                               "connection's ?pki=DIR, or $BLOCKBACKUPD_PKI)")
+    new_directory = not dest.exists()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        # One writer of the directory at a time, whichever host it runs on.
+        with DirectoryLock(dest, f"a backup of {domain}", say):
+            return _backup(client, domain, dest, level, disks, say, progress, quiesce, lease)
+    finally:
+        if new_directory:
+            with contextlib.suppress(OSError):
+                dest.rmdir()  # only if nothing is left in it
+
+
+def _backup(client: Client, domain: str, dest: Path, level: str, disks: list[str],
+            say: Callable[[str], None], progress: Callable[[int], None], quiesce: str,
+            lease: int) -> dict[str, Any]:
     manifest = Manifest.load(dest, domain)
     _clear_pending(client, dest, manifest.backups, say)
     planner = _Planner(client, domain, dest, manifest.backups, level)
@@ -656,8 +676,6 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
     quiesce_error: str | None = None
     made: list[Path] = []
     undo: tuple[str, ...] = ()  # what of the daemon's to delete if this fails
-    new_directory = not dest.exists()
-    dest.mkdir(parents=True, exist_ok=True)
     renewals = contextlib.ExitStack()
     renewer: _Renewer | None = None
     try:
@@ -775,9 +793,6 @@ def backup(client: Client, domain: str, dest: Path, level: str, disks: list[str]
             if _saved(dest, backup_id):  # saved; only the directory's fsync failed
                 made, undo = [], ("snapshot",)
             left = _undo(client, domain, dest, backup_id, made, undo)
-            if new_directory:
-                with contextlib.suppress(OSError):
-                    dest.rmdir()  # only if nothing is left in it
         if left and not isinstance(err, KeyboardInterrupt):
             err.add_note("; ".join(left))
         raise

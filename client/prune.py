@@ -33,6 +33,7 @@ from .backup import (
     checksum,
     record_level,
 )
+from .dirlock import DirectoryLock
 from .errors import BackupError
 
 #: Suffix of the synthetic fulls while they are being made.
@@ -54,6 +55,13 @@ def prune(dest: Path, keep: int, say: Callable[[str], None],
     """
     if keep < 1:
         raise BackupError("--keep must be at least 1: the newest backup always stays")
+    Manifest.load(dest, None)  # a directory of backups, before a lock is made in it
+    with DirectoryLock(dest, "a prune", say):
+        return _prune(dest, keep, say, recovering)
+
+
+def _prune(dest: Path, keep: int, say: Callable[[str], None],
+           recovering: dict[str, list[str]] | None) -> dict[str, Any]:
     manifest = Manifest.load(dest, None)
     if (dest / PENDING).exists():
         raise BackupError(f"a backup into {dest} is under way, or was cut short and is cleaned "

@@ -253,3 +253,96 @@ def test_ctrl_c_mid_backup_leaves_nothing_behind(defined: tuple[Daemon, Vm], wor
     assert record["level"] == "inc"
     assert {d: e["bytes_read"] for d, e in record["disks"].items()} == {
         "sda": 8 * MiB, "sdb": 8 * MiB}
+
+
+def _paused_backup(daemon: Daemon, dest: Path, step: str, hold: Path | None = None
+                   ) -> subprocess.Popen[str]:
+    env = {**os.environ, "BBCTL_PAUSE_AT": step}
+    if hold is not None:
+        hold.touch()
+        env["BBCTL_PAUSE_WHILE"] = str(hold)
+    proc = subprocess.Popen([sys.executable, "-m", "blockbackup_client.bbctl", "--socket",
+                             str(daemon.socket), "backup", "vm1", "--dest", str(dest)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    wait_paused(proc.stderr, step)
+    return proc
+
+
+def test_two_writers_of_one_directory_do_not_interleave(defined: tuple[Daemon, Vm],
+                                                        workdir: Path) -> None:
+    """While a backup runs, a second backup (or a prune) of the directory is
+    refused in one line naming the first, and the first is left whole."""
+    daemon, vm = defined
+    dest = workdir / "b"
+    vm.write("sda", 0, MiB, 0x11)
+    earlier = bbctl(daemon, "--json", "backup", "vm1", "--dest", str(dest))
+    assert earlier.returncode == 0, earlier.stderr
+    before = json.loads(earlier.stdout)["id"]
+    hold = workdir / "hold"
+    first = _paused_backup(daemon, dest, "export", hold)
+    try:
+        holder = json.loads((dest / "lock.json").read_text())
+        assert holder["pid"] == first.pid and holder["what"] == "a backup of vm1"
+        with daemon.client() as c:
+            ours = c.snapshot_list("vm1")
+        assert len(ours) == 1 and ours != [before]
+        for args in (["backup", "vm1", "--dest", str(dest)], ["prune", str(dest), "--keep", "1"]):
+            r = bbctl(daemon, *args)
+            assert r.returncode == 1, r.stderr
+            lines = r.stderr.splitlines()
+            assert len(lines) == 1 and f"{dest} is in use: a backup of vm1 (pid {first.pid} " \
+                f"on {os.uname().nodename}" in lines[0], r.stderr
+            assert "two writers of one backup directory at once would interleave" in lines[0]
+        # The first backup's snapshot and pending record are untouched.
+        with daemon.client() as c:
+            assert c.snapshot_list("vm1") == ours
+        assert json.loads((dest / "pending.json").read_text())["id"] == ours[0]
+        hold.unlink()
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert [b["id"] for b in manifest["backups"]] == [before, *ours]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["manifest.json"] + [
+        f"{b}-{d}.qcow2" for b in (before, *ours) for d in ("sda", "sdb")])
+    assert bbctl(daemon, "verify", str(dest)).returncode == 0
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over(defined: tuple[Daemon, Vm],
+                                                   workdir: Path) -> None:
+    """A backup killed outright leaves its lock: the next one takes it over
+    (its process is gone) and cleans up after it. Another host's lock is
+    respected while it is touched, and taken over when it is not."""
+    daemon, vm = defined
+    dest = workdir / "b"
+    killed = _paused_backup(daemon, dest, "snapshot")
+    killed.kill()
+    killed.wait()
+    assert (dest / "lock.json").exists()
+    r = bbctl(daemon, "--json", "backup", "vm1", "--dest", str(dest))
+    assert r.returncode == 0, r.stderr
+    assert f"took over {dest / 'lock.json'}: a backup of vm1 (pid {killed.pid} " in r.stderr
+    assert "is gone (its process ended)" in r.stderr
+    assert "of an earlier failed backup" in r.stderr
+    with daemon.client() as c:
+        assert c.snapshot_list("vm1") == []
+        assert c.call("checkpoint.list", domain="vm1") == [json.loads(r.stdout)["id"]]
+    # A backup on another host: respected while it touches its lock.
+    other = {"what": "a backup of vm1", "host": "elsewhere", "boot_id": "x", "pid": 1,
+             "since": 1_700_000_000, "token": "t"}
+    (dest / "lock.json").write_text(json.dumps(other))
+    r = bbctl(daemon, "backup", "vm1", "--dest", str(dest))
+    assert r.returncode == 1 and "is in use: a backup of vm1 (pid 1 on elsewhere" in r.stderr
+    assert json.loads((dest / "lock.json").read_text()) == other
+    # ... and taken over once it has not for longer than the stale bound.
+    old = (dest / "lock.json").stat().st_mtime - 200
+    os.utime(dest / "lock.json", (old, old))
+    r = bbctl(daemon, "backup", "vm1", "--dest", str(dest))
+    assert r.returncode == 0, r.stderr
+    assert "(pid 1 on elsewhere" in r.stderr and "did not touch it for 2" in r.stderr
+    assert not (dest / "lock.json").exists()
+    assert len(json.loads((dest / "manifest.json").read_text())["backups"]) == 2
