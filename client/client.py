@@ -173,11 +173,6 @@ class Client(_Methods):
         return self._target.host or None
 
     @property
-    def silence(self) -> float:
-        """Seconds of silence after which this connection counts as cut."""
-        return self._target.silence
-
-    @property
     def pki_dir(self) -> str:
         """This client's TLS certificates (for ``tls://`` and a remote backup's NBD)."""
         from .remote import default_pki_dir

@@ -225,8 +225,7 @@ def build_methods(domains: DomainService, snapshots: SnapshotService,
         return {}
 
     async def snapshot_renew(peer: Peer, a: p.SnapshotRef) -> dict[str, Any]:
-        lease = snapshots.renew(a.domain, a.name).lease
-        assert lease is not None
+        lease = snapshots.renew(a.domain, a.name)
         return {"lease": lease.seconds, "expires": round(lease.expires, 3)}
 
     async def snapshot_list(peer: Peer, a: p.DomainRef) -> list[str]:

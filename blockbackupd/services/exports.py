@@ -60,7 +60,7 @@ class ExportSettings:
     allow_plain_tcp: bool
     timeout: float
     #: Seconds a TCP client may leave QEMU without a word before it is dropped.
-    silence: float = 30.0
+    silence: float
 
 
 @dataclass

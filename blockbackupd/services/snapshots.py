@@ -499,8 +499,8 @@ class SnapshotService:
 
     # -- leases ---------------------------------------------------------------
 
-    def renew(self, domain_name: str, name: str) -> Snapshot:
-        """Start a snapshot's lease again.
+    def renew(self, domain_name: str, name: str) -> Lease:
+        """Start a snapshot's lease again; returns it.
 
         :raise NoSuchDomain: :raise NoSuchSnapshot: (a lease that ended took it).
         :raise InvalidArgument: the snapshot was made without a lease.
@@ -510,7 +510,7 @@ class SnapshotService:
             raise InvalidArgument(f"snapshot {name!r} of domain {domain_name!r} has no lease "
                                   "to renew: it lives until deleted")
         snapshot.lease.renew()
-        return snapshot
+        return snapshot.lease
 
     def _lease_ended(self, snapshot: Snapshot) -> None:
         if self._state(snapshot.domain).snapshots.get(snapshot.name) is not snapshot:
